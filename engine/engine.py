@@ -1,0 +1,287 @@
+"""The generation engine: load a model, keep its KV cache across turns, stream tokens, cancel any time.
+
+One Engine owns one model and one KV cache, so calls are serialised on a single worker thread; the
+asyncio side (`stream`) never blocks the event loop. The cache remembers which token ids it holds;
+a new prompt that starts with them (the conversation so far) only prefills what is new.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelFileError
+from .model import Transformer
+from .sampling import SamplingParams, sample
+from .tokenizer import ChatTokenizer, Message, tokenizer_from_folder, tokenizer_from_gguf
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_seq_len: int = 4096
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    threads: int = 0  # 0: leave torch's default
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the text this token completes (may be "" while a UTF-8 sequence is incomplete)
+    index: int  # 0-based position among the generated tokens
+    t: float  # time.monotonic() when the token was sampled
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV came from the cache
+    prefill_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # request start -> first token sampled
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "stop", "length", "cancelled"
+    started_at: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, options: EngineOptions = EngineOptions()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.device = next(model.parameters()).device
+        self.max_seq_len = min(options.max_seq_len, model.cfg.max_position)
+        model.setup_cache(self.max_seq_len)
+        self._cached_ids: list[int] = []
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rejoinder-engine")
+        self.last_stats = GenerationStats()
+
+    # --- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        options: EngineOptions = EngineOptions(),
+        progress: Callable[[int, int], None] | None = None,
+    ) -> "Engine":
+        """Load a GGUF file or an HF-style safetensors folder (config.json + tokenizer.json)."""
+        path = Path(path)
+        if options.threads > 0:
+            torch.set_num_threads(options.threads)
+        if path.is_dir():
+            from .safetensors_loader import generation_eos_ids, load_safetensors_folder
+
+            cfg, state, raw = load_safetensors_folder(path)
+            tokenizer = tokenizer_from_folder(path, generation_eos_ids(path, raw))
+        elif path.is_file():
+            from .gguf_loader import load_gguf
+
+            contents = load_gguf(path, progress)
+            cfg, state = contents.config, contents.state_dict
+            tokenizer = tokenizer_from_gguf(contents.metadata)
+        else:
+            raise ModelFileError(f"model path does not exist: {path}")
+        model = build_model(cfg, state, options)
+        return cls(model, tokenizer, options)
+
+    # --- core decoding (runs on the engine thread) -----------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.model(tokens, start, last_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Make the cache hold exactly `ids` and return the next-token logits [V] (float32)."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_seq_len:
+            raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit a context of {self.max_seq_len}")
+        common = _common_prefix(self._cached_ids, ids)
+        if common == len(ids):
+            common -= 1  # we need logits, so at least the last token is run again
+        self._cached_ids = self._cached_ids[:common]  # anything past the divergence is stale
+        logits = self._forward(ids[common:], common)
+        self._cached_ids = ids
+        self.last_stats.reused_tokens = common
+        self.last_stats.prefill_tokens = len(ids) - common
+        return logits[0]
+
+    def generate(
+        self,
+        ids: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Synchronous token generator. Setting `cancel` stops it before the next forward pass."""
+        with self._lock:
+            yield from self._generate_locked(list(ids), params, cancel)
+
+    def _generate_locked(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None):
+        stats = GenerationStats(prompt_tokens=len(ids), started_at=time.monotonic())
+        self.last_stats = stats
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        stop_ids = self.tokenizer.stop_ids
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
+        logits = self.prefill(ids)
+        stats.reused_tokens, stats.prefill_tokens = self.last_stats.reused_tokens, self.last_stats.prefill_tokens
+        self.last_stats = stats
+        stats.prefill_s = time.monotonic() - stats.started_at
+        generated: list[int] = []
+        emitted = ""
+        t_first = 0.0
+        while True:
+            token = int(sample(logits[None], params, gen)[0])
+            now = time.monotonic()
+            if not generated:
+                t_first = now
+                stats.ttft_s = now - stats.started_at
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            generated.append(token)
+            stats.new_tokens = len(generated)
+            text = self.tokenizer.decode(generated)
+            delta = ""
+            if not text.endswith("\ufffd"):  # hold back half a UTF-8 character
+                delta, emitted = text[len(emitted):], text
+            yield TokenEvent(token, delta, len(generated) - 1, now)
+            if len(generated) >= params.max_new_tokens:
+                stats.finish_reason = "length"
+                break
+            if len(self._cached_ids) + 1 >= self.max_seq_len:
+                stats.finish_reason = "length"
+                break
+            if cancel is not None and cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            with torch.inference_mode():
+                logits = self._forward([token], len(self._cached_ids))[0]
+            self._cached_ids.append(token)
+        stats.decode_s = (time.monotonic() - t_first) if t_first else 0.0
+
+    # --- conveniences ----------------------------------------------------------------------------
+
+    def chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    def complete(self, messages: Sequence[Message], params: SamplingParams = SamplingParams()) -> str:
+        out = [ev.token_id for ev in self.generate(self.chat_ids(messages), params)]
+        return self.tokenizer.decode(out)
+
+    def stream(self, prompt: Sequence[Message] | Sequence[int], params: SamplingParams = SamplingParams()) -> "TokenStream":
+        """Start generating on the engine thread; iterate the result with `async for`."""
+        ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)  # type: ignore[arg-type]
+        return TokenStream(self, ids, params)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
+
+
+class TokenStream:
+    """An async iterator of TokenEvents, produced on the engine thread; `cancel()` or `aclose()` stop it."""
+
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams):
+        self.engine = engine
+        self._cancel = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.stats: GenerationStats | None = None
+        self._done = self._loop.run_in_executor(engine._executor, self._work, ids, params)
+
+    def _work(self, ids: list[int], params: SamplingParams) -> None:
+        put = self._loop.call_soon_threadsafe
+        try:
+            for event in self.engine.generate(ids, params, self._cancel):
+                put(self._queue.put_nowait, event)
+            self.stats = self.engine.last_stats
+        except BaseException as exc:  # surfaced to the consumer, not lost in the thread
+            put(self._queue.put_nowait, exc)
+        finally:
+            put(self._queue.put_nowait, _END)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        item = await self._queue.get()
+        if item is _END:
+            await self._done
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        """Cancel and wait until the engine thread has really stopped (at most one token later)."""
+        self.cancel()
+        await self._done
+
+    async def text(self) -> str:
+        return "".join([ev.text async for ev in self])
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], options: EngineOptions) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"weights do not match the model config: {str(exc).splitlines()[0]}") from None
+    if cfg.tie_embeddings:
+        model.output.weight = model.embed.weight
+    model = model.to(device=options.device, dtype=options.torch_dtype())
+    return model.eval()
