@@ -120,6 +120,15 @@ class Engine:
         model = build_model(cfg, state, options)
         return cls(model, tokenizer, options)
 
+    def reset(self) -> None:
+        """Forget the cached prefix (the next prompt is prefilled from scratch)."""
+        with self._lock:
+            self._cached_ids = []
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return list(self._cached_ids)
+
     # --- core decoding (runs on the engine thread) -----------------------------------------------
 
     @torch.inference_mode()

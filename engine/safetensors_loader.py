@@ -39,7 +39,9 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not archs & _SUPPORTED:
         raise ModelFileError(f"unsupported architecture {sorted(archs)}; Rejoinder runs {sorted(_SUPPORTED)}")
     scaling = None
-    rs = raw.get("rope_scaling") or {}
+    # transformers >= 5 writes `rope_parameters` (theta included); older configs `rope_scaling` + `rope_theta`
+    rs = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    theta = raw.get("rope_theta") or rs.get("rope_theta") or 10000.0
     if rs and (rs.get("rope_type") or rs.get("type")) == "llama3":
         scaling = RopeScaling(
             factor=float(rs["factor"]),
@@ -59,7 +61,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
         n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
         ffn_dim=int(raw["intermediate_size"]),
         head_dim=int(raw.get("head_dim") or raw["hidden_size"] // n_heads),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         max_position=int(raw.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),

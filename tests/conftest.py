@@ -1,0 +1,50 @@
+"""Shared fixtures: real embedded models, loaded once per test session."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+# Quiet, deterministic CPU runs: the CI box has 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; its CPU/interpreter twin runs instead")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llm_path():
+    from rejoinder.streaming.assets import resolve
+
+    return resolve("llm")
+
+
+@pytest.fixture(scope="session")
+def engine(llm_path):
+    from rejoinder.engine import Engine, EngineOptions
+
+    eng = Engine.load(llm_path, EngineOptions(max_seq_len=2048))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_reference(llm_path):
+    """The same GGUF file loaded by HF transformers: an independent implementation to compare to."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(llm_path.parent), gguf_file=llm_path.name, dtype=torch.float32
+    ).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(llm_path.parent), gguf_file=llm_path.name)
+    return model, tok
