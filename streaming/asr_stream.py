@@ -1,0 +1,364 @@
+"""Streaming speech recognition: interim hypotheses while the user speaks, a fast final at speech end.
+
+Whisper is not a streaming model, so streaming is built from repeated batch passes (the
+whisper_streaming recipe, Macháček et al. 2023):
+
+- While speech is fed, a decode pass runs every `interim_interval_s` of new audio over a *window*:
+  the utterance audio from `window_start` (a committed boundary) to now, prompted with the committed
+  text before the window.
+- Local agreement-2: words on which two successive passes agree (the longest common prefix of their
+  uncommitted parts) are *committed*. Committed text never changes and only grows; the rest of the
+  latest hypothesis is shown as tentative.
+- The window slides: once it is longer than `trim_window_s`, its start moves to the end of the last
+  committed word that ends a sentence (or, past `max_window_s`, of any committed word), so a pass on
+  a 60 s utterance costs what a pass on a 10 s one does.
+- At speech end, only the audio after the last committed word is decoded (prompted with the committed
+  text), so finalisation costs one short pass whatever the utterance length.
+
+Decoding runs in a worker thread (asyncio.to_thread); the event loop only appends samples.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+import numpy as np
+
+from .asr import ASR_RATE, Transcript, WhisperASR, Word
+from .frames import AudioFrame
+from .text_metrics import normalize_text
+
+log = logging.getLogger("rejoinder.streaming.asr_stream")
+
+_SENTENCE_END = (".", "?", "!")
+
+
+@dataclass(frozen=True)
+class ASREvent:
+    """A recognition result for the current utterance.
+
+    `text` is the whole current hypothesis (committed + tentative); `committed_text` is its stable
+    prefix: within one utterance each event's committed_text starts with the previous one's, and
+    the final's `text` starts with the last committed_text. `emitted_at` is time.monotonic().
+    """
+
+    kind: Literal["interim", "final"]
+    text: str
+    committed_text: str
+    utterance_id: int
+    audio_s: float  # utterance audio covered by this result
+    emitted_at: float
+    decode_s: float  # worker-thread time of the pass that produced it
+
+    @property
+    def tentative_text(self) -> str:
+        return self.text[len(self.committed_text) :].strip()
+
+
+@dataclass(frozen=True)
+class StreamingASRConfig:
+    interim_interval_s: float = 0.4  # new audio between interim passes (lower bound; passes never overlap)
+    min_first_pass_s: float = 0.5  # no pass on less audio than this (Whisper guesses on fragments)
+    trim_window_s: float = 12.0  # past this, slide the window to a committed sentence end
+    max_window_s: float = 20.0  # past this, slide to any committed word end (no sentence in sight)
+    prompt_chars: int = 200  # committed text passed as prompt (Whisper keeps ~224 tokens anyway)
+    final_reuse_margin_s: float = 0.15  # see StreamingASR.finish(speech_end_s=...)
+    queue_size: int = 64  # events buffered for a slow consumer (oldest interims dropped first)
+
+    def __post_init__(self) -> None:
+        if self.interim_interval_s <= 0 or self.min_first_pass_s < 0:
+            raise ValueError("interim_interval_s must be > 0 and min_first_pass_s >= 0")
+        if not 0 < self.trim_window_s <= self.max_window_s <= 28.0:
+            # A window must fit one 30 s Whisper segment, with room for the prompt's context.
+            raise ValueError("need 0 < trim_window_s <= max_window_s <= 28")
+
+
+def _norm(word: Word | str) -> str:
+    return normalize_text(word.text if isinstance(word, Word) else word)
+
+
+def _join(words: list[Word] | tuple[Word, ...]) -> str:
+    return "".join(w.text for w in words).strip()
+
+
+@dataclass
+class _Utterance:
+    uid: int
+    audio: list[np.ndarray] = field(default_factory=list)  # chunks from `window_start` onward
+    audio_len: int = 0  # samples held in `audio`
+    window_start: int = 0  # utterance sample index of audio[0]
+    fed: int = 0  # samples fed in this utterance
+    last_pass_at: int = 0  # `fed` when the last pass started
+    committed: list[Word] = field(default_factory=list)
+    committed_text: str = ""
+    prev_tail: list[Word] = field(default_factory=list)  # uncommitted words of the previous pass
+    last_text: str = ""
+    last_covered: int = 0  # utterance sample index up to which the last applied pass decoded
+
+    @property
+    def committed_end_s(self) -> float:
+        return self.committed[-1].end_s if self.committed else 0.0
+
+
+class StreamingASR:
+    """Feed 16 kHz audio of one utterance at a time; read `ASREvent`s from `events()` or `get()`.
+
+    Typical use, driven by VAD events:
+        await asr.feed(frame)            # during speech; interim events appear on their own
+        final = await asr.finish()       # at speech end; also queued as an event
+    `feed` starts an utterance if none is open. One StreamingASR serves one audio stream.
+    """
+
+    def __init__(self, asr: WhisperASR | None = None, config: StreamingASRConfig | None = None) -> None:
+        self.asr = asr if asr is not None else WhisperASR()
+        self.config = config or StreamingASRConfig()
+        self._queue: asyncio.Queue[ASREvent] = asyncio.Queue(self.config.queue_size)
+        self._utt: _Utterance | None = None
+        self._next_uid = 1
+        self._pass: asyncio.Task | None = None
+        self._closing = False  # finish() in progress: no new interim passes
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self._utt is not None
+
+    @property
+    def committed_text(self) -> str:
+        return self._utt.committed_text if self._utt else ""
+
+    def start(self) -> int:
+        """Open a new utterance (closing nothing: call finish() or cancel() first); returns its id."""
+        if self._utt is not None:
+            raise RuntimeError("an utterance is already open; finish() or cancel() it first")
+        self._utt = _Utterance(self._next_uid)
+        self._next_uid += 1
+        return self._utt.uid
+
+    async def feed(self, audio: AudioFrame | np.ndarray) -> None:
+        """Append 16 kHz mono audio (float32 array or AudioFrame); may start an interim pass."""
+        samples = self._as_samples(audio)
+        if samples is None:
+            return
+        if self._utt is None:
+            self.start()
+        u = self._utt
+        assert u is not None
+        u.audio.append(samples)
+        u.audio_len += samples.size
+        u.fed += samples.size
+        self._maybe_start_pass()
+
+    async def settle(self) -> None:
+        """Wait for the pass in flight, if any (used to pace a faster-than-real-time feed)."""
+        # A finished pass may chain the next one (audio arrived meanwhile): wait until none runs.
+        while self._pass is not None and not self._pass.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._pass)
+
+    async def finish(self, speech_end_s: float | None = None) -> ASREvent:
+        """End of speech: decode what is not committed yet, emit and return the final event.
+
+        `speech_end_s` (utterance-relative, e.g. from the VAD's speech_end) lets the last interim
+        stand as the final when that pass already decoded past the end of speech plus
+        `final_reuse_margin_s`: after a VAD hang-over this is the usual case, and it makes
+        finalisation free. Without it, the uncommitted tail is always re-decoded.
+        """
+        if self._utt is None:
+            raise RuntimeError("finish() without an open utterance")
+        self._closing = True
+        try:
+            await self.settle()  # its result commits more words, which shortens the final pass
+        finally:
+            self._closing = False
+        u = self._utt
+        assert u is not None
+        self._utt = None  # further feeds open a new utterance
+        margin = self.config.final_reuse_margin_s * ASR_RATE
+        if speech_end_s is not None and u.last_text and u.last_covered >= speech_end_s * ASR_RATE + margin:
+            ev = ASREvent("final", u.last_text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), 0.0)
+            self._put(ev)
+            log.debug("utterance %d final = last interim (covered %.2f s, speech ended %.2f s)",
+                      u.uid, u.last_covered / ASR_RATE, speech_end_s)
+            return ev
+        # Decode from the end of the last committed word (everything before it is settled text).
+        cut = max(u.window_start, int(round(u.committed_end_s * ASR_RATE)))
+        audio = self._window_audio(u)[cut - u.window_start :]
+        tr = await asyncio.to_thread(
+            self.asr.transcribe,
+            audio,
+            prompt=self._prompt(u.committed_text),
+            word_timestamps=False,  # nothing follows the final: skip the alignment pass
+        )
+        tail_text = self._dedupe_text(u.committed, tr.text)
+        text = " ".join(p for p in (u.committed_text, tail_text) if p)
+        ev = ASREvent("final", text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), tr.decode_s)
+        self._put(ev)
+        log.debug("utterance %d final after %.2f s audio (tail %.2f s): %r", u.uid, u.fed / ASR_RATE,
+                  audio.size / ASR_RATE, text[:80])
+        return ev
+
+    async def cancel(self) -> None:
+        """Drop the open utterance without a final (e.g. the VAD start was a false alarm)."""
+        await self.settle()
+        self._utt = None
+
+    async def get(self) -> ASREvent:
+        return await self._queue.get()
+
+    async def events(self) -> AsyncIterator[ASREvent]:
+        while True:
+            yield await self._queue.get()
+
+    def get_nowait(self) -> ASREvent | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    # -- passes -----------------------------------------------------------------------------------
+
+    def _as_samples(self, audio: AudioFrame | np.ndarray) -> np.ndarray | None:
+        if isinstance(audio, AudioFrame):
+            if audio.sample_rate != ASR_RATE:
+                log.warning("StreamingASR takes %d Hz frames, got %d Hz: frame dropped (use FrameChunker)",
+                            ASR_RATE, audio.sample_rate)
+                return None
+            x = audio.to_float_mono()
+        else:
+            x = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if x.size == 0:
+            return None
+        if not np.isfinite(x).all():
+            log.warning("non-finite samples in ASR input set to 0")
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return x
+
+    def _maybe_start_pass(self) -> None:
+        u = self._utt
+        if u is None or self._closing or (self._pass is not None and not self._pass.done()):
+            return
+        cfg = self.config
+        if u.fed < cfg.min_first_pass_s * ASR_RATE:
+            return
+        if u.fed - u.last_pass_at < cfg.interim_interval_s * ASR_RATE:
+            return
+        u.last_pass_at = u.fed
+        audio = self._window_audio(u)
+        self._pass = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))
+
+    async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int) -> None:
+        try:
+            tr = await asyncio.to_thread(
+                self.asr.transcribe,
+                audio,
+                prompt=self._prompt(self._text_before(u, window_start)),
+                offset_s=window_start / ASR_RATE,
+            )
+        except Exception:  # noqa: BLE001 - one failed pass must not end the conversation
+            log.exception("interim ASR pass failed; continuing")
+            return
+        if self._utt is not u:
+            return  # the utterance was finished/cancelled meanwhile: its final supersedes this
+        self._apply(u, tr, audio.size)
+        # Audio may have arrived while decoding: start the next pass right away if one is due.
+        self._pass = None
+        self._maybe_start_pass()
+
+    def _apply(self, u: _Utterance, tr: Transcript, n_samples: int) -> None:
+        """Local agreement between this pass and the previous one; emit an interim event."""
+        tail = self._uncommitted(u, list(tr.words))
+        agreed = 0
+        for a, b in zip(u.prev_tail, tail):
+            if _norm(a) != _norm(b) or not _norm(a):
+                break
+            agreed += 1
+        if agreed:
+            # Commit the newer pass's words: its timestamps saw more audio.
+            u.committed.extend(tail[:agreed])
+            u.committed_text = _join(u.committed)
+        u.prev_tail = tail[agreed:]
+        text = " ".join(p for p in (u.committed_text, _join(u.prev_tail)) if p)
+        u.last_text = text
+        u.last_covered = u.window_start + n_samples
+        audio_s = u.last_covered / ASR_RATE
+        self._put(ASREvent("interim", text, u.committed_text, u.uid, audio_s, time.monotonic(), tr.decode_s))
+        self._maybe_trim(u)
+
+    def _uncommitted(self, u: _Utterance, words: list[Word]) -> list[Word]:
+        """The words of a fresh hypothesis that come after what is committed.
+
+        By time first (words starting before the last committed end are old), then by text: the
+        pass may re-recognise the last committed word(s) with shifted timestamps.
+        """
+        if not u.committed:
+            return words
+        edge = u.committed_end_s - 0.1
+        words = [w for w in words if w.start_s >= edge]
+        for n in range(min(5, len(u.committed), len(words)), 0, -1):
+            if [_norm(w) for w in u.committed[-n:]] == [_norm(w) for w in words[:n]]:
+                return words[n:]
+        return words
+
+    def _dedupe_text(self, committed: list[Word], tail_text: str) -> str:
+        """Drop a repetition of the last committed words at the start of the final tail."""
+        tail = tail_text.split()
+        if not committed or not tail:
+            return tail_text.strip()
+        for n in range(min(3, len(committed), len(tail)), 0, -1):
+            if [_norm(w) for w in committed[-n:]] == [_norm(t) for t in tail[:n]]:
+                return " ".join(tail[n:])
+        return " ".join(tail)
+
+    def _maybe_trim(self, u: _Utterance) -> None:
+        """Slide the window start to a committed boundary so pass cost stays bounded."""
+        cfg = self.config
+        if u.audio_len < cfg.trim_window_s * ASR_RATE or not u.committed:
+            return
+        cut_word: Word | None = None
+        for w in reversed(u.committed):
+            if w.text.rstrip().endswith(_SENTENCE_END):
+                cut_word = w
+                break
+        if cut_word is None and u.audio_len >= cfg.max_window_s * ASR_RATE:
+            cut_word = u.committed[-1]
+        if cut_word is None:
+            return
+        cut = int(round(cut_word.end_s * ASR_RATE))
+        if cut <= u.window_start:
+            return
+        audio = self._window_audio(u)[cut - u.window_start :]
+        u.audio = [audio.copy()]
+        u.audio_len = audio.size
+        log.debug("utterance %d: window slid to %.2f s", u.uid, cut / ASR_RATE)
+        u.window_start = cut
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _window_audio(u: _Utterance) -> np.ndarray:
+        if len(u.audio) > 1:
+            u.audio = [np.concatenate(u.audio)]  # amortise: later calls reuse the joined array
+        return u.audio[0] if u.audio else np.zeros(0, dtype=np.float32)
+
+    @staticmethod
+    def _text_before(u: _Utterance, sample: int) -> str:
+        t = sample / ASR_RATE
+        return _join([w for w in u.committed if w.end_s <= t + 1e-6])
+
+    def _prompt(self, text: str) -> str | None:
+        text = text.strip()
+        return text[-self.config.prompt_chars :] if text else None
+
+    def _put(self, ev: ASREvent) -> None:
+        if self._queue.full():
+            # Interims are superseded by the next one anyway: shed the oldest to keep the queue bounded.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                dropped = self._queue.get_nowait()
+                log.debug("event queue full, dropped a %s event", dropped.kind)
+        self._queue.put_nowait(ev)

@@ -1,0 +1,108 @@
+"""VAD models and the speech detector, on synthesised dialogues with known boundaries."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rejoinder.streaming.vad import (
+    VAD,
+    SileroVAD,
+    SpeechDetector,
+    VADConfig,
+    WebRTCVAD,
+    make_vad,
+    speech_segments,
+)
+from speech import RATE, dialogue, espeak_say, piper_say, silence
+
+BOUNDARY_TOL_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def silero() -> SileroVAD:
+    return SileroVAD()
+
+
+@pytest.fixture(scope="module")
+def two_utterances():
+    return dialogue(
+        0.5,
+        piper_say("Hello there, could you help me with something?"),
+        1.5,
+        espeak_say("Yes of course, what do you need?"),
+        0.7,
+    )
+
+
+def test_models_satisfy_protocol(silero):
+    assert isinstance(silero, VAD)
+    assert isinstance(WebRTCVAD(), VAD)
+    assert isinstance(make_vad("webrtc", aggressiveness=3), WebRTCVAD)
+    with pytest.raises(ValueError):
+        make_vad("bogus")
+
+
+def test_silero_scores_speech_high_and_silence_low(silero):
+    speech = piper_say("This is a clear sentence spoken by the test voice.")
+    silero.reset()
+    w = silero.window_samples
+    probs = [silero.speech_prob(np.asarray(speech[i : i + w])) for i in range(0, speech.size - w, w)]
+    silero.reset()
+    quiet = [silero.speech_prob(np.zeros(w, np.float32)) for _ in range(30)]
+    assert np.mean(np.array(probs) > 0.5) > 0.6
+    assert max(quiet) < 0.1
+    with pytest.raises(ValueError):
+        silero.speech_prob(np.zeros(100, np.float32))
+
+
+@pytest.mark.parametrize("kind", ["silero", "webrtc"])
+def test_two_utterances_two_segments(kind, silero, two_utterances):
+    vad = silero if kind == "silero" else WebRTCVAD(aggressiveness=3)
+    segs = speech_segments(two_utterances.audio, vad=vad)
+    assert len(segs) == 2, segs
+    for seg, (start, end) in zip(segs, two_utterances.spans):
+        assert abs(seg.start_s - start) < BOUNDARY_TOL_S, (seg, start)
+        assert abs(seg.end_s - end) < BOUNDARY_TOL_S, (seg, end)
+
+
+def test_silence_and_noise_give_no_segments(silero):
+    rng = np.random.default_rng(0)
+    assert speech_segments(silence(3.0), vad=silero) == []
+    noise = (0.01 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    assert speech_segments(noise, vad=silero) == []
+
+
+def test_short_click_is_not_speech(silero):
+    """min_speech_s keeps a burst shorter than it from starting a segment."""
+    burst = piper_say("Hey.")
+    from speech import trim
+
+    burst = trim(burst)[: int(0.12 * RATE)]
+    audio = np.concatenate([silence(0.5), burst, silence(1.0)])
+    assert speech_segments(audio, vad=silero, config=VADConfig(min_speech_s=0.25)) == []
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        VADConfig(threshold=1.5)
+    with pytest.raises(ValueError):
+        VADConfig(threshold=0.5, neg_threshold=0.7)
+    with pytest.raises(ValueError):
+        VADConfig(hangover_s=-1)
+
+
+def test_chunk_size_does_not_change_decisions(silero, two_utterances):
+    """The detector buffers internally: 20 ms frames, odd chunks and one big buffer agree exactly."""
+    audio = np.asarray(two_utterances.audio)
+
+    def run(chunk: int) -> list[tuple[str, float]]:
+        det = SpeechDetector(silero)
+        out = []
+        for i in range(0, audio.size, chunk):
+            out += [(e.kind, e.audio_time_s) for e in det.process(audio[i : i + chunk])]
+        return out + [(e.kind, e.audio_time_s) for e in det.flush()]
+
+    ref = run(audio.size)
+    assert [k for k, _ in ref] == ["speech_start", "speech_end", "speech_start", "speech_end"]
+    assert run(320) == ref
+    assert run(777) == ref
