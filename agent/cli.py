@@ -60,6 +60,8 @@ def cmd_reply(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
+    if not in_path.exists():
+        raise CLIError(f"input file not found: {in_path}")
     read_wav(in_path, max_seconds=cfg.max_input_seconds)  # fail on bad input before loading any model
     if not out_path.parent.exists():
         raise CLIError(f"output folder does not exist: {out_path.parent}")
