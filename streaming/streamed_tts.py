@@ -67,7 +67,7 @@ class TTSMetrics:
     first_token_at: float | None = None
     first_segment_at: float | None = None  # first speakable clause complete
     first_audio_at: float | None = None  # first chunk synthesised and handed out
-    finished_at: float | None = None
+    finished_at: float | None = None  # all text spoken (stays None when cancelled)
     cancelled_at: float | None = None
     segments: int = 0
     chunks: int = 0
@@ -213,7 +213,8 @@ class StreamedTTS:
                 async with aclosing(self._speak(item)) as chunks:
                     async for chunk in chunks:
                         yield chunk
-            self.metrics.finished_at = self._clock()
+            if not self.cancelled:
+                self.metrics.finished_at = self._clock()
         finally:
             # Also reached when the consumer stops iterating or its task is cancelled: make sure the
             # worker does not keep synthesising for nobody.

@@ -40,7 +40,7 @@ class TTSError(ValueError):
 def default_tts_threads() -> int:
     """Intra-op threads for Piper: half the cores (at least 1, at most 4), or $REJOINDER_TTS_THREADS.
 
-    Half, because TTS runs concurrently with ASR and LLM decoding; Piper is ~13x faster than real
+    Half, because TTS runs concurrently with ASR and LLM decoding; Piper is ~10x faster than real
     time on one core of a small CPU, which is plenty once text is synthesised clause by clause.
     """
     env = os.environ.get("REJOINDER_TTS_THREADS")
