@@ -25,7 +25,10 @@ BACKEND_ENV = "REJOINDER_KERNEL_BACKEND"
 @functools.cache
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None, a broken install
+        return False
 
 
 def interpreter_enabled() -> bool:
@@ -63,6 +66,17 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# Set by the ahead-of-time compile check (``_aot_check``) to the SM count of a GPU to plan for:
+# CPU tensors then get that GPU's launch configurations, so the kernels can be compiled for a GPU
+# target on a machine without one. 0 = off.
+_ASSUME_GPU: int = 0
+
+
+def gpu_config(t: torch.Tensor) -> bool:
+    """Whether to use GPU launch configurations (block sizes, stages) rather than interpreter ones."""
+    return t.is_cuda or _ASSUME_GPU > 0
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -71,5 +85,5 @@ def _sm_count(device_index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Number of streaming multiprocessors; a nominal 8 off CUDA (interpreter, heuristics only)."""
     if device.type != "cuda":
-        return 8
+        return _ASSUME_GPU or 8
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

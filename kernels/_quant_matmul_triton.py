@@ -17,34 +17,42 @@ def qgemv_int4_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # The tile is viewed as [BLOCK_N, NG groups, HALF bytes]: each byte holds element j (low
+    # nibble) and j + HALF (high nibble) of its group. Codes are reduced per group first and
+    # scaled once per group: y += s * sum(q * x) + m * sum(x), so scales/mins stay [BLOCK_N, NG]
+    # in registers instead of being broadcast over the tile.
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
     HALF: tl.constexpr = GROUP // 2
+    NG: tl.constexpr = BLOCK_K // GROUP
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     n64 = n.to(tl.int64)
-    j = tl.arange(0, BLOCK_K // 2)           # byte within the tile
-    grp = j // HALF                           # group within the tile
-    elem_lo = grp * GROUP + (j % HALF)        # element held by the low nibble (high: + HALF)
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
+    gi = tl.arange(0, NG)
+    j = tl.arange(0, HALF)
+    byte_off = gi[:, None] * HALF + j[None, :]   # [NG, HALF] byte within the tile
+    elem_lo = gi[:, None] * GROUP + j[None, :]   # element of each low nibble (high: + HALF)
+    acc = tl.zeros([BLOCK_N, NG], tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, KP)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        bmask = (k0 + 2 * j) < KP
-        wmask = nmask[:, None] & bmask[None, :]
-        packed = tl.load(q_ptr + n64[:, None] * sqn + (k0 // 2 + j)[None, :], mask=wmask, other=0)
+        g_abs = k0 // GROUP + gi
+        gmask = g_abs < KP // GROUP
+        wmask = nmask[:, None, None] & gmask[None, :, None]
+        packed = tl.load(q_ptr + n64[:, None, None] * sqn + (k0 // 2 + byte_off)[None, :, :], mask=wmask, other=0)
         lo = (packed & 0xF).to(tl.float32)
         hi = (packed >> 4).to(tl.float32)
-        gidx = k0 // GROUP + grp
-        sc = tl.load(s_ptr + n64[:, None] * ssn + gidx[None, :], mask=wmask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + n64[:, None] * ssn + gidx[None, :], mask=wmask, other=0.0).to(tl.float32)
         e_lo = k0 + elem_lo
         e_hi = e_lo + HALF
         x_lo = tl.load(x_ptr + row * sxm + e_lo, mask=e_lo < K, other=0.0).to(tl.float32)
         x_hi = tl.load(x_ptr + row * sxm + e_hi, mask=e_hi < K, other=0.0).to(tl.float32)
-        # (s*lo + m)*x_lo + (s*hi + m)*x_hi, factored to save a multiply per element.
-        acc += sc * (lo * x_lo[None, :] + hi * x_hi[None, :]) + mn * (x_lo + x_hi)[None, :]
+        dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BLOCK_N, NG]
+        xsum = tl.sum(x_lo + x_hi, axis=1)                                   # [NG]
+        smask = nmask[:, None] & gmask[None, :]
+        sc = tl.load(s_ptr + n64[:, None] * ssn + g_abs[None, :], mask=smask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + n64[:, None] * ssn + g_abs[None, :], mask=smask, other=0.0).to(tl.float32)
+        acc += sc * dot + mn * xsum[None, :]
     y = tl.sum(acc, axis=1)
     if SPLIT:
         tl.store(out_ptr + (pid_k * M + row) * N + n64, y, mask=nmask)
@@ -59,26 +67,33 @@ def qgemv_int8_kernel(
     x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
     sxm, sqn, ssn,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP, SUB: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # The tile is viewed as [BLOCK_N, NSUB, SUB] where the SUB elements of a sub-block share one
+    # scale (SUB = the group size, or BLOCK_K when groups are larger than a tile).
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
+    NSUB: tl.constexpr = BLOCK_K // SUB
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     n64 = n.to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    si = tl.arange(0, NSUB)
+    kk = si[:, None] * SUB + tl.arange(0, SUB)[None, :]  # [NSUB, SUB]
+    acc = tl.zeros([BLOCK_N, NSUB], tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, KP)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + kk
-        wmask = nmask[:, None] & (k < KP)[None, :]
-        q = tl.load(q_ptr + n64[:, None] * sqn + k[None, :], mask=wmask, other=0).to(tl.float32)
-        sc = tl.load(s_ptr + n64[:, None] * ssn + (k // GROUP)[None, :], mask=wmask, other=0.0).to(tl.float32)
+        wmask = nmask[:, None, None] & (k < KP)[None, :, :]
+        q = tl.load(q_ptr + n64[:, None, None] * sqn + k[None, :, :], mask=wmask, other=0).to(tl.float32)
         xv = tl.load(x_ptr + row * sxm + k, mask=k < K, other=0.0).to(tl.float32)
-        acc += q * sc * xv[None, :]
+        dot = tl.sum(q * xv[None, :, :], axis=2)  # [BLOCK_N, NSUB]
+        sub_start = k0 + si * SUB
+        sc = tl.load(s_ptr + n64[:, None] * ssn + (sub_start // GROUP)[None, :],
+                     mask=nmask[:, None] & (sub_start < KP)[None, :], other=0.0).to(tl.float32)
+        acc += sc * dot
     y = tl.sum(acc, axis=1)
     if SPLIT:
         tl.store(out_ptr + (pid_k * M + row) * N + n64, y, mask=nmask)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._backend import Backend, next_pow2, sm_count, use_triton
+from ._backend import Backend, gpu_config, next_pow2, sm_count, use_triton
 
 __all__ = ["decode_attention", "decode_attention_ref", "decode_attention_triton"]
 
@@ -43,7 +43,9 @@ def decode_attention_ref(
     valid = torch.arange(max_seq, device=q.device)[None, :] < seq_lens.view(b, 1).to(q.device)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, v_cache.float())
+    # Slots past the length may hold garbage (even NaN): zero them so 0 * NaN cannot leak in.
+    v = v_cache.float().masked_fill(~valid[:, None, :, None], 0.0)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
     return out.reshape(b, hq, d).to(q.dtype)
 
 
@@ -82,7 +84,7 @@ def decode_attention_triton(
         raise ValueError("q and the caches need unit stride along head_dim")
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    block_n = block_n or (64 if q.is_cuda else 32)
+    block_n = block_n or (64 if gpu_config(q) else 32)
     splits, chunk = _plan(b, hkv, max_seq, block_n, q.device, num_splits)
     # tl.dot needs M >= 16: pad the query group (padded rows are masked and never stored).
     block_g = max(16, next_pow2(group))
@@ -104,7 +106,7 @@ def decode_attention_triton(
         chunk,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=splits > 1, NUM_SPLITS=splits, DOT_PREC=dot_prec,
-        num_warps=4, num_stages=2 if q.is_cuda else 1,
+        num_warps=4, num_stages=2 if gpu_config(q) else 1,
     )
     if splits > 1:
         kern.decode_attn_merge_kernel[(b, hq)](

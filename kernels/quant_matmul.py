@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._backend import Backend, sm_count, use_triton
+from ._backend import Backend, gpu_config, sm_count, use_triton
 
 __all__ = [
     "QuantizedWeight",
@@ -230,6 +230,10 @@ def quant_linear_ref(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return y.to(x.dtype)
 
 
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
 def _gemv_plan(m: int, n: int, kp: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """(split_k, k_per_split): enough programs to cover the GPU ~4 times at batch 1."""
     k_tiles = -(-kp // block_k)
@@ -264,19 +268,22 @@ def quant_linear_triton(
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
-    on_gpu = x.is_cuda
+    on_gpu = gpu_config(x)
     block_n = block_n or (16 if on_gpu else 8)
     # A tile spans whole groups so each byte's group is (tile start / G + local index / (G/2)).
     if block_k is None:
-        block_k = (512 if qw.bits == 4 else 256) if on_gpu else 64
+        block_k = (256 if qw.bits == 4 else 128) if on_gpu else 64
         if qw.bits == 4:
             block_k = max(block_k, g)
-    if qw.bits == 4 and block_k % g:
-        raise ValueError(f"block_k {block_k} must be a multiple of the group size {g}")
+    if qw.bits == 4 and not (_is_pow2(g) and g >= 2 and _is_pow2(block_k) and block_k % g == 0):
+        raise ValueError(f"int4 GEMV needs a power-of-two group size dividing block_k ({g}, {block_k})")
+    if qw.bits == 8 and not (g == kp or _is_pow2(g)):
+        raise ValueError(f"int8 GEMV needs one group per row or a power-of-two group size, got {g}")
     if split_k is None:
         split, per = _gemv_plan(m, n, kp, block_n, block_k, x.device)
     else:
-        per = -(-(-(-kp // block_k)) // split_k) * block_k
+        k_tiles = -(-kp // block_k)
+        per = -(-k_tiles // split_k) * block_k  # K elements per split, whole tiles
         split = -(-kp // per)
     if split > 1:
         target = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
@@ -301,11 +308,14 @@ def quant_linear_triton(
             GROUP=g, **common,
         )
     else:
+        # Elements sharing a scale within a tile: the group, or the whole tile when a group
+        # spans several tiles (or the whole row).
+        sub = block_k if g == kp or g >= block_k else g
         kern.qgemv_int8_kernel[grid](
             x2, qw.qweight, qw.scales, bias_arg, target,
             m, n, k, kp, per,
             x2.stride(0), qw.qweight.stride(0), qw.scales.stride(0),
-            GROUP=g, **common,
+            g, SUB=sub, **common,
         )
     if split > 1:
         y = target.sum(dim=0)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import Backend, use_triton
+from ._backend import Backend, gpu_config, next_pow2, use_triton
 
 __all__ = ["sample", "sample_ref", "sample_triton", "logit_keys"]
 
@@ -116,11 +116,12 @@ def sample_triton(
     p = _param(top_p, b, torch.float32, dev)
     u = _param(uniform, b, torch.float32, dev)
     out = torch.empty((b,), dtype=torch.int64, device=dev)
-    block = 1024 if logits.is_cuda else 128
+    gpu = gpu_config(logits)
+    block = min(1024, max(16, next_pow2(v))) if gpu else min(128, max(16, next_pow2(v)))
     if b:
         kern.sample_kernel[(b,)](
             logits, logits.stride(0), v, temp, k, p, u, out,
-            BLOCK=block, NPIV=16, num_warps=8 if logits.is_cuda else 1,
+            BLOCK=block, NPIV=16, num_warps=8 if gpu else 1,
         )
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import Backend, use_triton
+from ._backend import Backend, gpu_config, use_triton
 
 __all__ = ["swiglu", "swiglu_ref", "swiglu_triton", "swiglu_fused"]
 
@@ -35,7 +35,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = _rows(gate), _rows(up)
     rows = g2.shape[0]
     out = torch.empty((rows, width), dtype=gate.dtype, device=gate.device)
-    block = 1024 if gate.is_cuda else 256
+    block = 1024 if gpu_config(gate) else 256
     if rows and width:
         grid = (rows, -(-width // block))
         kern.swiglu_kernel[grid](
