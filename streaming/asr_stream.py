@@ -67,6 +67,7 @@ class StreamingASRConfig:
     max_window_s: float = 20.0  # past this, slide to any committed word end (no sentence in sight)
     prompt_chars: int = 200  # committed text passed as prompt (Whisper keeps ~224 tokens anyway)
     final_reuse_margin_s: float = 0.15  # see StreamingASR.finish(speech_end_s=...)
+    final_context_s: float = 1.0  # committed audio re-decoded before the tail at finish (see there)
     queue_size: int = 64  # events buffered for a slow consumer (oldest interims dropped first)
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class _Utterance:
     prev_tail: list[Word] = field(default_factory=list)  # uncommitted words of the previous pass
     last_text: str = ""
     last_covered: int = 0  # utterance sample index up to which the last applied pass decoded
+    pass_task: asyncio.Task | None = None  # this utterance's latest interim pass
+    cancelled: bool = False
 
     @property
     def committed_end_s(self) -> float:
@@ -119,8 +122,7 @@ class StreamingASR:
         self._queue: asyncio.Queue[ASREvent] = asyncio.Queue(self.config.queue_size)
         self._utt: _Utterance | None = None
         self._next_uid = 1
-        self._pass: asyncio.Task | None = None
-        self._closing = False  # finish() in progress: no new interim passes
+        self._pass: asyncio.Task | None = None  # the pass in flight (at most one, any utterance)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -169,16 +171,15 @@ class StreamingASR:
         `final_reuse_margin_s`: after a VAD hang-over this is the usual case, and it makes
         finalisation free. Without it, the uncommitted tail is always re-decoded.
         """
-        if self._utt is None:
-            raise RuntimeError("finish() without an open utterance")
-        self._closing = True
-        try:
-            await self.settle()  # its result commits more words, which shortens the final pass
-        finally:
-            self._closing = False
         u = self._utt
-        assert u is not None
-        self._utt = None  # further feeds open a new utterance
+        if u is None:
+            raise RuntimeError("finish() without an open utterance")
+        # Detach first: audio fed from now on (the next utterance) must not land in this one.
+        self._utt = None
+        if u.pass_task is not None:
+            # Its result commits more words, which shortens the final pass.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(u.pass_task)
         margin = self.config.final_reuse_margin_s * ASR_RATE
         if speech_end_s is not None and u.last_text and u.last_covered >= speech_end_s * ASR_RATE + margin:
             ev = ASREvent("final", u.last_text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), 0.0)
@@ -186,18 +187,33 @@ class StreamingASR:
             log.debug("utterance %d final = last interim (covered %.2f s, speech ended %.2f s)",
                       u.uid, u.last_covered / ASR_RATE, speech_end_s)
             return ev
-        # Decode from the end of the last committed word (everything before it is settled text).
-        cut = max(u.window_start, int(round(u.committed_end_s * ASR_RATE)))
+        # Decode only what is not committed, plus `final_context_s` of committed words before it:
+        # cutting exactly at a word-boundary timestamp (imprecise by ~0.1 s) can clip the next word or
+        # leave a fragment of the last one, and Whisper hallucinates freely on a lone fragment. The
+        # overlap words are recognised again and dropped by the same rule the interim passes use.
+        start_s = u.committed_end_s
+        for w in reversed(u.committed):
+            if w.start_s < u.committed_end_s - self.config.final_context_s:
+                break
+            start_s = w.start_s
+        cut = max(u.window_start, int(round(start_s * ASR_RATE)))
         audio = self._window_audio(u)[cut - u.window_start :]
-        tr = await asyncio.to_thread(
-            self.asr.transcribe,
-            audio,
-            prompt=self._prompt(u.committed_text),
-            word_timestamps=False,  # nothing follows the final: skip the alignment pass
-        )
-        tail_text = self._dedupe_text(u.committed, tr.text)
-        text = " ".join(p for p in (u.committed_text, tail_text) if p)
-        ev = ASREvent("final", text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), tr.decode_s)
+        try:
+            tr = await asyncio.to_thread(
+                self.asr.transcribe,
+                audio,
+                prompt=self._prompt(self._text_before(u, cut)),
+                offset_s=cut / ASR_RATE,
+            )
+        except Exception:  # noqa: BLE001 - the turn must still end: fall back to the last interim
+            log.exception("final ASR pass failed; using the last interim hypothesis")
+            text = u.last_text or u.committed_text
+            decode_s = 0.0
+        else:
+            tail = self._uncommitted(u, list(tr.words))
+            text = " ".join(p for p in (u.committed_text, _join(tail)) if p)
+            decode_s = tr.decode_s
+        ev = ASREvent("final", text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), decode_s)
         self._put(ev)
         log.debug("utterance %d final after %.2f s audio (tail %.2f s): %r", u.uid, u.fed / ASR_RATE,
                   audio.size / ASR_RATE, text[:80])
@@ -205,8 +221,9 @@ class StreamingASR:
 
     async def cancel(self) -> None:
         """Drop the open utterance without a final (e.g. the VAD start was a false alarm)."""
-        await self.settle()
-        self._utt = None
+        u, self._utt = self._utt, None
+        if u is not None:
+            u.cancelled = True  # a pass in flight finishes in its thread; its result is ignored
 
     async def get(self) -> ASREvent:
         return await self._queue.get()
@@ -241,7 +258,7 @@ class StreamingASR:
 
     def _maybe_start_pass(self) -> None:
         u = self._utt
-        if u is None or self._closing or (self._pass is not None and not self._pass.done()):
+        if u is None or (self._pass is not None and not self._pass.done()):
             return
         cfg = self.config
         if u.fed < cfg.min_first_pass_s * ASR_RATE:
@@ -250,7 +267,7 @@ class StreamingASR:
             return
         u.last_pass_at = u.fed
         audio = self._window_audio(u)
-        self._pass = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))
+        self._pass = u.pass_task = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))
 
     async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int) -> None:
         try:
@@ -262,12 +279,13 @@ class StreamingASR:
             )
         except Exception:  # noqa: BLE001 - one failed pass must not end the conversation
             log.exception("interim ASR pass failed; continuing")
-            return
-        if self._utt is not u:
-            return  # the utterance was finished/cancelled meanwhile: its final supersedes this
-        self._apply(u, tr, audio.size)
+            tr = None
+        if tr is not None and not u.cancelled:
+            # Applied even when finish() has detached `u`: finish awaits this pass to use it.
+            self._apply(u, tr, audio.size)
         # Audio may have arrived while decoding: start the next pass right away if one is due.
-        self._pass = None
+        if self._pass is asyncio.current_task():
+            self._pass = None
         self._maybe_start_pass()
 
     def _apply(self, u: _Utterance, tr: Transcript, n_samples: int) -> None:
@@ -305,38 +323,46 @@ class StreamingASR:
                 return words[n:]
         return words
 
-    def _dedupe_text(self, committed: list[Word], tail_text: str) -> str:
-        """Drop a repetition of the last committed words at the start of the final tail."""
-        tail = tail_text.split()
-        if not committed or not tail:
-            return tail_text.strip()
-        for n in range(min(3, len(committed), len(tail)), 0, -1):
-            if [_norm(w) for w in committed[-n:]] == [_norm(t) for t in tail[:n]]:
-                return " ".join(tail[n:])
-        return " ".join(tail)
-
     def _maybe_trim(self, u: _Utterance) -> None:
         """Slide the window start to a committed boundary so pass cost stays bounded."""
         cfg = self.config
-        if u.audio_len < cfg.trim_window_s * ASR_RATE or not u.committed:
+        if u.audio_len < cfg.trim_window_s * ASR_RATE:
             return
-        cut_word: Word | None = None
-        for w in reversed(u.committed):
-            if w.text.rstrip().endswith(_SENTENCE_END):
-                cut_word = w
-                break
-        if cut_word is None and u.audio_len >= cfg.max_window_s * ASR_RATE:
-            cut_word = u.committed[-1]
-        if cut_word is None:
-            return
-        cut = int(round(cut_word.end_s * ASR_RATE))
+        win_start_s = u.window_start / ASR_RATE
+        inside = [w for w in u.committed if w.end_s > win_start_s + 0.05]
+        cut_word = next((w for w in reversed(inside) if w.text.rstrip().endswith(_SENTENCE_END)), None)
+        long_window = u.audio_len >= cfg.max_window_s * ASR_RATE
+        if cut_word is None and long_window and inside:
+            cut_word = inside[-1]
+        if cut_word is None and long_window:
+            # Nothing committed inside the window for max_window_s: passes keep disagreeing (noise,
+            # mumbling). Commit the latest hypothesis up to 1 s before the window end rather than
+            # let the window, and every pass's cost, grow without bound.
+            window_end_s = (u.window_start + u.audio_len) / ASR_RATE
+            forced = [w for w in u.prev_tail if w.end_s <= window_end_s - 1.0]
+            if forced:
+                log.info("utterance %d: no agreement for %.1f s, committing %d words", u.uid,
+                         u.audio_len / ASR_RATE, len(forced))
+                u.committed.extend(forced)
+                u.committed_text = _join(u.committed)
+                u.prev_tail = u.prev_tail[len(forced) :]
+                cut_word = forced[-1]
+            else:
+                # No words at all (silence or noise): keep only the last trim_window_s of audio.
+                cut = u.window_start + u.audio_len - int(cfg.trim_window_s * ASR_RATE)
+                self._slide(u, cut)
+                return
+        if cut_word is not None:
+            self._slide(u, int(round(cut_word.end_s * ASR_RATE)))
+
+    def _slide(self, u: _Utterance, cut: int) -> None:
         if cut <= u.window_start:
             return
         audio = self._window_audio(u)[cut - u.window_start :]
         u.audio = [audio.copy()]
         u.audio_len = audio.size
-        log.debug("utterance %d: window slid to %.2f s", u.uid, cut / ASR_RATE)
         u.window_start = cut
+        log.debug("utterance %d: window slid to %.2f s", u.uid, cut / ASR_RATE)
 
     # -- helpers ----------------------------------------------------------------------------------
 

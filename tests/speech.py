@@ -41,12 +41,20 @@ def piper_voice():
 
 
 @functools.lru_cache(maxsize=None)
-def piper_say(text: str, rate: int = RATE, length_scale: float | None = None) -> np.ndarray:
-    """`text` spoken by Piper, float32 mono at `rate` (trailing/leading silence as Piper makes it)."""
+def piper_say(text: str, rate: int = RATE, length_scale: float | None = None, natural: bool = False) -> np.ndarray:
+    """`text` spoken by Piper, float32 mono at `rate` (leading/trailing silence as Piper makes it).
+
+    Piper (VITS) samples noise for timing and timbre, so by default the noise is switched off: the
+    same text then gives the same waveform in every run and a test cannot pass or fail by the draw.
+    `natural=True` keeps the voice's own noise settings (what the product plays).
+    """
     from piper import SynthesisConfig
 
     voice = piper_voice()
-    cfg = SynthesisConfig(length_scale=length_scale) if length_scale else None
+    cfg = SynthesisConfig(length_scale=length_scale)
+    if not natural:
+        cfg.noise_scale = 0.0
+        cfg.noise_w_scale = 0.0
     chunks = list(voice.synthesize(text, syn_config=cfg))
     audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
     return _frozen(resample(audio, chunks[0].sample_rate, rate))
