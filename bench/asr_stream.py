@@ -8,8 +8,9 @@ For utterances of ~2, 5 and 20 s (and 60 s with --long), synthesised with Piper 
   whatever the CPU speed), or paced in real time with --realtime.
 - finalize latency: from finish() at the end of speech to the final event, re-decoding only the
   uncommitted tail (the worst case: finish called the moment speech ends).
-- finalize latency after hang-over: 0.5 s of silence fed first (as a VAD hang-over does) and the
-  speech end passed to finish(); the final is then usually the last interim (no decode).
+- finalize latency after hang-over: 0.5 s of silence fed first (as a VAD hang-over does), a pass
+  requested 0.2 s into it (as the Listener does when speech pauses) and the speech end passed to
+  finish(); the final is then usually that pass's hypothesis (no decode after the hang-over).
 - first interim: time from speech onset to the first interim event (audio time + decode time
   in lockstep mode, wall time with --realtime).
 - baseline (the peer): WhisperASR.transcribe of the whole utterance at end of speech, the same
@@ -113,6 +114,8 @@ async def stream_once(
     feed = np.concatenate([audio, np.zeros(int(HANGOVER_S * ASR_RATE), np.float32)]) if hangover else audio
     first_interim: float | None = None
     interims = 0
+    requested = False
+    pause_after_s = cfg.final_reuse_margin_s + 0.05
     t_start = time.monotonic()
     for i in range(0, feed.size, FRAME):
         if realtime:
@@ -121,6 +124,10 @@ async def stream_once(
             if delay > 0:
                 await asyncio.sleep(delay)
         await s.feed(feed[i : i + FRAME])
+        if hangover and not requested and (i + FRAME) / ASR_RATE >= speech_end_s + pause_after_s:
+            # What streaming.listener.Listener does when speech pauses: decode during the hang-over.
+            requested = True
+            s.request_pass()
         if not realtime:
             await s.settle()
         while (ev := s.get_nowait()) is not None:

@@ -100,6 +100,7 @@ class _Utterance:
     last_text: str = ""
     last_covered: int = 0  # utterance sample index up to which the last applied pass decoded
     pass_task: asyncio.Task | None = None  # this utterance's latest interim pass
+    pass_requested: bool = False  # request_pass(): next pass ignores the interval
     cancelled: bool = False
 
     @property
@@ -155,6 +156,17 @@ class StreamingASR:
         u.audio_len += samples.size
         u.fed += samples.size
         self._maybe_start_pass()
+
+    def request_pass(self) -> None:
+        """Decode now rather than at the next interval (or right after the pass in flight).
+
+        Meant for the moment speech pauses: a pass that covers the end of speech, started during
+        the VAD hang-over, is usually done by the time speech end is confirmed, and `finish`
+        then reuses it instead of decoding again.
+        """
+        if self._utt is not None:
+            self._utt.pass_requested = True
+            self._maybe_start_pass()
 
     async def settle(self) -> None:
         """Wait for the pass in flight, if any (used to pace a faster-than-real-time feed)."""
@@ -263,8 +275,11 @@ class StreamingASR:
         cfg = self.config
         if u.fed < cfg.min_first_pass_s * ASR_RATE:
             return
-        if u.fed - u.last_pass_at < cfg.interim_interval_s * ASR_RATE:
+        if u.fed <= u.last_pass_at:
             return
+        if u.fed - u.last_pass_at < cfg.interim_interval_s * ASR_RATE and not u.pass_requested:
+            return
+        u.pass_requested = False
         u.last_pass_at = u.fed
         audio = self._window_audio(u)
         self._pass = u.pass_task = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))

@@ -52,6 +52,7 @@ class Listener:
         self._pos = 0  # samples of 16 kHz audio seen (stream clock)
         self._utt_start = 0  # stream sample where the open utterance begins
         self._in_speech = False
+        self._pause_pass_done = False  # a pass was requested for the current pause in speech
         self._queue: asyncio.Queue[ListenerEvent] = asyncio.Queue(queue_size)
         self._finishing: set[asyncio.Task] = set()
         self._forwarder: asyncio.Task | None = None
@@ -90,6 +91,14 @@ class Listener:
         # In speech (the hang-over included: the final can then reuse a pass that saw the end).
         if self._in_speech and not any(e.kind == "speech_start" for e in events):
             await self.asr.feed(samples)
+            # Speech paused long enough for a pass to cover its end with the reuse margin: decode
+            # now, during the hang-over, so that if this is the end the final is already there.
+            silence = self.detector.silence_s
+            if silence == 0.0:
+                self._pause_pass_done = False
+            elif not self._pause_pass_done and silence >= self.asr.config.final_reuse_margin_s + 0.05:
+                self._pause_pass_done = True
+                self.asr.request_pass()
         return events
 
     def _finished(self, task: asyncio.Task) -> None:

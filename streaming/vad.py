@@ -202,6 +202,11 @@ class SpeechDetector:
         self._silent_windows = 0
 
     @property
+    def silence_s(self) -> float:
+        """Length of the current run of non-speech windows (0.0 while speech continues)."""
+        return self._silent_windows * self._win_s
+
+    @property
     def audio_time_s(self) -> float:
         """Audio time up to which decisions are made (excludes the partial window held back)."""
         return self._windows * self._win_s

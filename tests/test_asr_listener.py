@@ -36,6 +36,8 @@ async def test_two_turns_through_the_listener():
     assert len(finals) == 2
     for ref, fin in zip(refs, finals):
         assert word_error_rate(ref, fin.text) <= WER_BOUND, fin.text
+        # The pass requested when speech paused covered the end: the final needed no decode.
+        assert fin.decode_s == 0.0
     # Order per turn: start, interims, end, final; interims belong to their utterance.
     kinds = [(type(e).__name__, e.kind) for e in events]
     first_final = kinds.index(("ASREvent", "final"))
