@@ -75,6 +75,21 @@ class AgentSpeech(SessionEvent):
 
 
 @dataclass(frozen=True)
+class AgentText(SessionEvent):
+    """The agent's words as they are spoken: `text` is the whole answer played so far.
+
+    Sent when each piece of the answer starts playing (final=False) and once at the end (final=True),
+    where `text` is what was actually played: truncated when the agent was interrupted.
+    """
+
+    type: ClassVar[str] = "agent_text"
+    turn: int
+    text: str
+    final: bool
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
 class TurnMetrics(SessionEvent):
     """One user turn and the agent's answer, with the monotonic time of each stage (None: did not happen).
 
@@ -82,7 +97,7 @@ class TurnMetrics(SessionEvent):
     (when its last audio was captured) to the first frame of the answer handed to the transport.
     """
 
-    type: ClassVar[str] = "turn"
+    type: ClassVar[str] = "metrics"
     turn: int
     user_text: str
     agent_text: str  # what the agent said (truncated to what was played when interrupted)
@@ -165,6 +180,22 @@ class ToolCalled(SessionEvent):
 
 
 @dataclass(frozen=True)
+class SessionStarted(SessionEvent):
+    type: ClassVar[str] = "session_started"
+    persona: str = ""
+
+
+@dataclass(frozen=True)
+class SessionError(SessionEvent):
+    """Something failed inside the session; it carries on (or ends, when `fatal`)."""
+
+    type: ClassVar[str] = "error"
+    where: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
 class SessionEnded(SessionEvent):
     type: ClassVar[str] = "session_ended"
     reason: str
@@ -177,9 +208,16 @@ EventListener = Callable[[SessionEvent], "Awaitable[None] | None"]
 class SessionControl(Protocol):
     """What remote control (MQTT, a data channel) may ask of a running session.
 
-    `control(command, args)` returns a JSON-ready dict ({"ok": bool, ...}). Commands:
-    "say" {"text"} speak text now (no LLM); "interrupt" {} stop speaking; "end" {"reason"} hang up;
-    "tool" {"name", "arguments"} run a registered tool; "status" {} state, turn count, session id.
+    `control(command, args)` returns a JSON-ready dict: {"ok": True, ...} or {"ok": False, "error"}.
+    Unknown commands and bad arguments change nothing. Commands:
+      "say" {"text", "mode": "interrupt"|"queue"}  speak text now (no LLM), cutting the agent off or
+                                                  after what it is saying; added to history
+      "interrupt" {}                 stop speaking (as a barge-in would)
+      "end" {"reason"?}              hang up: the session ends cleanly
+      "mute" {} / "unmute" {}        stop / resume acting on the caller's audio (a supervisor talks)
+      "set_persona" {"persona"}      replace the system prompt from the next answer on
+      "tool" {"name", "arguments"}   run a registered tool
+      "status" {}                    {"state", "turns", "session_id", "muted"}
     """
 
     session_id: str
