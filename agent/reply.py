@@ -63,7 +63,8 @@ class Models:
         )
         self.asr = WhisperASR(resolve("asr", _model_arg(cfg.asr_model)), language=cfg.language or None)
         self.tts = PiperTTS(resolve("tts", _model_arg(cfg.tts_model)))
-        self.vad = SileroVAD(resolve("vad", _model_arg(cfg.vad_model)))
+        self.vad_path = resolve("vad", _model_arg(cfg.vad_model))
+        self.vad = SileroVAD(self.vad_path)  # sessions make their own (a VAD carries stream state)
         self.load_s = time.perf_counter() - t0
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -22,6 +22,8 @@ from .errors import ModelFileError
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .tokenizer import ChatTokenizer, Message, tokenizer_from_folder, tokenizer_from_gguf
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,16 @@ class Engine:
         stats.decode_s = (time.monotonic() - t_first) if t_first else 0.0
 
     # --- conveniences ----------------------------------------------------------------------------
+
+    def next_token_probs(self, ids: Sequence[int]) -> torch.Tensor:
+        """Probabilities [V] of the token after `ids` (prefix reuse applies; the cache then holds `ids`)."""
+        with self._lock:
+            with torch.inference_mode():
+                return torch.softmax(self.prefill(ids).float(), dim=-1)
+
+    async def run_async(self, fn: Callable[..., "T"], *args: object) -> "T":
+        """Run `fn(*args)` on the engine thread, after any generation queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)

@@ -139,6 +139,7 @@ class PlayoutBuffer:
         self._pushed = 0  # samples of the answer pushed (minus those flushed)
         self._played = 0  # samples of the answer handed to the sink
         self._answer_done = False
+        self._paused = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -171,7 +172,16 @@ class PlayoutBuffer:
 
     @property
     def is_playing(self) -> bool:
-        return self._queued > 0
+        """Audio is queued and not paused: frames are going out."""
+        return self._queued > 0 and not self._paused
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def answer_done(self) -> bool:
+        return self._answer_done
 
     # --- feeding ---------------------------------------------------------------------------------
 
@@ -207,6 +217,7 @@ class PlayoutBuffer:
         # Entries wholly unplayed are gone; the partly played one stays for played_text().
         self._entries = [e for e in self._entries if e.start < self._played]
         self._answer_done = True
+        self._paused = False
         self.metrics.flushes += 1
         self._idle.set()
         self._wake.set()
@@ -214,8 +225,21 @@ class PlayoutBuffer:
         log.debug("playout flushed: %.3f s dropped, %.3f s played", dropped / rate, self._played / rate)
         return FlushResult(dropped, dropped / rate, dropped_text, played)
 
+    def pause(self) -> None:
+        """Stop sending at once, keeping the queue: the next frame due is not sent (barge-in under review).
+
+        `resume()` continues exactly where playback stopped; `flush()` drops what was held.
+        """
+        self._paused = True
+        self._wake.set()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
     def reset(self) -> None:
         """Start a new answer: drop anything queued and forget the previous answer's accounting."""
+        self._paused = False
         self._queue.clear()
         self._queue_pos = self._queued = 0
         self._idle.set()
@@ -236,6 +260,10 @@ class PlayoutBuffer:
         whose audio has finished (`partial_words=True`: also the word being spoken).
         """
         return self._text_until(self._played, partial_words)
+
+    def started_text(self) -> str:
+        """Text of every chunk whose playback has begun (what a listener is hearing or has heard)."""
+        return "".join(e.chunk.text for e in self._entries if e.start < self._played)
 
     def _text_until(self, sample: int, partial_words: bool) -> str:
         parts: list[str] = []
@@ -286,6 +314,12 @@ class PlayoutBuffer:
         n = 0
         speaking = False  # the last frame sent carried speech
         while True:
+            if self._paused:
+                speaking = False
+                anchor = None
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if self._queued == 0:
                 self._idle.set()
                 if speaking and not self._answer_done:

@@ -1,0 +1,130 @@
+"""Server-side echo guard: is what the microphone hears right now the agent's own voice?
+
+Without (or despite) echo cancellation at the far end, the agent's speech can come back through
+the user's microphone, and a VAD cannot tell it from the user: the agent would interrupt itself.
+`EchoGuard` keeps the last few seconds of what was sent (the reference) and of what was received,
+both at 16 kHz on the monotonic clock, and scores an input stretch by its best normalised
+cross-correlation with the reference over the plausible echo delays. An echo is a delayed, filtered,
+attenuated copy of the reference, so it correlates strongly (0.6-1.0); a person talking over the
+agent does not (< 0.3), whatever the levels.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frames import AudioFrame
+
+__all__ = ["EchoGuard", "EchoGuardConfig", "to_16k_linear"]
+
+RATE = 16_000
+
+
+@dataclass(frozen=True)
+class EchoGuardConfig:
+    threshold: float = 0.6  # correlation at or above which input counts as echo
+    max_delay_s: float = 0.6  # longest echo path considered (playout buffers + network + device)
+    history_s: float = 4.0  # reference and input kept this long
+    min_reference_rms: float = 1e-3  # the agent must have actually said something in the window
+
+
+def to_16k_linear(x: np.ndarray, rate: int) -> np.ndarray:
+    """One frame to 16 kHz by linear interpolation, frame by frame.
+
+    A streaming resampler releases its output in bursts (soxr buffers), which would misplace audio
+    on a timeline keyed by send time; echo scoring needs timing more than fidelity, and a 20 ms
+    frame maps to exactly 320 samples this way.
+    """
+    if rate == RATE or x.size == 0:
+        return np.asarray(x, np.float32)
+    n_out = max(1, int(round(x.size * RATE / rate)))
+    pos = np.arange(n_out, dtype=np.float64) * (rate / RATE)
+    return np.interp(pos, np.arange(x.size), x).astype(np.float32)
+
+
+class _Timeline:
+    """Recent audio as (start time, samples) blocks at 16 kHz; rebuilt into one array on demand."""
+
+    def __init__(self, history_s: float) -> None:
+        self.history_s = history_s
+        self.blocks: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+
+    def add(self, t: float, x: np.ndarray) -> None:
+        if x.size:
+            self.blocks.append((t, x))
+        while self.blocks and self.blocks[0][0] < t - self.history_s:
+            self.blocks.popleft()
+
+    def span(self, t0: float, t1: float) -> np.ndarray:
+        """Samples covering [t0, t1); zeros where nothing was recorded."""
+        n = max(0, int(round((t1 - t0) * RATE)))
+        out = np.zeros(n, np.float32)
+        for t, x in self.blocks:
+            a = int(round((t - t0) * RATE))
+            if a >= n or a + x.size <= 0:
+                continue
+            lo, hi = max(0, -a), min(x.size, n - a)
+            out[a + lo : a + hi] = x[lo:hi]
+        return out
+
+
+class EchoGuard:
+    def __init__(self, config: EchoGuardConfig | None = None) -> None:
+        self.config = config or EchoGuardConfig()
+        self._ref = _Timeline(self.config.history_s)
+        self._inp = _Timeline(self.config.history_s)
+        self._ref_next: float | None = None  # where the next reference block would start if contiguous
+
+    def add_reference(self, frame: AudioFrame, sent_at: float) -> None:
+        """Agent audio handed to the transport at `sent_at` (any rate)."""
+        x = to_16k_linear(frame.to_float_mono(), frame.sample_rate)
+        # Contiguous frames are laid end to end, so that scheduling jitter in the send times does
+        # not tear the reference apart.
+        t = sent_at
+        if self._ref_next is not None and abs(self._ref_next - sent_at) < 0.03:
+            t = self._ref_next
+        self._ref.add(t, x)
+        self._ref_next = t + x.size / RATE
+
+    def add_input(self, frame: AudioFrame) -> None:
+        """Microphone audio at 16 kHz (as the listener's chunker produces it), stamped with capture time."""
+        if frame.sample_rate != RATE:
+            raise ValueError(f"EchoGuard.add_input takes {RATE} Hz frames, got {frame.sample_rate}")
+        self._inp.add(frame.timestamp, frame.to_float_mono())
+
+    def score(self, t0: float, t1: float) -> float:
+        """Best normalised cross-correlation of input [t0, t1) with the reference up to max_delay earlier."""
+        x = self._inp.span(t0, t1)
+        if x.size < RATE // 20:
+            return 0.0
+        r = self._ref.span(t0 - self.config.max_delay_s, t1)
+        if float(np.sqrt(np.mean(r * r))) < self.config.min_reference_rms:
+            return 0.0
+        return _max_ncc(x, r)
+
+    def is_echo(self, t0: float, t1: float) -> bool:
+        return self.score(t0, t1) >= self.config.threshold
+
+
+def _max_ncc(x: np.ndarray, r: np.ndarray) -> float:
+    """max over lags k of <x, r[k:k+n]> / (|x| |r[k:k+n]|), by FFT (x shorter than r)."""
+    n, m = x.size, r.size
+    if m < n:
+        r = np.concatenate([r, np.zeros(n - m, np.float32)])
+        m = n
+    x = x - x.mean()
+    nx = float(np.linalg.norm(x))
+    if nx < 1e-6:
+        return 0.0
+    size = 1 << int(np.ceil(np.log2(n + m)))
+    corr = np.fft.irfft(np.fft.rfft(r, size) * np.conj(np.fft.rfft(x, size)), size)[: m - n + 1]
+    c2 = np.concatenate([[0.0], np.cumsum(r.astype(np.float64) ** 2)])
+    energy = (c2[n:] - c2[:-n])[: m - n + 1]
+    # Lags where the reference is (nearly) silent cannot hold an echo; their ratio is rounding noise.
+    valid = energy > 1e-4 * n * max(float(energy.max()) / n, 1e-8)
+    if not valid.any():
+        return 0.0
+    ncc = np.abs(corr[valid]) / (nx * np.sqrt(energy[valid]))
+    return float(min(1.0, ncc.max()))

@@ -1,0 +1,866 @@
+"""Call-center events out and control commands in, over MQTT, without ever touching the audio path.
+
+Topics (agent_id and session_id are single topic levels):
+
+    rejoinder/{agent_id}/status                               retained presence, last will "offline"
+    rejoinder/{agent_id}/sessions/{session_id}/events/{type}  session events, JSON {"v": 1, "seq", ...}
+    rejoinder/{agent_id}/sessions/{session_id}/control        commands in: {"command", "args", "id"}
+
+`MQTTBridge.publish_event()` is synchronous and only appends to a bounded in-memory queue; one
+background task owns the connection, publishes the queue in order, reconnects with capped backoff
+and re-announces presence. A broker that is absent, slow or restarting therefore costs the session
+nothing but queue memory, and when the queue is full the least valuable events go first: interim
+(`"final": false`) events, which a later final supersedes, before anything else.
+
+Delivery is at-least-once for QoS 1 events: an event whose PUBACK was lost with the connection is
+sent again after reconnect. Every payload carries a per-session `seq` so a consumer can drop the
+duplicates and see gaps left by dropped events.
+
+This module receives events as JSON-ready dicts (or objects with `to_dict()`) and forwards control
+commands to async callables, so it never imports `rejoinder.agent`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import json
+import logging
+import math
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Literal, Mapping
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from aiomqtt import MqttError, ProtocolVersion
+from aiomqtt.exceptions import MqttConnectError
+
+log = logging.getLogger("rejoinder.streaming.mqtt")
+
+__all__ = [
+    "CONTROL_COMMANDS",
+    "PAYLOAD_VERSION",
+    "ArgSpec",
+    "ControlCommand",
+    "ControlError",
+    "ControlHandler",
+    "MQTTBridge",
+    "MQTTConfig",
+    "MQTTStats",
+    "control_json_schema",
+    "control_topic",
+    "events_topic",
+    "is_interim",
+    "is_protocol_refusal",
+    "open_client",
+    "parse_control",
+    "status_topic",
+]
+
+PAYLOAD_VERSION = 1
+TOPIC_ROOT = "rejoinder"
+MAX_CONTROL_BYTES = 64 * 1024
+_SEQ_SESSIONS = 4096  # sessions whose event counter is remembered (least recently used forgotten)
+
+ControlHandler = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
+
+
+# --- topics -----------------------------------------------------------------------------------------
+
+
+def status_topic(agent_id: str) -> str:
+    return f"{TOPIC_ROOT}/{agent_id}/status"
+
+
+def events_topic(agent_id: str, session_id: str, type_: str = "#") -> str:
+    return f"{TOPIC_ROOT}/{agent_id}/sessions/{session_id}/events/{type_}"
+
+
+def control_topic(agent_id: str, session_id: str = "+") -> str:
+    return f"{TOPIC_ROOT}/{agent_id}/sessions/{session_id}/control"
+
+
+def _topic_level(name: str, what: str) -> str:
+    """A string usable as one topic level: wildcards and separators would change what it addresses."""
+    if not name or any(c in name for c in "/+#\0"):
+        raise ValueError(f"{what} {name!r} must be non-empty and contain none of / + # NUL")
+    return name
+
+
+def _safe_level(name: str) -> str:
+    # Session ids come from the session and are uuid-like; this is only a guard so a stray
+    # character can never publish into another session's (or a wildcard) topic.
+    cleaned = "".join("_" if c in "/+#\0" else c for c in str(name))
+    return cleaned or "_"
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MQTTConfig:
+    """Where and how to connect. Build it with `MQTTConfig.from_url("mqtt://host:1883", agent_id=...)`.
+
+    protocol: "auto" tries MQTT 5 and falls back to 3.1.1 when the broker refuses the version
+    (remembered for later reconnects); "5" or "3.1.1" force one.
+    """
+
+    url: str = "mqtt://127.0.0.1:1883"
+    agent_id: str = "rejoinder"
+    client_id: str = ""  # empty: rejoinder-{agent_id}-{random}, unique so two agents never evict each other
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None  # TLS: trust this CA instead of the system store
+    tls_insecure: bool = False  # TLS: skip certificate and host name checks (tests, private brokers)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    keepalive: int = 30
+    queue_limit: int = 1000
+    backoff_min_s: float = 0.1
+    backoff_max_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    publish_timeout_s: float = 5.0
+    control_timeout_s: float = 10.0
+    inflight: int = 32  # QoS 1 publishes awaiting PUBACK at once: one round trip per batch, not per event
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):
+            raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {self.url!r}")
+        if not parts.hostname:
+            raise ValueError(f"MQTT URL has no host: {self.url!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError(f"MQTT URL has a bad port: {self.url!r}") from None
+        _topic_level(self.agent_id, "agent id")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
+        if self.queue_limit < 1 or self.inflight < 1:
+            raise ValueError("queue_limit and inflight must be at least 1")
+        if not 0 < self.backoff_min_s <= self.backoff_max_s:
+            raise ValueError("need 0 < backoff_min_s <= backoff_max_s")
+        if not self.client_id:
+            object.__setattr__(self, "client_id", f"rejoinder-{self.agent_id}-{uuid.uuid4().hex[:8]}")
+
+    @classmethod
+    def from_url(cls, url: str, *, agent_id: str | None = None, **overrides: Any) -> "MQTTConfig":
+        """Config from a URL; `mqtt://user:password@host:port` carries credentials too.
+
+        Explicit keyword arguments win over what the URL says.
+        """
+        parts = urlsplit(url)
+        values: dict[str, Any] = {"url": url}
+        if parts.username:
+            values["username"] = unquote(parts.username)
+        if parts.password:
+            values["password"] = unquote(parts.password)
+        if agent_id is not None:
+            values["agent_id"] = agent_id
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, url: str | None = None, *, agent_id: str | None = None,
+                 env: Mapping[str, str] | None = None, **overrides: Any) -> "MQTTConfig | None":
+        """Config from flags, falling back to REJOINDER_MQTT_URL (None: MQTT is off).
+
+        Also reads REJOINDER_AGENT_ID, REJOINDER_MQTT_USERNAME, REJOINDER_MQTT_PASSWORD,
+        REJOINDER_MQTT_CA_FILE and REJOINDER_MQTT_INSECURE. The agent id defaults to the host name,
+        so a fleet of machines gets distinct ids without configuration.
+        """
+        env = os.environ if env is None else env
+        url = url or env.get("REJOINDER_MQTT_URL") or None
+        if url is None:
+            return None
+        values: dict[str, Any] = {
+            "username": env.get("REJOINDER_MQTT_USERNAME") or None,
+            "password": env.get("REJOINDER_MQTT_PASSWORD") or None,
+            "ca_file": env.get("REJOINDER_MQTT_CA_FILE") or None,
+            "tls_insecure": (env.get("REJOINDER_MQTT_INSECURE", "").lower() in ("1", "true", "yes", "on")) or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        aid = agent_id or env.get("REJOINDER_AGENT_ID") or _safe_level(socket.gethostname().split(".")[0] or "rejoinder")
+        return cls.from_url(url, agent_id=aid, **values)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl", "tls")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, for logs."""
+        return f"{urlsplit(self.url).scheme}://{self.host}:{self.port}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.tls_insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def _protocol(name: str) -> ProtocolVersion:
+    return ProtocolVersion.V311 if name == "3.1.1" else ProtocolVersion.V5
+
+
+def is_protocol_refusal(exc: BaseException) -> bool:
+    """The broker refused the MQTT version (a 3.1.1-only broker answering an MQTT 5 CONNECT)."""
+    if not isinstance(exc, MqttConnectError):
+        return False
+    rc = getattr(exc.rc, "value", exc.rc)
+    return rc in (1, 0x84)  # 3.1.1 "unacceptable protocol version" / MQTT 5 "unsupported protocol version"
+
+
+class _DemoteToDebug(logging.Filter):
+    """paho reports every lost connection at ERROR; the bridge already says it once, in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return log.isEnabledFor(logging.DEBUG)
+
+
+_paho_log = logging.getLogger("rejoinder.streaming.mqtt.paho")
+_paho_log.addFilter(_DemoteToDebug())
+
+
+def open_client(cfg: MQTTConfig, *, protocol: ProtocolVersion | None = None, will: aiomqtt.Will | None = None,
+                client_id: str | None = None) -> aiomqtt.Client:
+    """An aiomqtt client for `cfg` (not yet connected: use it as `async with`)."""
+    client = aiomqtt.Client(
+        cfg.host,
+        cfg.port,
+        username=cfg.username,
+        password=cfg.password,
+        identifier=client_id or cfg.client_id,
+        protocol=protocol if protocol is not None else _protocol(cfg.protocol),
+        will=will,
+        keepalive=cfg.keepalive,
+        timeout=cfg.connect_timeout_s,
+        tls_context=cfg.tls_context(),
+        tls_insecure=True if (cfg.tls and cfg.tls_insecure) else None,
+        max_queued_incoming_messages=1024,
+        max_inflight_messages=cfg.inflight,
+        logger=_paho_log,
+    )
+    # aiomqtt warns above 10 pending calls; a full in-flight window is normal here.
+    client.pending_calls_threshold = cfg.inflight + 16
+    return client
+
+
+# --- control commands -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One argument of a control command (all arguments are strings today)."""
+
+    required: bool = False
+    choices: tuple[str, ...] | None = None
+    default: str | None = None
+    non_empty: bool = False
+    max_len: int = 2000
+
+
+CONTROL_COMMANDS: dict[str, dict[str, ArgSpec]] = {
+    "say": {"text": ArgSpec(required=True, non_empty=True, max_len=2000),
+            "mode": ArgSpec(choices=("interrupt", "queue"), default="interrupt")},
+    "interrupt": {},
+    "end": {"reason": ArgSpec(max_len=500)},
+    "mute": {},
+    "unmute": {},
+    "set_persona": {"persona": ArgSpec(required=True, non_empty=True, max_len=8000)},
+    "status": {},
+}
+
+
+class ControlError(ValueError):
+    """A control message that must not reach the session; `id` is its correlation id when readable."""
+
+    def __init__(self, message: str, id: str | int | None = None, command: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+        self.command = command
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    command: str
+    args: dict[str, Any]
+    id: str | int | None = None
+
+
+def parse_control(payload: bytes | str | bytearray | None) -> ControlCommand:
+    """Validate one control message against CONTROL_COMMANDS; raises ControlError with the reason.
+
+    Strict on purpose: unknown fields and arguments are refused rather than ignored, so a typo
+    ("txt") is reported instead of silently doing something else.
+    """
+    if payload is None:
+        raise ControlError("empty payload")
+    raw = payload if isinstance(payload, (bytes, bytearray)) else str(payload).encode()
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise ControlError(f"payload larger than {MAX_CONTROL_BYTES} bytes")
+    try:
+        msg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControlError(f"invalid JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ControlError("payload must be a JSON object")
+    cid = msg.get("id")
+    if cid is not None and (isinstance(cid, bool) or not isinstance(cid, (str, int)) or len(str(cid)) > 200):
+        raise ControlError("id must be a string or integer of at most 200 characters")
+    command = msg.get("command")
+    if not isinstance(command, str) or not command:
+        raise ControlError("missing command", cid)
+    extra = set(msg) - {"command", "args", "id"}
+    if extra:
+        raise ControlError(f"unknown field(s): {', '.join(sorted(extra))}", cid, command)
+    spec = CONTROL_COMMANDS.get(command)
+    if spec is None:
+        raise ControlError(f"unknown command {command!r} (known: {', '.join(CONTROL_COMMANDS)})", cid, command)
+    args = msg.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ControlError("args must be a JSON object", cid, command)
+    unknown = set(args) - set(spec)
+    if unknown:
+        raise ControlError(f"{command}: unknown argument(s): {', '.join(sorted(unknown))}", cid, command)
+    out: dict[str, Any] = {}
+    for name, a in spec.items():
+        if name not in args:
+            if a.required:
+                raise ControlError(f"{command}: missing argument {name!r}", cid, command)
+            if a.default is not None:
+                out[name] = a.default
+            continue
+        v = args[name]
+        if not isinstance(v, str):
+            raise ControlError(f"{command}: {name} must be a string", cid, command)
+        if a.non_empty and not v.strip():
+            raise ControlError(f"{command}: {name} must not be empty", cid, command)
+        if len(v) > a.max_len:
+            raise ControlError(f"{command}: {name} longer than {a.max_len} characters", cid, command)
+        if a.choices is not None and v not in a.choices:
+            raise ControlError(f"{command}: {name} must be one of {', '.join(a.choices)}", cid, command)
+        out[name] = v
+    return ControlCommand(command, out, cid)
+
+
+def control_json_schema() -> dict[str, Any]:
+    """CONTROL_COMMANDS as a JSON Schema, for the systems that send commands (documentation)."""
+    variants = []
+    for name, spec in CONTROL_COMMANDS.items():
+        props: dict[str, Any] = {}
+        for arg, a in spec.items():
+            p: dict[str, Any] = {"type": "string", "maxLength": a.max_len}
+            if a.non_empty:
+                p["minLength"] = 1
+            if a.choices:
+                p["enum"] = list(a.choices)
+            if a.default is not None:
+                p["default"] = a.default
+            props[arg] = p
+        variants.append({
+            "type": "object",
+            "properties": {
+                "command": {"const": name},
+                "id": {"type": ["string", "integer"]},
+                "args": {"type": "object", "properties": props, "additionalProperties": False,
+                         "required": [k for k, a in spec.items() if a.required]},
+            },
+            "required": ["command"],
+            "additionalProperties": False,
+        })
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "rejoinder control command",
+            "oneOf": variants}
+
+
+# --- outgoing queue ---------------------------------------------------------------------------------
+
+
+def is_interim(event: Mapping[str, Any]) -> bool:
+    """An event a later one supersedes (interim transcript, agent text so far): QoS 0, dropped first."""
+    return event.get("final") is False
+
+
+@dataclass(frozen=True)
+class _Out:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    interim: bool
+
+
+@dataclass
+class MQTTStats:
+    published: int = 0
+    dropped_interims: int = 0
+    dropped_other: int = 0
+    reconnects: int = 0  # successful connections after the first
+    connects: int = 0
+    control_received: int = 0
+    control_rejected: int = 0
+    queued: int = 0
+    connected: bool = False
+
+
+class _OutQueue:
+    """Bounded FIFO; when full, the oldest interim goes first, else the oldest event.
+
+    Guarded by a thread lock so publish_event may be called from a worker thread too.
+    """
+
+    def __init__(self, limit: int, stats: MQTTStats) -> None:
+        self.limit = limit
+        self.stats = stats
+        self._q: collections.deque[_Out] = collections.deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def put(self, item: _Out) -> None:
+        with self._lock:
+            self._q.append(item)
+            self._trim()
+
+    def take(self, n: int) -> list[_Out]:
+        with self._lock:
+            return [self._q.popleft() for _ in range(min(n, len(self._q)))]
+
+    def put_back(self, items: list[_Out]) -> None:
+        """Return unacknowledged items to the head, in their original order."""
+        with self._lock:
+            self._q.extendleft(reversed(items))
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._q) > self.limit:
+            for i, o in enumerate(self._q):
+                if o.interim:
+                    del self._q[i]
+                    self.stats.dropped_interims += 1
+                    break
+            else:
+                self._q.popleft()
+                self.stats.dropped_other += 1
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, enum.Enum):
+        return o.value
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset)):
+        return list(o)
+    item = getattr(o, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
+    return str(o)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _dumps(payload: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(payload, default=_json_default, allow_nan=False, ensure_ascii=False).encode()
+    except ValueError:
+        # NaN/inf are not JSON; a consumer's parser would reject the whole event for one field.
+        return json.dumps(_finite(json.loads(json.dumps(payload, default=_json_default))),
+                          ensure_ascii=False).encode()
+
+
+# --- the bridge -------------------------------------------------------------------------------------
+
+
+class MQTTBridge:
+    """One agent process's connection: events of all its sessions out, control commands in.
+
+        bridge = MQTTBridge(MQTTConfig.from_url(url, agent_id="desk-1"))
+        await bridge.start()          # returns at once, broker or not
+        bridge.attach(session)        # events out, control in; detached at session_ended
+        await session.run()
+        await bridge.close()          # flushes, publishes "offline"
+
+    Without `attach`: `register_session(sid, handler)` / `unregister_session(sid)` for control, and
+    `listen(event)` or `publish_event(sid, dict)` for events.
+    """
+
+    def __init__(self, cfg: MQTTConfig) -> None:
+        self.cfg = cfg
+        self._stats = MQTTStats()
+        self._queue = _OutQueue(cfg.queue_limit, self._stats)
+        self._handlers: dict[str, ControlHandler] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Recently used sessions' counters only: a long-running server must not keep every id, and an
+        # event after session_ended (the ack of "end") must not restart a session's count at 1.
+        self._seq: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._seq_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._connected_evt = asyncio.Event()
+        self._presence_dirty = False
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._control_tasks: set[asyncio.Task[None]] = set()
+        self._protocol = _protocol(self.cfg.protocol)
+        self._started_wall = time.time()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background; never raises for an absent broker."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._started_wall = time.time()
+        self._task = asyncio.create_task(self._run(), name="rejoinder-mqtt")
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected_evt.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected_evt.is_set()
+
+    @property
+    def stats(self) -> MQTTStats:
+        return dataclasses.replace(self._stats, queued=len(self._queue), connected=self.connected)
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Flush what is queued and publish "offline" when connected (up to `timeout`), then stop."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake_up()
+        task, self._task = self._task, None
+        if self.connected:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except Exception:  # noqa: BLE001 - timed out or failed: stopping anyway
+                pass
+        if not task.done():
+            task.cancel()
+        for t in list(self._control_tasks):
+            t.cancel()
+        await asyncio.gather(task, *self._control_tasks, return_exceptions=True)
+        left = len(self._queue)
+        if left:
+            log.info("MQTT bridge closed with %d event(s) unpublished", left)
+
+    async def __aenter__(self) -> "MQTTBridge":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def register_session(self, session_id: str, handler: ControlHandler) -> None:
+        """Route control commands for `session_id` to `handler(command, args) -> {"ok": ...}`."""
+        sid = _safe_level(session_id)
+        self._handlers[sid] = handler
+        self._locks.setdefault(sid, asyncio.Lock())
+        self._presence_changed()
+
+    def unregister_session(self, session_id: str) -> None:
+        sid = _safe_level(session_id)
+        self._handlers.pop(sid, None)
+        self._locks.pop(sid, None)
+        self._presence_changed()
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._handlers)
+
+    def attach(self, session: Any) -> Callable[[], None]:
+        """Wire a session (anything with session_id, add_listener() and control()) to MQTT.
+
+        Its events are published and its control topic routed to `session.control`; when its
+        `session_ended` event passes, it is unregistered. Returns a function that detaches it early.
+        """
+        sid = str(session.session_id)
+        attached = True
+
+        def listener(event: Any) -> None:
+            nonlocal attached
+            if not attached:
+                return
+            self.listen(event)
+            if getattr(event, "type", None) == "session_ended":
+                detach()
+
+        def detach() -> None:
+            nonlocal attached
+            if attached:
+                attached = False
+                self.unregister_session(sid)
+
+        self.register_session(sid, session.control)
+        session.add_listener(listener)
+        return detach
+
+    # --- events out ----------------------------------------------------------------------------
+
+    def listen(self, event: Any) -> None:
+        """A session listener: takes a SessionEvent (anything with to_dict() and session_id) or a dict."""
+        d = event.to_dict() if hasattr(event, "to_dict") else dict(event)
+        self.publish_event(str(d.get("session_id") or getattr(event, "session_id", "") or "_"), d)
+
+    def publish_event(self, session_id: str, event: Mapping[str, Any]) -> None:
+        """Queue one event for publishing. Never blocks, never raises: the audio path calls this."""
+        try:
+            sid = _safe_level(session_id)
+            type_ = _safe_level(str(event.get("type") or "event"))
+            with self._seq_lock:
+                seq = self._seq.pop(sid, 0) + 1
+                self._seq[sid] = seq
+                if len(self._seq) > _SEQ_SESSIONS:
+                    self._seq.popitem(last=False)
+            body: dict[str, Any] = {"v": PAYLOAD_VERSION, "seq": seq, **event}
+            body["v"] = PAYLOAD_VERSION
+            body.setdefault("session_id", session_id)
+            body.setdefault("wall_time", time.time())
+            interim = is_interim(event)
+            self._queue.put(_Out(events_topic(self.cfg.agent_id, sid, type_), _dumps(body),
+                                 0 if interim else 1, False, interim))
+            self._wake_up()
+        except Exception:  # noqa: BLE001 - an event lost is better than a conversation broken
+            self._stats.dropped_other += 1
+            log.debug("could not queue event %r", event, exc_info=True)
+
+    def _wake_up(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def _presence_changed(self) -> None:
+        self._presence_dirty = True
+        self._wake_up()
+
+    def _presence(self, state: str, **extra: Any) -> bytes:
+        return _dumps({"v": PAYLOAD_VERSION, "type": "status", "state": state, "agent_id": self.cfg.agent_id,
+                       "client_id": self.cfg.client_id, "pid": os.getpid(), "sessions": self.sessions,
+                       "since": self._started_wall, "wall_time": time.time(), **extra})
+
+    # --- connection ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.cfg.backoff_min_s
+        failures = 0
+        while not self._closing:
+            # The broker publishes this if the connection dies without a goodbye (crash, kill -9,
+            # network loss), so a dashboard never shows a dead agent as online.
+            will_body = {"v": PAYLOAD_VERSION, "type": "status", "state": "offline", "agent_id": self.cfg.agent_id,
+                         "client_id": self.cfg.client_id, "pid": os.getpid(), "sessions": [],
+                         "since": self._started_wall, "reason": "connection lost"}
+            will = aiomqtt.Will(status_topic(self.cfg.agent_id), _dumps(will_body), qos=1, retain=True)
+            client = open_client(self.cfg, protocol=self._protocol, will=will)
+            connected = False
+            try:
+                async with client:
+                    connected = True
+                    self._stats.connects += 1
+                    if self._stats.connects > 1:
+                        self._stats.reconnects += 1
+                    if failures:
+                        log.info("MQTT connected to %s after %d failed attempt(s)", self.cfg.display_url, failures)
+                    else:
+                        log.debug("MQTT connected to %s", self.cfg.display_url)
+                    delay, failures = self.cfg.backoff_min_s, 0
+                    await self._serve(client)
+                return  # _serve returns only once closing is done
+            except MqttError as exc:
+                if not connected and self._protocol == ProtocolVersion.V5 and self.cfg.protocol == "auto" \
+                        and is_protocol_refusal(exc):
+                    log.info("MQTT broker at %s refused MQTT 5; using 3.1.1", self.cfg.display_url)
+                    self._protocol = ProtocolVersion.V311
+                    continue
+                self._log_failure(exc, connected, failures)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end event delivery for good
+                log.warning("MQTT bridge error (%s: %s); reconnecting", type(exc).__name__, exc, exc_info=True)
+            finally:
+                self._connected_evt.clear()
+            failures += 1
+            if self._closing:
+                return
+            # Jitter so a fleet of agents does not reconnect in lockstep after a broker restart.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.cfg.backoff_max_s)
+
+    def _log_failure(self, exc: BaseException, was_connected: bool, failures: int) -> None:
+        if was_connected:
+            log.warning("MQTT connection to %s lost (%s); %d event(s) queued, reconnecting",
+                        self.cfg.display_url, exc, len(self._queue))
+        elif failures == 0:
+            log.warning("MQTT broker at %s unreachable (%s); retrying in the background",
+                        self.cfg.display_url, exc)
+        else:
+            log.debug("MQTT connect attempt %d failed: %s", failures + 1, exc)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        # Subscribe before announcing "online": whoever reacts to presence with a command must find
+        # the agent listening.
+        await client.subscribe(control_topic(self.cfg.agent_id), qos=1, timeout=self.cfg.publish_timeout_s)
+        self._presence_dirty = False
+        await client.publish(status_topic(self.cfg.agent_id), self._presence("online", protocol=self._proto_name()),
+                             qos=1, retain=True, timeout=self.cfg.publish_timeout_s)
+        self._connected_evt.set()
+        reader = asyncio.create_task(self._read(client), name="rejoinder-mqtt-read")
+        writer = asyncio.create_task(self._write(client), name="rejoinder-mqtt-write")
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (reader, writer):
+                t.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+        for t in done:
+            t.result()  # raises the MqttError that ended the connection
+        if not self._closing:
+            raise MqttError("connection loop ended")
+
+    def _proto_name(self) -> str:
+        return "5" if self._protocol == ProtocolVersion.V5 else "3.1.1"
+
+    async def _write(self, client: aiomqtt.Client) -> None:
+        while True:
+            if self._presence_dirty:
+                self._presence_dirty = False
+                try:
+                    await client.publish(status_topic(self.cfg.agent_id),
+                                         self._presence("online", protocol=self._proto_name()),
+                                         qos=1, retain=True, timeout=self.cfg.publish_timeout_s)
+                except BaseException:
+                    self._presence_dirty = True
+                    raise
+            batch = self._queue.take(self.cfg.inflight)
+            if not batch:
+                if self._closing:
+                    await client.publish(status_topic(self.cfg.agent_id), self._presence("offline", reason="shutdown"),
+                                         qos=1, retain=True, timeout=self.cfg.publish_timeout_s)
+                    return
+                self._wake.clear()
+                if not len(self._queue) and not self._presence_dirty and not self._closing:
+                    await self._wake.wait()
+                continue
+            await self._publish_batch(client, batch)
+
+    async def _publish_batch(self, client: aiomqtt.Client, batch: list[_Out]) -> None:
+        # paho writes publishes in call order, and each task calls paho before its first await,
+        # so the wire order is the queue order even though the PUBACK waits overlap.
+        tasks = [asyncio.ensure_future(client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain,
+                                                      timeout=self.cfg.publish_timeout_s)) for o in batch]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            ok = [not t.cancelled() and t.exception() is None for t in tasks]
+            self._stats.published += sum(ok)
+            self._queue.put_back([o for o, good in zip(batch, ok) if not good])
+            raise
+        self._stats.published += len(batch)
+
+    # --- control in ----------------------------------------------------------------------------
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            try:
+                self._on_control(msg)
+            except Exception:  # noqa: BLE001
+                log.exception("MQTT control message handling failed")
+
+    def _on_control(self, msg: aiomqtt.Message) -> None:
+        parts = msg.topic.value.split("/")
+        if len(parts) != 5 or parts[4] != "control":
+            return
+        sid = parts[3]
+        self._stats.control_received += 1
+        if msg.retain:
+            # A retained command would run again on every reconnect of every agent: refuse it.
+            self._reject(sid, "retained control messages are not accepted; clear the retained message", None)
+            return
+        try:
+            cmd = parse_control(msg.payload)  # type: ignore[arg-type]
+        except ControlError as exc:
+            self._reject(sid, exc.message, exc.id, exc.command)
+            return
+        handler = self._handlers.get(sid)
+        if handler is None:
+            self._reject(sid, f"unknown session {sid!r}", cmd.id, cmd.command)
+            return
+        lock = self._locks.setdefault(sid, asyncio.Lock())
+        task = asyncio.create_task(self._execute(sid, handler, lock, cmd), name=f"rejoinder-mqtt-control-{sid}")
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+
+    async def _execute(self, sid: str, handler: ControlHandler, lock: asyncio.Lock, cmd: ControlCommand) -> None:
+        # One command at a time per session, in arrival order (asyncio.Lock is FIFO): "say" then
+        # "end" must not race.
+        async with lock:
+            try:
+                result = await asyncio.wait_for(handler(cmd.command, dict(cmd.args)), self.cfg.control_timeout_s)
+            except asyncio.TimeoutError:
+                self._reject(sid, f"{cmd.command}: no answer within {self.cfg.control_timeout_s:g} s", cmd.id, cmd.command)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._reject(sid, f"{cmd.command} failed: {type(exc).__name__}: {exc}", cmd.id, cmd.command)
+                return
+        if not isinstance(result, Mapping):
+            self._reject(sid, f"{cmd.command}: handler returned {type(result).__name__}, not a dict", cmd.id, cmd.command)
+        elif result.get("ok"):
+            self.publish_event(sid, {"type": "ack", "session_id": sid, "at": time.monotonic(),
+                                     "command": cmd.command, "id": cmd.id, "result": dict(result)})
+        else:
+            self._reject(sid, str(result.get("error") or f"{cmd.command} failed"), cmd.id, cmd.command,
+                         result=dict(result))
+
+    def _reject(self, sid: str, message: str, cid: str | int | None, command: str | None = None, **extra: Any) -> None:
+        self._stats.control_rejected += 1
+        log.info("MQTT control for session %s refused: %s", sid, message)
+        self.publish_event(sid, {"type": "error", "session_id": sid, "at": time.monotonic(), "where": "control",
+                                 "message": message, "fatal": False, "id": cid, "command": command, **extra})

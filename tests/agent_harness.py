@@ -1,0 +1,107 @@
+"""Drive a real Session on a real clock: a microphone that never stops, an optional echo path.
+
+`Mic` pushes 20 ms frames into an InProcessTransport at real-time pace for as long as it runs:
+speech when something was queued with `speak()`, silence otherwise — like a live microphone, so
+VAD hang-overs, silence timeouts and the agent's playout all see real time pass. With `echo_gain`
+the agent's own output comes back into the input after `echo_delay_s` (a speakerphone).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
+from rejoinder.streaming.frames import AudioFrame
+from rejoinder.streaming.transport import InProcessTransport
+
+RATE = 16_000
+FRAME = RATE // 50
+
+
+@dataclass
+class Mic:
+    transport: InProcessTransport
+    echo_gain: float = 0.0
+    echo_delay_s: float = 0.12
+    _pending: list[np.ndarray] = field(default_factory=list)
+    _task: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        # The echo path is continuous, like sound in a room: frames are laid end to end the way the
+        # guard lays its reference (send-time jitter would tear a real-time replay apart).
+        self._echo = EchoGuard(EchoGuardConfig(history_s=10.0))
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.speech_spans: list[tuple[float, float]] = []  # monotonic [start, end) of each speak()
+        if self.echo_gain:
+            self.transport.on_audio_out = self._capture
+
+    def _capture(self, frame: AudioFrame) -> None:
+        self._echo.add_reference(frame, time.monotonic())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.transport.end_input()
+
+    async def speak(self, audio: np.ndarray, wait: bool = True) -> tuple[float, float]:
+        """Queue `audio` (16 kHz float32); with `wait`, return once it has all gone out."""
+        self._pending.append(np.asarray(audio, np.float32))
+        self._drained.clear()
+        t0 = time.monotonic()
+        if wait:
+            await self._drained.wait()
+        return t0, time.monotonic()
+
+    async def _run(self) -> None:
+        t0 = time.monotonic()
+        k = 0
+        buf = np.zeros(0, np.float32)
+        span_start: float | None = None
+        while True:
+            due = t0 + k * 0.02
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            while buf.size < FRAME and self._pending:
+                buf = np.concatenate([buf, self._pending.pop(0)])
+            if buf.size:
+                if span_start is None:
+                    span_start = due
+                x = np.zeros(FRAME, np.float32)
+                n = min(FRAME, buf.size)
+                x[:n] = buf[:n]
+                buf = buf[n:]
+                if not buf.size and not self._pending:
+                    self.speech_spans.append((span_start, due + n / RATE))
+                    span_start = None
+                    self._drained.set()
+            else:
+                x = np.zeros(FRAME, np.float32)
+            if self.echo_gain:
+                x = x + self.echo_gain * self._echo._ref.span(due - self.echo_delay_s, due - self.echo_delay_s + 0.02)[:FRAME]
+            self.transport.push_audio(AudioFrame(np.clip(x, -1, 1), RATE, 1, due))
+            k += 1
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())
+
+
+def frames_sent_between(transport: InProcessTransport, t0: float, t1: float) -> int:
+    return sum(t0 <= s.sent_at < t1 for s in transport.sent_audio)
