@@ -1,0 +1,57 @@
+"""`rejoinder talk` end to end: a recorded multi-turn conversation in, the agent's side and metrics out."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from speech import espeak_say, have_espeak, silence
+from rejoinder.streaming.audio import read_wav, resample, write_wav
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")]
+
+
+def rejoinder(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rejoinder.agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_talk_runs_a_conversation_with_pauses_and_an_interruption(tmp_path):
+    parts = [silence(0.5), espeak_say("Tell me a long story about a brave knight and a dragon."), silence(4.5),
+             espeak_say("Stop. What is two plus two?"), silence(5.0), espeak_say("Where is the nearest train station?"),
+             silence(4.0)]
+    x = np.concatenate(parts)
+    conv = tmp_path / "conversation.wav"
+    # 44.1 kHz stereo: not the rate or layout the pipeline uses.
+    write_wav(conv, np.stack([resample(x, 16_000, 44_100)] * 2, axis=1), 44_100)
+    out, metrics = tmp_path / "reply.wav", tmp_path / "metrics.json"
+    r = rejoinder("talk", "--in", str(conv), "--out", str(out), "--metrics-json", str(metrics))
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(metrics.read_text())
+    turns, barges = doc["turns"], doc["barge_ins"]
+    assert len(turns) == 3, [t["user_text"] for t in turns]
+    for t in turns:
+        assert {"user_text", "agent_text", "interrupted", "voice_to_voice_s"} <= set(t)
+        assert 0.2 < t["voice_to_voice_s"] < 6.0
+    assert turns[0]["interrupted"] and not turns[2]["interrupted"]
+    assert [b["resumed"] for b in barges] == [False]
+    assert 0 < barges[0]["reaction_s"] < 0.6 and 5.0 < barges[0]["at_s"] < 12.0
+    assert "station" in turns[2]["user_text"].lower()
+    assert doc["summary"]["voice_to_voice_p50_s"] is not None
+    # The agent's side lines up with the input: as long, silent while the caller asks.
+    agent, rate = read_wav(out, max_seconds=None)
+    assert abs(agent.size / rate - x.size / 16_000) < 3.0
+    assert np.abs(agent[: int(2.0 * rate)]).max() < 0.01
+    assert "voice-to-voice p50" in r.stdout
+
+
+def test_talk_rejects_bad_input_before_loading_models(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    r = rejoinder("talk", "--in", str(bad), "--out", str(tmp_path / "o.wav"), timeout=60)
+    assert r.returncode == 2 and "rejoinder: error:" in r.stderr and "loading models" not in r.stderr
+    r = rejoinder("talk", "--in", str(tmp_path / "missing.wav"), "--out", str(tmp_path / "o.wav"), timeout=60)
+    assert r.returncode == 2 and "not found" in r.stderr
