@@ -21,7 +21,7 @@ def rejoinder(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_talk_runs_a_conversation_with_pauses_and_an_interruption(tmp_path):
     parts = [silence(0.5), espeak_say("Tell me a long story about a brave knight and a dragon."), silence(4.5),
-             espeak_say("Stop. What is two plus two?"), silence(5.0), espeak_say("Where is the nearest train station?"),
+             espeak_say("Wait, what is two plus two?"), silence(5.0), espeak_say("Where is the nearest train station?"),
              silence(4.0)]
     x = np.concatenate(parts)
     conv = tmp_path / "conversation.wav"
