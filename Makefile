@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/asr_stream.py --json bench/results/asr_stream.json
+	$(BIN)/python bench/agent_latency.py --json bench/results/agent_latency.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
