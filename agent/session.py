@@ -185,7 +185,7 @@ class Session:
             self.turns.append(event)
         elif isinstance(event, BargeIn):
             self.barge_ins.append(event)
-        self._spawn(self._deliver(event), "event")
+        self._spawn(self._deliver(event), "deliver")
 
     async def _deliver(self, event: SessionEvent) -> None:
         try:
@@ -273,16 +273,15 @@ class Session:
         self.playout.flush()
         await self.playout.aclose()
         for t in list(tasks) + list(self._tasks):
-            if t is not asyncio.current_task() and not t.done() and "event" not in t.get_name():
+            if t is not asyncio.current_task() and not t.done() and t.get_name() != "rejoinder-deliver":
                 t.cancel()
-        await asyncio.sleep(0)
+        await asyncio.gather(*[t for t in tasks if t is not asyncio.current_task()], return_exceptions=True)
+        await self.listener.abort()
         self.state = SessionState.ENDED
         await self._deliver(SessionEnded(self.session_id, reason=self.end_reason, turns=self._turn_count))
-        pending = [t for t in self._tasks if "event" in t.get_name()]
+        pending = [t for t in self._tasks if t.get_name() == "rejoinder-deliver"]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
-        with contextlib.suppress(Exception):
-            await self.listener.asr.cancel()
 
     # --- input -----------------------------------------------------------------------------------
 
@@ -299,7 +298,8 @@ class Session:
         log.debug("[%s] input ended", self.session_id)
 
     async def _consume_listener(self) -> None:
-        async for ev in self.listener.events():
+        while True:
+            ev = await self.listener.get()
             if isinstance(ev, ASREvent):
                 await self._on_asr(ev)
 

@@ -138,6 +138,16 @@ class Listener:
         while True:
             yield await self._queue.get()
 
+    async def abort(self) -> None:
+        """Stop at once (the session is over): no final for an open utterance, no task left behind."""
+        tasks = [t for t in (self._forwarder, *self._finishing) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._forwarder = None
+        self._finishing.clear()
+        await self.asr.cancel()
+
     async def close(self) -> None:
         """End of stream: close an open utterance (final emitted), stop the forwarder."""
         for f in self.chunker.flush():

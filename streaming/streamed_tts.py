@@ -257,6 +257,9 @@ class StreamedTTS:
         stop = asyncio.ensure_future(self._cancelled.wait())
         try:
             await asyncio.wait({fut, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            fut.cancel()  # our caller was cancelled: leave no orphaned waiter behind
+            raise
         finally:
             stop.cancel()
         if not fut.done():

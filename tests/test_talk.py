@@ -32,14 +32,15 @@ def test_talk_runs_a_conversation_with_pauses_and_an_interruption(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(metrics.read_text())
     turns, barges = doc["turns"], doc["barge_ins"]
-    assert len(turns) == 3, [t["user_text"] for t in turns]
+    # A short pause after "Wait," may end a turn of its own (then answered, then interrupted again).
+    assert 3 <= len(turns) <= 4, [t["user_text"] for t in turns]
     for t in turns:
         assert {"user_text", "agent_text", "interrupted", "voice_to_voice_s"} <= set(t)
         assert 0.2 < t["voice_to_voice_s"] < 6.0
-    assert turns[0]["interrupted"] and not turns[2]["interrupted"]
-    assert [b["resumed"] for b in barges] == [False]
+    assert turns[0]["interrupted"] and not turns[-1]["interrupted"]
+    assert barges and not any(b["resumed"] for b in barges)
     assert 0 < barges[0]["reaction_s"] < 0.6 and 5.0 < barges[0]["at_s"] < 12.0
-    assert "station" in turns[2]["user_text"].lower()
+    assert "station" in turns[-1]["user_text"].lower()
     assert doc["summary"]["voice_to_voice_p50_s"] is not None
     # The agent's side lines up with the input: as long, silent while the caller asks.
     agent, rate = read_wav(out, max_seconds=None)
