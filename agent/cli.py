@@ -1,4 +1,4 @@
-"""The `rejoinder` command line: reply, chat, demo, assets."""
+"""The `rejoinder` command line: reply, chat, demo, talk, serve, monitor, livekit, assets."""
 from __future__ import annotations
 
 import argparse
@@ -262,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mqtt_flags(p)
     p.set_defaults(func=cmd_talk)
 
-    from .monitor import add_monitor_parser
     from .livekit_worker import add_livekit_parser
+    from .monitor import add_monitor_parser
+    from .serve import add_serve_parser
 
+    add_serve_parser(sub)
     add_monitor_parser(sub)
     add_livekit_parser(sub, add_model_flags=_add_model_flags)
 

@@ -1,0 +1,309 @@
+"""The web client in a real browser: headless Chromium, a fake microphone, the real agent.
+
+Chromium is driven over the DevTools protocol (a websocket, with aiohttp: no extra dependency, no
+browser download). Its microphone is a WAV synthesised at test time; everything the test checks is
+read back through the page itself (its DOM and the state it exposes as `window.rejoinder`), so it
+checks what a person would see: their words, the agent's reply, the latency read-out, audio that
+actually arrived (WebRTC getStats), and the messages shown when things go wrong.
+
+A screenshot of the conversation is saved to artifacts/web_chromium.png.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from rejoinder.agent.serve import ServeConfig, agent_session_factory
+from rejoinder.streaming.audio import resample, write_wav
+from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
+from speech import piper_say, trim
+from webrtc_client import EchoSession, ServerThread, shared_agent
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+
+class CDP:
+    """A minimal DevTools protocol client for one page target."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self.events: list[dict[str, Any]] = []
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self._pending:
+                self._pending.pop(data["id"]).set_result(data)
+            elif "method" in data:
+                self.events.append(data)
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        i = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[i] = fut
+        await self.ws.send_json({"id": i, "method": method, "params": params})
+        reply = await asyncio.wait_for(fut, 30)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    async def eval(self, expression: str, *, gesture: bool = False) -> Any:
+        r = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True,
+                            userGesture=gesture)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page error in {expression!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float, what: str) -> Any:
+        """Poll a page expression until it is truthy; fail with `what` and the page's state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = await self.eval(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.25)
+        state = await self.eval("JSON.stringify(window.rejoinder && window.rejoinder.view)")
+        pytest.fail(f"timed out waiting for {what}; page state: {state}")
+
+    def exceptions(self) -> list[str]:
+        return [e["params"]["exceptionDetails"].get("text", "") + " " +
+                str(e["params"]["exceptionDetails"].get("exception", {}).get("description", ""))
+                for e in self.events if e["method"] == "Runtime.exceptionThrown"]
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self.ws.close()
+
+
+class Browser:
+    """Headless Chromium with a fake microphone playing `wav`; `page(url)` opens a CDP session."""
+
+    def __init__(self, wav: Path | None, *, grant_mic: bool = True) -> None:
+        self.wav = wav
+        self.grant_mic = grant_mic
+        self.profile = tempfile.mkdtemp(prefix="rejoinder-chromium-")
+        self.proc: subprocess.Popen | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.port = 0
+        self.cdp: CDP | None = None
+
+    async def __aenter__(self) -> Browser:
+        args = [
+            CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--no-default-browser-check", "--mute-audio", "--window-size=1280,860",
+            "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+            "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
+            "--use-fake-device-for-media-stream",
+        ]
+        if self.grant_mic:
+            args.append("--use-fake-ui-for-media-stream")  # auto-accept the permission prompt
+        if self.wav is not None:
+            args.append(f"--use-file-for-fake-audio-capture={self.wav}%noloop")
+        self.proc = subprocess.Popen([*args, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = Path(self.profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("Chromium did not start (no DevToolsActivePort)")
+            await asyncio.sleep(0.1)
+        self.port = int(port_file.read_text().split()[0])
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def page(self, url: str) -> CDP:
+        async with self.http.get(f"http://127.0.0.1:{self.port}/json/list") as r:
+            targets = [t for t in await r.json() if t["type"] == "page"]
+        ws = await self.http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=64 << 20)
+        cdp = self.cdp = CDP(ws)
+        await cdp.send("Runtime.enable")
+        await cdp.send("Page.enable")
+        # A fixed viewport, so screenshots are comparable from run to run.
+        await cdp.send("Emulation.setDeviceMetricsOverride", width=1280, height=800, deviceScaleFactor=1, mobile=False)
+        if not self.grant_mic:
+            # As if the person clicked "Block" on the microphone prompt.
+            origin = url.rstrip("/")
+            await cdp.send("Browser.setPermission", permission={"name": "microphone"}, setting="denied", origin=origin)
+        await cdp.send("Page.navigate", url=url)
+        await cdp.wait_for("document.readyState === 'complete' && !!window.rejoinder", 20, "the page to load")
+        return cdp
+
+    async def screenshot(self, path: Path) -> None:
+        assert self.cdp is not None
+        shot = await self.cdp.send("Page.captureScreenshot", format="png")
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.cdp is not None:
+            await self.cdp.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def fake_mic_wav(path: Path, text: str, lead_s: float, tail_s: float = 30.0) -> Path:
+    """The fake microphone: silence while the call connects and the agent greets, the question, silence."""
+    speech = 0.5 * trim(piper_say(text))  # a normal microphone level: the browser's gain control has headroom
+    audio = np.concatenate([np.zeros(int(lead_s * 16_000), np.float32), speech, np.zeros(int(tail_s * 16_000), np.float32)])
+    write_wav(path, resample(audio, 16_000, 48_000), 48_000)
+    return path
+
+
+VIEW = "window.rejoinder.view"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.mark.slow
+async def test_page_talks_to_the_agent_in_chromium(tmp_path):
+    models, cfg = shared_agent()
+    srv = ServerThread(ServeConfig(max_sessions=1, connect_timeout_s=15.0, media_timeout_s=10.0),
+                       agent_session_factory(models, cfg)).start()
+    # The question starts 7 s after the microphone opens: after the connection and the greeting.
+    wav = fake_mic_wav(tmp_path / "mic.wav", QUESTION, lead_s=7.0)
+    try:
+        async with Browser(wav) as browser:
+            page = await browser.page(srv.url + "/")
+            assert (await page.eval("document.title")).startswith("Rejoinder")
+            assert await page.eval("document.getElementById('connect-label').textContent") == "Start talking"
+            assert await page.eval("document.getElementById('status').dataset.state") == "idle"
+
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            await page.wait_for(f"{VIEW}.phase === 'live'", 30, "the call to connect")
+            assert await page.eval("document.getElementById('connect-label').textContent") == "Hang up"
+            assert srv.active() == 1
+
+            user = await page.wait_for(
+                "(window.rejoinder.transcript.find(e => e.role === 'user' && e.final) || {}).text", 90,
+                "the user's words in the transcript")
+            # Chromium's own processing (echo cancellation, noise suppression, gain) sits between
+            # the file and the agent, so recognition is held to "clearly the question", not verbatim.
+            assert "capital" in normalized_words(user) and word_error_rate(QUESTION, user) <= 0.4, user
+            reply = await page.wait_for(
+                "(() => { const t = window.rejoinder.transcript;"
+                " const u = t.findIndex(e => e.role === 'user' && e.final);"
+                " const a = t.slice(u + 1).find(e => e.role === 'agent' && e.final && e.latencyMs !== null);"
+                " return a && a.text; })()", 120, "the agent's reply with its latency")
+            assert len(normalized_words(reply)) >= 2, reply
+
+            # Through the page's own eyes: the bubbles, interim vs final styling, the latency read-out.
+            dom = await page.eval("""(() => ({
+                user: [...document.querySelectorAll('.msg.user.final .text')].map(e => e.textContent),
+                agent: [...document.querySelectorAll('.msg.agent.final .text')].map(e => e.textContent),
+                interim: document.querySelectorAll('.msg.interim').length,
+                chip: (document.querySelector('.msg.agent .latency-chip') || {}).textContent,
+                last: document.getElementById('lat-last').textContent,
+                turns: document.getElementById('lat-turns').textContent,
+                status: document.getElementById('status-text').textContent,
+                error: document.getElementById('banner').hidden ? null : document.getElementById('banner-text').textContent,
+            }))()""")
+            assert user in dom["user"] and reply in dom["agent"]
+            assert dom["chip"] and dom["chip"].endswith(" ms") and dom["last"].endswith(" ms"), dom
+            assert int(dom["turns"]) >= 1 and dom["error"] is None, dom
+
+            # Audio really arrived and was not silence: the browser's own WebRTC statistics.
+            await asyncio.sleep(1.0)
+            stats = await page.eval(f"{VIEW}.stats")
+            assert stats["inboundAudioBytes"] > 20_000, stats
+            assert stats["inboundAudioEnergy"] > 0.01, stats
+            assert stats["outboundAudioBytes"] > 20_000, stats
+
+            await page.eval("document.querySelector('.transcript').scrollTop = 0")
+            await browser.screenshot(ARTIFACTS / "web_chromium.png")
+            assert not page.exceptions(), page.exceptions()
+
+            # Mute, then hang up: the server's slot is freed at once (DELETE), not at a timeout.
+            await page.eval("document.getElementById('mute').click()", gesture=True)
+            assert await page.eval(f"{VIEW}.muted") is True
+            assert await page.eval("document.getElementById('mute').getAttribute('aria-pressed')") == "true"
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            assert await page.eval(f"{VIEW}.phase") == "ended"
+            t0 = time.monotonic()
+            while srv.active() and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.1)
+            assert srv.active() == 0
+    finally:
+        srv.stop()
+
+
+async def test_page_explains_refused_microphone_unreachable_server_and_token(tmp_path):
+    srv = ServerThread(ServeConfig(token="letmein", connect_timeout_s=5.0), EchoSession).start()
+    try:
+        async with Browser(None, grant_mic=False) as browser:
+            page = await browser.page(srv.url + "/")
+            # The server wants a token: the page says so up front by opening the settings.
+            assert await page.eval("!document.getElementById('settings').hidden") is True
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            msg = await page.wait_for(f"{VIEW}.error", 15, "the refused-microphone message")
+            assert "Microphone access was refused" in msg
+            assert await page.eval(f"{VIEW}.phase") == "idle"
+            assert srv.active() == 0
+            # Interim text must look provisional and change look when final (computed styles, as rendered).
+            looks = await page.eval("""(async () => {
+                const { Transcript } = await import('./transcript.js');
+                const list = document.createElement('ol');
+                list.className = 'transcript';
+                document.querySelector('.chat').append(list);
+                const t = new Transcript(list, null);
+                const style = () => {
+                    const el = list.querySelector('.msg.user .text');
+                    const s = getComputedStyle(el);
+                    return { font: s.fontStyle, color: s.color, after: getComputedStyle(el, '::after').content };
+                };
+                t.userText(7, 'what is the cap', false);
+                const interim = style();
+                t.userText(7, 'What is the capital of France?', true);
+                const final = style();
+                t.agentText(3, 'The capital of', false, false);
+                t.markInterrupted(3);
+                const cut = list.querySelector('.msg.agent .tag.cut') !== null;
+                list.remove();
+                return { interim, final, cut, bubbles: t.entries.length };
+            })()""")
+            assert looks["interim"]["font"] == "italic" and looks["final"]["font"] == "normal", looks
+            assert looks["interim"]["color"] != looks["final"]["color"], looks
+            assert looks["interim"]["after"] != "none" and looks["final"]["after"] == "none", looks
+            assert looks["cut"] and looks["bubbles"] == 2, looks
+        async with Browser(None) as browser:
+            page = await browser.page(srv.url + "/")
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            msg = await page.wait_for(f"{VIEW}.error", 15, "the missing-token message")
+            assert "access token" in msg
+            await page.eval("document.getElementById('token').value = 'letmein'")
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            await page.wait_for(f"{VIEW}.phase === 'live'", 20, "the call to connect with the token")
+            assert await page.eval(f"{VIEW}.error") is None
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            srv.stop()
+            srv = None
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            msg = await page.wait_for(f"{VIEW}.error", 15, "the unreachable-server message")
+            assert "Cannot reach the Rejoinder server" in msg
+            assert not page.exceptions(), page.exceptions()
+    finally:
+        if srv is not None:
+            srv.stop()

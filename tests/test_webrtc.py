@@ -1,0 +1,638 @@
+"""WebRTC over loopback: the transport, `rejoinder serve`'s HTTP surface, and the agent behind it.
+
+Real parts only: aiortc on both ends with Opus and a data channel, the aiohttp server on a loopback
+port, the embedded models, speech synthesised by Piper and transcribed by Whisper. The server runs
+on its own event loop (tests/webrtc_client.ServerThread), as it would in production.
+
+Three layers:
+- the outgoing track and frame conversion on their own (pacing, bounded queue, late frames);
+- the transport and server with a stand-in echo agent (intelligibility through Opus both ways,
+  WHIP, control messages, every refusal: malformed SDP, no audio, huge body, token, origin, capacity,
+  a peer that never connects);
+- the real agent: a spoken question answered over WebRTC, a barge-in that stops the audio, and a
+  caller killed mid-answer while the server goes on serving the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from rejoinder.agent.serve import ServeConfig, agent_session_factory, validate_offer, OfferError
+from rejoinder.streaming.audio import resample, write_wav
+from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
+from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
+from speech import long_text, piper_say, shared_whisper, trim
+from webrtc_client import EchoSession, RTCClient, ServerThread, SignallingError, shared_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+QUESTION = "What is the capital of France?"
+
+
+def transcribe48(pcm: np.ndarray) -> str:
+    audio = resample(pcm.astype(np.float32) / 32768.0, 48_000, 16_000)
+    return shared_whisper().transcribe(audio, word_timestamps=False).text.strip()
+
+
+def with_tail(x: np.ndarray, seconds: float = 1.0, rate: int = 16_000) -> np.ndarray:
+    """Speech followed by silence, so the far end's endpointing sees the utterance end."""
+    return np.concatenate([x, np.zeros(int(seconds * rate), np.float32)])
+
+
+# --- the outgoing track on its own -------------------------------------------------------------------
+
+
+def tone(k: int) -> np.ndarray:
+    t = np.arange(FRAME_SAMPLES) + k * FRAME_SAMPLES
+    return (np.sin(2 * np.pi * 440 * t / 48_000) * 8000).astype(np.int16)
+
+
+async def test_track_paces_in_real_time_and_fills_gaps_with_silence():
+    track = AgentAudioTrack()
+    t0 = time.monotonic()
+    frames = [await track.recv() for _ in range(25)]
+    elapsed = time.monotonic() - t0
+    # 25 frames of 20 ms: the first goes at once, the rest every 20 ms -> 480 ms.
+    assert 0.42 <= elapsed <= 0.8, elapsed
+    assert all(f.sample_rate == 48_000 and f.samples == FRAME_SAMPLES for f in frames)
+    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(25)]
+    assert all(not np.any(f.to_ndarray()) for f in frames), "nothing queued must mean silence"
+    assert track.stats.frames_out_silence == 25
+    track.stop()
+
+
+async def test_track_queue_is_bounded_and_keeps_order():
+    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=3))
+    for k in range(3):
+        await track.put(tone(k))
+    # A fourth frame must wait for the encoder to take one: the queue never grows past 3 frames,
+    # which bounds how much already-committed speech a barge-in can still be heard over.
+    blocked = asyncio.ensure_future(track.put(tone(3)))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    assert track.queued_frames == 3
+    first = await track.recv()
+    await asyncio.wait_for(blocked, 1.0)
+    rest = [await track.recv() for _ in range(3)]
+    got = [f.to_ndarray().reshape(-1) for f in [first, *rest]]
+    for k, g in enumerate(got):
+        np.testing.assert_array_equal(g, tone(k))
+    track.stop()
+
+
+async def test_track_drops_oldest_when_nobody_pulls():
+    # Before ICE connects nothing pulls frames; send_audio must not hang the session's playout.
+    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=2))
+    t0 = time.monotonic()
+    for k in range(6):
+        await track.put(tone(k))
+    assert time.monotonic() - t0 < 1.0
+    assert track.queued_frames == 2 and track.stats.dropped_out_frames == 4
+    np.testing.assert_array_equal((await track.recv()).to_ndarray().reshape(-1), tone(4))
+    track.stop()
+
+
+async def test_track_sends_a_slightly_late_speech_frame_instead_of_silence():
+    track = AgentAudioTrack(WebRTCOptions(late_frame_grace_s=0.04))  # wide: a loaded box oversleeps
+    await track.put(tone(0))
+    await track.recv()  # speech starts; the next slot is 20 ms later
+
+    async def late() -> None:
+        await asyncio.sleep(0.020 + 0.008)  # 8 ms after its slot
+        await track.put(tone(1))
+
+    feeder = asyncio.ensure_future(late())
+    second = await track.recv()
+    await feeder
+    np.testing.assert_array_equal(second.to_ndarray().reshape(-1), tone(1))
+    assert track.stats.late_frames == 1 and track.stats.frames_out_silence == 0
+    # With nothing coming, the next slot (after the grace) is silence again.
+    third = await track.recv()
+    assert not np.any(third.to_ndarray())
+    track.stop()
+
+
+def test_av_frame_to_audio_frame_keeps_channels_and_dates_the_first_sample():
+    left = np.arange(960, dtype=np.int16)
+    right = -left
+    interleaved = np.stack([left, right], axis=1).reshape(1, -1)
+    f = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
+    f.sample_rate = 48_000
+    out = av_to_audio_frame(f, received_at=100.0)
+    assert out.samples.shape == (960, 2) and out.samples.dtype == np.int16
+    np.testing.assert_array_equal(out.samples[:, 0], left)
+    np.testing.assert_array_equal(out.samples[:, 1], right)
+    assert out.channels == 2 and out.sample_rate == 48_000
+    assert out.timestamp == pytest.approx(100.0 - 0.02)
+
+
+# --- the transport and the server, with a stand-in agent -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    srv = ServerThread(ServeConfig(max_sessions=3, connect_timeout_s=3.0, media_timeout_s=3.0), EchoSession).start()
+    yield srv
+    srv.stop()
+
+
+async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
+    sentence = "Please remind me to call my sister after lunch tomorrow."
+    client = RTCClient(echo_server.url)
+    await client.connect()
+    try:
+        # Sent by the session before the channel was open: delivered from the transport's buffer.
+        started = await client.wait_event(lambda e: e["type"] == "session_started", 5)
+        assert started["session_id"] == client.session_id
+        stats = echo_server.call(lambda: next(p.transport.stats for p in echo_server.server.peers.values()
+                                              if p.session.session_id == client.session_id))
+        said = await client.say(with_tail(trim(piper_say(sentence))), 16_000)
+        done = await client.wait_event(lambda e: e["type"] == "echo_done", 20)
+        await asyncio.sleep(0.3)  # the last frames through the jitter buffer
+        heard = transcribe48(client.received_audio(since=said.start))
+        assert word_error_rate(sentence, heard) <= 0.2, heard
+        assert done["seconds"] == pytest.approx(len(trim(piper_say(sentence))) / 16_000, abs=0.8)
+        # The echo was sent as one continuous stream: it must leave as one, not with silence frames
+        # slipped in where the producer woke up a little late (each one an audible gap).
+        assert stats.frames_out_speech == pytest.approx(done["seconds"] / 0.02, abs=3)
+        assert stats.speech_runs <= 2, f"{stats.speech_runs - 1} gaps in one continuous answer"
+
+        # Control messages reach the session and answer on the same channel; operator-only
+        # commands are refused before they reach it.
+        reply = await client.control("status")
+        assert reply == {**reply, "ok": True, "echoed": "status", "command": "status"}
+        refused = await client.control("tool", {"name": "anything"})
+        assert refused["ok"] is False and "not allowed" in refused["error"]
+        client.send_raw("this is not json")
+        bad = await client.wait_event(lambda e: e["type"] == "error" and e.get("where") == "data_channel", 5)
+        assert "JSON" in bad["message"]
+    finally:
+        await client.close()
+
+
+async def test_whip_offer_answer_and_delete(echo_server):
+    client = RTCClient(echo_server.url, use_whip=True)
+    await client.connect()
+    assert client.resource and client.resource.startswith("/whip/")
+    await client.wait_event(lambda e: e["type"] == "session_started", 5)
+    said = await client.say(with_tail(trim(piper_say("Turn left at the bakery."))), 16_000)
+    await client.wait_event(lambda e: e["type"] == "echo_done", 20)
+    assert client.first_speech_after(said.start) is not None, "no audio came back over the WHIP session"
+    assert await client.hang_up() == 200
+    assert await wait_until(lambda: echo_server.active() == 0, 5)
+    assert any(r == "hung up" for _, r in echo_server.ended())
+    assert await client.hang_up() == 404  # gone for good
+    await client.close()
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+async def post(url: str, body: bytes | str, content_type: str = "application/json", headers: dict | None = None):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=body, headers={"Content-Type": content_type, **(headers or {})}) as r:
+            return r.status, await r.text(), dict(r.headers)
+
+
+async def audio_offer(**kw) -> str:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", **kw)
+    pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+async def test_malformed_sdp_gets_a_clear_400(echo_server):
+    good = await audio_offer()
+    cases = {
+        "hello": "bad_sdp",
+        "v=0\r\nthis is not sdp at all\r\n": "bad_sdp",
+        good.replace("a=ice-ufrag", "a=x-removed").replace("a=ice-pwd", "a=x-removed2"): "bad_sdp",
+        good.replace("opus/48000/2", "speex/16000"): "no_opus",
+        "": "bad_sdp",
+    }
+    for sdp, code in cases.items():
+        status, text, _ = await post(f"{echo_server.url}/api/offer", json.dumps({"sdp": sdp, "type": "offer"}))
+        body = json.loads(text)
+        assert (status, body["code"]) == (400, code), (sdp[:40], body)
+        assert body["error"], "the error must say what is wrong"
+        status, text, _ = await post(f"{echo_server.url}/whip", sdp, "application/sdp")
+        assert status == 400 and json.loads(text)["code"] == code
+    for body in ("{not json", json.dumps({"sdp": good}), json.dumps(["offer"])):
+        status, text, _ = await post(f"{echo_server.url}/api/offer", body)
+        assert status == 400 and json.loads(text)["code"] == "bad_json"
+    status, _, _ = await post(f"{echo_server.url}/whip", good, "text/plain")
+    assert status == 415
+    assert echo_server.active() == 0, "refused offers must not hold a slot"
+
+
+async def test_offer_without_usable_audio_is_refused(echo_server):
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())
+    data_only = pc.localDescription.sdp
+    await pc.close()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    pc.addTransceiver("video")
+    await pc.setLocalDescription(await pc.createOffer())
+    with_video = pc.localDescription.sdp
+    await pc.close()
+    cases = {data_only: "no_audio", with_video: "unsupported_media",
+             await audio_offer(direction="recvonly"): "bad_direction"}
+    for sdp, code in cases.items():
+        status, text, _ = await post(f"{echo_server.url}/api/offer", json.dumps({"sdp": sdp, "type": "offer"}))
+        assert (status, json.loads(text)["code"]) == (400, code)
+    assert echo_server.active() == 0
+
+
+async def test_huge_body_is_refused_with_413(echo_server):
+    huge = json.dumps({"sdp": "v=0\r\n" + "a=x\r\n" * 300_000, "type": "offer"})
+    status, text, _ = await post(f"{echo_server.url}/api/offer", huge)
+    assert status == 413 and json.loads(text)["code"] == "body_too_large"
+
+    async def chunks():  # no Content-Length: the limit must hold for streamed bodies too
+        for _ in range(200):
+            yield b"a=x" * 1000
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{echo_server.url}/whip", data=chunks(), headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 413
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{echo_server.url}/api/health") as r:
+            assert (await r.json())["ok"] is True
+
+
+async def test_token_and_origin_are_enforced():
+    cfg = ServeConfig(token="s3cret-token", allow_origins=("https://app.example.com",), connect_timeout_s=3.0)
+    srv = ServerThread(cfg, EchoSession).start()
+    try:
+        offer = json.dumps({"sdp": await audio_offer(), "type": "offer"})
+        status, text, headers = await post(f"{srv.url}/api/offer", offer)
+        assert status == 401 and json.loads(text)["code"] == "unauthorized"
+        assert headers.get("WWW-Authenticate") == "Bearer"
+        status, _, _ = await post(f"{srv.url}/api/offer", offer, headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, _, _ = await post(f"{srv.url}/api/offer?token=wrong", offer)
+        assert status == 401
+        # A page on another site may not drive the API, even with the token.
+        status, text, _ = await post(f"{srv.url}/api/offer", offer,
+                                     headers={"Authorization": "Bearer s3cret-token", "Origin": "https://evil.example"})
+        assert status == 403 and json.loads(text)["code"] == "origin_not_allowed"
+        async with aiohttp.ClientSession() as http:
+            async with http.options(f"{srv.url}/api/offer", headers={"Origin": "https://app.example.com",
+                                                                      "Access-Control-Request-Method": "POST"}) as r:
+                assert r.status == 204
+                assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+                assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        assert srv.active() == 0
+
+        ok = RTCClient(srv.url, token="s3cret-token", origin="https://app.example.com")
+        await ok.connect()
+        await ok.wait_event(lambda e: e["type"] == "session_started", 5)
+        await ok.close()
+        whip = RTCClient(srv.url, use_whip=True)  # no token
+        with pytest.raises(SignallingError) as refused:
+            await whip.connect()
+        assert refused.value.status == 401
+        await whip.close()
+        async with aiohttp.ClientSession() as http:
+            # The token in the query string, for WHIP tools that cannot set headers.
+            async with http.post(f"{srv.url}/whip?token=s3cret-token", data=await audio_offer(),
+                                 headers={"Content-Type": "application/sdp"}) as r:
+                assert r.status == 201 and r.headers["Location"].startswith("/whip/")
+                location = r.headers["Location"]
+            async with http.delete(f"{srv.url}{location}") as r:
+                assert r.status == 401, "hanging up someone's session needs the token too"
+            async with http.delete(f"{srv.url}{location}?token=s3cret-token") as r:
+                assert r.status == 200
+    finally:
+        srv.stop()
+
+
+async def test_capacity_limit_answers_503_and_frees_slots():
+    srv = ServerThread(ServeConfig(max_sessions=1, connect_timeout_s=3.0), EchoSession).start()
+    try:
+        first = RTCClient(srv.url)
+        await first.connect()
+        second = RTCClient(srv.url)
+        with pytest.raises(SignallingError) as busy:
+            await second.connect()
+        assert busy.value.status == 503 and busy.value.body["code"] == "busy"
+        await second.close()
+        assert await first.hang_up() == 200
+        await first.close()
+        third = RTCClient(srv.url)
+        await third.connect()
+        await third.wait_event(lambda e: e["type"] == "session_started", 5)
+        await third.close()
+    finally:
+        srv.stop()
+
+
+async def test_peer_that_never_connects_is_released():
+    srv = ServerThread(ServeConfig(max_sessions=1, connect_timeout_s=1.5), EchoSession).start()
+    try:
+        # An offer whose sender never applies the answer: ICE never starts on its side.
+        status, text, _ = await post(f"{srv.url}/api/offer", json.dumps({"sdp": await audio_offer(), "type": "offer"}))
+        assert status == 200
+        assert srv.active() == 1
+        assert await wait_until(lambda: srv.active() == 0, 6), "the slot of a peer that never connected leaked"
+        assert any("not connected" in r for _, r in srv.ended())
+    finally:
+        srv.stop()
+
+
+async def test_session_time_limit_ends_the_call():
+    srv = ServerThread(ServeConfig(max_session_s=1.5, connect_timeout_s=3.0), EchoSession).start()
+    try:
+        client = RTCClient(srv.url)
+        await client.connect()
+        t0 = time.monotonic()
+        assert await wait_until(lambda: srv.active() == 0, 6), "the time limit did not end the session"
+        assert 1.4 <= time.monotonic() - t0 < 6
+        assert any("limit" in r for _, r in srv.ended())
+        await client.close()
+    finally:
+        srv.stop()
+
+
+def test_serve_flags_and_environment(monkeypatch):
+    import argparse
+
+    from rejoinder.agent.serve import add_serve_parser, serve_config_from_args
+
+    monkeypatch.setenv("REJOINDER_ALLOW_ORIGINS", "https://a.example, https://b.example/")
+    monkeypatch.setenv("REJOINDER_MAX_SESSIONS", "5")
+    monkeypatch.setenv("REJOINDER_TOKEN", "from-env")
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    cfg = serve_config_from_args(parser.parse_args(["serve", "--port", "9001", "--media-timeout", "7"]))
+    assert (cfg.port, cfg.max_sessions, cfg.token, cfg.media_timeout_s) == (9001, 5, "from-env", 7.0)
+    assert cfg.allow_origins == ("https://a.example", "https://b.example")
+    cfg = serve_config_from_args(parser.parse_args(["serve", "--allow-origin", "*", "--max-sessions", "1"]))
+    assert cfg.allow_origins == ("*",) and cfg.max_sessions == 1
+    with pytest.raises(ValueError, match="max-sessions"):
+        serve_config_from_args(parser.parse_args(["serve", "--max-sessions", "0"]))
+    monkeypatch.setenv("REJOINDER_PORT", "not-a-port")
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):  # reported like a bad flag
+        parser.parse_args(["serve"])
+
+
+async def test_a_session_that_cannot_start_gives_500_and_frees_its_slot():
+    def broken(transport, peer_id):
+        raise RuntimeError("no models")
+
+    srv = ServerThread(ServeConfig(max_sessions=1), broken).start()
+    try:
+        status, text, _ = await post(f"{srv.url}/api/offer", json.dumps({"sdp": await audio_offer(), "type": "offer"}))
+        assert status == 500 and json.loads(text)["code"] == "session_failed"
+        assert srv.active() == 0
+    finally:
+        srv.stop()
+
+
+def test_validate_offer_messages_name_the_problem():
+    with pytest.raises(OfferError, match="v=0"):
+        validate_offer("o=- 0 0 IN IP4 127.0.0.1")
+    with pytest.raises(OfferError, match="no audio"):
+        validate_offer("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n")
+
+
+# --- the real agent --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_server():
+    models, cfg = shared_agent()
+    srv = ServerThread(ServeConfig(max_sessions=2, connect_timeout_s=10.0, media_timeout_s=3.0),
+                       agent_session_factory(models, cfg)).start()
+    yield srv
+    srv.stop()
+
+
+async def wait_greeting(client: RTCClient) -> dict:
+    # The agent greets first; talking over the greeting would (rightly) count as a barge-in.
+    return await client.wait_event(lambda e: e["type"] == "agent_speech" and not e["started"], 60)
+
+
+@pytest.mark.slow
+async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
+    client = RTCClient(agent_server.url)
+    await client.connect()
+    try:
+        await wait_greeting(client)
+        question = trim(piper_say(QUESTION))
+        mark = time.monotonic()
+        said = await client.say(with_tail(question, 1.5), 16_000)
+        speech_end = said.start + question.size / 16_000
+        final = await client.wait_event(lambda e: e["type"] == "transcript" and e["final"], 60, after=mark)
+        assert "capital" in normalized_words(final["text"]) and word_error_rate(QUESTION, final["text"]) <= 0.34, final
+        metrics = await client.wait_event(lambda e: e["type"] == "metrics", 90, after=mark)
+        done = await client.wait_event(
+            lambda e: e["type"] == "agent_text" and e["final"] and e["turn"] == metrics["turn"], 90, after=mark)
+        await asyncio.sleep(0.4)
+
+        assert metrics["voice_to_voice_s"] is not None and 0 < metrics["voice_to_voice_s"] < 15
+        first_heard = client.first_speech_after(speech_end)
+        assert first_heard is not None, "no answer audio arrived"
+        answer_audio = client.received_audio(since=first_heard - 0.1)
+        heard = transcribe48(answer_audio)
+        assert heard, "the answer audio is not speech"
+        # What arrived is what the agent says it said.
+        assert word_error_rate(done["text"], heard) <= 0.35, (done["text"], heard)
+        assert not done["interrupted"]
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        record = {
+            "question": QUESTION, "answer": done["text"], "heard": heard,
+            "server_voice_to_voice_s": metrics["voice_to_voice_s"],
+            "client_voice_to_voice_s": first_heard - speech_end,
+            "stages_s": {k: v for k, v in metrics.items() if k.endswith("_s") and k != "voice_to_voice_s"},
+        }
+        (ARTIFACTS / "webrtc_turn.json").write_text(json.dumps(record, indent=2))
+        write_wav(ARTIFACTS / "webrtc_answer.wav", answer_audio, 48_000)
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_two_callers_at_once_get_their_own_sessions(agent_server):
+    questions = {"france": "What is the capital of France?", "week": "How many days are in a week?"}
+    clients = {k: RTCClient(agent_server.url) for k in questions}
+    try:
+        await asyncio.gather(*(c.connect() for c in clients.values()))
+        assert agent_server.active() == 2
+        assert clients["france"].session_id != clients["week"].session_id
+        await asyncio.gather(*(wait_greeting(c) for c in clients.values()))
+        mark = time.monotonic()
+        await asyncio.gather(*(clients[k].say(with_tail(trim(piper_say(q)), 1.5), 16_000) for k, q in questions.items()))
+        finals = await asyncio.gather(*(
+            c.wait_event(lambda e: e["type"] == "metrics", 120, after=mark) for c in clients.values()))
+        for (key, other), m in zip((("france", "week"), ("week", "france")), finals):
+            heard = set(normalized_words(m["user_text"]))
+            assert key in heard and other not in heard, (key, m["user_text"])
+            assert m["session_id"] == clients[key].session_id
+            assert m["voice_to_voice_s"] is not None
+    finally:
+        await asyncio.gather(*(c.close() for c in clients.values()))
+
+
+@pytest.mark.slow
+async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
+    client = RTCClient(agent_server.url)
+    await client.connect()
+    try:
+        await wait_greeting(client)
+        text = long_text(60)
+        mark = time.monotonic()
+        assert (await client.control("say", {"text": text}))["ok"] is True
+        began = await client.wait_event(lambda e: e["type"] == "agent_speech" and e["started"], 30, after=mark)
+        await asyncio.sleep(2.0)  # well into the answer
+        interruption = trim(piper_say("Stop, stop. Wait a moment please."))
+        said = await client.say(with_tail(interruption, 1.5), 16_000)
+        onset = said.start
+        barge = await client.wait_event(lambda e: e["type"] == "barge_in" and e["outcome"] == "interruption", 30,
+                                        after=onset)
+        cut = await client.wait_event(
+            lambda e: e["type"] == "agent_text" and e["final"] and e["turn"] == began["turn"], 30, after=mark)
+        assert barge["turn"] == began["turn"]
+        assert barge["reaction_s"] is not None and barge["reaction_s"] < 0.6, barge
+        assert cut["interrupted"] is True
+        assert 0 < len(cut["text"]) < len(text) * 0.6, "history must keep only what was played"
+        # The audio itself: speech arriving at the client stops soon after the onset and stays
+        # stopped until the agent's next answer (if any) begins.
+        await asyncio.sleep(1.0)
+        nxt = [e["_received_at"] for e in client.events_of("agent_speech") if e["started"] and e["turn"] != began["turn"]]
+        horizon = min(nxt) if nxt else time.monotonic()
+        speech = [f.at for f in client.speech_frames() if onset <= f.at < horizon]
+        last = max(speech) if speech else onset
+        assert last - onset < 1.0, f"agent audio went on {last - onset:.2f} s after the user started talking"
+        # A real gap, not one lost frame: at least 0.5 s of silence after the last interrupted frame.
+        assert horizon - last >= 0.5
+        full_s = len(piper_say(text)) / 16_000
+        played_s = sum(1 for f in client.speech_frames() if f.at >= mark and f.at < horizon) * 0.02
+        assert played_s < full_s * 0.6
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "webrtc_barge_in.json").write_text(json.dumps({
+            "server_reaction_s": barge["reaction_s"],
+            "client_audio_stopped_after_onset_s": last - onset,  # includes both jitter buffers and Opus
+            "played_text": cut["text"], "played_s": played_s, "full_answer_s": full_s,
+        }, indent=2))
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_vanished_caller_is_cleaned_up_and_the_next_one_is_served(agent_server, tmp_path):
+    wav = tmp_path / "question.wav"
+    write_wav(wav, with_tail(trim(piper_say("Tell me about the weather in autumn.")), 0.5), 16_000)
+    before = len(agent_server.ended())
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "webrtc_client.py"), agent_server.url, str(wav)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    try:
+        frames_after_question = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                break
+            if line.startswith("said"):
+                frames_after_question = -1
+            elif line.startswith("speech_frames") and frames_after_question is not None:
+                n = int(line.split()[1])
+                if frames_after_question < 0:
+                    frames_after_question = n
+                elif n > frames_after_question + 10:  # the answer is arriving: vanish now
+                    break
+        else:
+            pytest.fail("the caller never heard an answer start")
+        assert agent_server.active() == 1
+        proc.send_signal(signal.SIGKILL)  # no hang-up, no DTLS close: the peer just stops existing
+        proc.wait(10)
+        killed_at = time.monotonic()
+        assert await wait_until(lambda: agent_server.active() == 0, 3.0 + 10), "the vanished caller's session leaked"
+        ended = agent_server.ended()[before:]
+        assert ended and ended[-1][1] == "media timeout", ended
+        assert time.monotonic() - killed_at < 3.0 + 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The server is unharmed: a new caller is greeted.
+    client = RTCClient(agent_server.url)
+    await client.connect()
+    try:
+        greeting = await wait_greeting(client)
+        assert greeting["text"] and client.speech_frames(), "the next caller got no greeting audio"
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_served_sessions_are_published_and_steerable_on_mqtt(tmp_path):
+    from mqtt_broker import Broker, Recorder, find_mosquitto
+
+    from rejoinder.streaming.mqtt import MQTTBridge, MQTTConfig, control_topic
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    models, cfg = shared_agent()
+    agent_id = "serve-test"
+
+    def event(type_: str, sid: str):
+        return lambda m: m.topic == f"rejoinder/{agent_id}/sessions/{sid}/events/{type_}"
+
+    with Broker(tmp_path / "mosquitto") as broker, Recorder(broker.port, topics=(f"rejoinder/{agent_id}/#",)) as rec:
+        bridge = MQTTBridge(MQTTConfig.from_url(broker.url, agent_id=agent_id))
+        srv = ServerThread(ServeConfig(connect_timeout_s=10.0, media_timeout_s=3.0),
+                           agent_session_factory(models, cfg, mqtt=bridge)).start()
+        try:
+            srv.run(bridge.start())
+            client = RTCClient(srv.url)
+            await client.connect()
+            try:
+                await wait_greeting(client)
+                sid = client.session_id
+                await rec.wait_for(event("session_started", sid), timeout=10)
+                # An operator speaks through the agent, into this browser call.
+                mark = time.monotonic()
+                rec.publish(control_topic(agent_id, sid), {"command": "say", "args": {"text": "Please hold the line."},
+                                                             "id": "op-1"})
+                ack = (await rec.wait_for(lambda m: event("ack", sid)(m) and m.json.get("id") == "op-1", timeout=10))[0]
+                assert ack.json["result"]["ok"] is True
+                said = await client.wait_event(lambda e: e["type"] == "agent_text" and e["final"], 30, after=mark)
+                assert normalized_words(said["text"]) == ["please", "hold", "the", "line"]
+                assert client.first_speech_after(mark) is not None
+            finally:
+                await client.close()
+            try:
+                await rec.wait_for(event("session_ended", sid), timeout=15)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; server: ended {srv.ended()}, active {srv.active()}") from None
+            assert await wait_until(lambda: srv.call(lambda: bridge.sessions) == [], 5), "the ended call stayed routable"
+        finally:
+            srv.run(bridge.close())
+            srv.stop()

@@ -1,0 +1,222 @@
+// The call: microphone, peer connection, `events` data channel, signalling, stats.
+// UI-free: it reports through DOM events on itself, so the page (or a test) decides what to show.
+
+/** A problem the person can act on; `kind` picks the wording and which control to highlight. */
+export class CallError extends Error {
+  constructor(kind, message, detail = "") {
+    super(message);
+    this.kind = kind;
+    this.detail = detail;
+  }
+}
+
+const MIC_CONSTRAINTS = {
+  audio: {
+    // The agent talks while it listens: without echo cancellation it would hear itself.
+    echoCancellation: true,
+    noiseSuppression: true,
+    autoGainControl: true,
+    channelCount: 1,
+  },
+  video: false,
+};
+
+export class AgentCall extends EventTarget {
+  constructor({ baseUrl = ".", token = "" } = {}) {
+    super();
+    // Relative to the page, so the app also works behind a reverse proxy under a path prefix.
+    this.base = new URL(baseUrl, location.href);
+    this.token = token;
+    this.pc = null;
+    this.channel = null;
+    this.mic = null;
+    this.remoteStream = null;
+    this.resource = null;
+    this.sessionId = null;
+    this.muted = false;
+    this.closed = false;
+    this.stats = { inboundAudioBytes: 0, inboundPackets: 0, inboundAudioEnergy: 0, outboundAudioBytes: 0, jitterBufferMs: null, rttMs: null };
+    this._statsTimer = null;
+    this._seq = 0;
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  async start() {
+    if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
+      throw new CallError("insecure", "The microphone is only available on https:// pages or on http://localhost. Open the page that way.");
+    }
+    try {
+      this.mic = await navigator.mediaDevices.getUserMedia(MIC_CONSTRAINTS);
+    } catch (err) {
+      throw micError(err);
+    }
+    if (this.closed) return this._stopMic();
+    this._emit("mic", { stream: this.mic });
+
+    const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
+    for (const track of this.mic.getAudioTracks()) pc.addTrack(track, this.mic);
+    this.channel = pc.createDataChannel("events", { ordered: true });
+    this.channel.onmessage = (m) => this._onMessage(m.data);
+    this.channel.onopen = () => this._emit("channel-open", {});
+    pc.ontrack = (ev) => {
+      this.remoteStream = ev.streams[0] || new MediaStream([ev.track]);
+      this._emit("remote-audio", { stream: this.remoteStream });
+    };
+    pc.onconnectionstatechange = () => {
+      const s = pc.connectionState;
+      this._emit("connection", { state: s });
+      if (s === "failed") this._fail(new CallError("network", "The connection to the agent was lost. Check the network and start again."));
+    };
+
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitIceGathering(pc, 2000);
+    const answer = await this._signal(pc.localDescription);
+    if (this.closed) return;
+    await pc.setRemoteDescription(answer);
+    this._statsTimer = setInterval(() => this._pollStats(), 500);
+  }
+
+  async _signal(offer) {
+    const headers = { "Content-Type": "application/json" };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    let res;
+    try {
+      res = await fetch(this._url("api/offer"), {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ sdp: offer.sdp, type: offer.type }),
+      });
+    } catch (err) {
+      throw new CallError("unreachable", "Cannot reach the Rejoinder server. Is `rejoinder serve` running?", String(err));
+    }
+    let body = null;
+    try {
+      body = await res.json();
+    } catch {
+      body = null;
+    }
+    if (!res.ok) {
+      const why = body?.error || `HTTP ${res.status}`;
+      if (res.status === 401) throw new CallError("token", "This server needs an access token. Enter it in Settings (⚙) and try again.", why);
+      if (res.status === 503) throw new CallError("busy", "The agent is busy with other conversations right now. Try again in a minute.", why);
+      if (res.status === 403) throw new CallError("origin", "This page is not allowed to use the server (origin not allowed).", why);
+      throw new CallError("server", `The server refused the call: ${why}`, why);
+    }
+    this.sessionId = body.session_id;
+    this.resource = body.resource;
+    this._emit("session", { sessionId: this.sessionId });
+    return { type: body.type, sdp: body.sdp };
+  }
+
+  _url(path) {
+    return new URL(path.replace(/^\//, ""), this.base);
+  }
+
+  _onMessage(data) {
+    let ev;
+    try {
+      ev = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (ev && typeof ev.type === "string") this._emit("agent-event", ev);
+  }
+
+  /** Ask the session something over the data channel (say, interrupt, end, status…). */
+  control(command, args = {}) {
+    if (this.channel?.readyState !== "open") return false;
+    this.channel.send(JSON.stringify({ type: "control", id: ++this._seq, command, args }));
+    return true;
+  }
+
+  setMuted(muted) {
+    this.muted = muted;
+    // A disabled track keeps the connection alive and sends silence: the server does not hang up.
+    for (const t of this.mic?.getAudioTracks() || []) t.enabled = !muted;
+  }
+
+  async _pollStats() {
+    if (!this.pc) return;
+    let report;
+    try {
+      report = await this.pc.getStats();
+    } catch {
+      return;
+    }
+    report.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "audio") {
+        this.stats.inboundAudioBytes = s.bytesReceived || 0;
+        this.stats.inboundPackets = s.packetsReceived || 0;
+        this.stats.inboundAudioEnergy = s.totalAudioEnergy || 0;
+        this.stats.agentLevel = s.audioLevel || 0;
+        if (s.jitterBufferEmittedCount) this.stats.jitterBufferMs = (1000 * s.jitterBufferDelay) / s.jitterBufferEmittedCount;
+      } else if (s.type === "outbound-rtp" && s.kind === "audio") {
+        this.stats.outboundAudioBytes = s.bytesSent || 0;
+      } else if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) {
+        this.stats.rttMs = 1000 * s.currentRoundTripTime;
+      }
+    });
+    this._emit("stats", { ...this.stats });
+  }
+
+  _fail(err) {
+    this._emit("error", err);
+    this.hangUp("error");
+  }
+
+  _stopMic() {
+    for (const t of this.mic?.getTracks() || []) t.stop();
+  }
+
+  /** Hang up: tell the server (so the slot frees at once), then close everything locally. */
+  hangUp(reason = "hang-up") {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this._statsTimer);
+    if (this.resource) {
+      const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+      fetch(this._url(this.resource), { method: "DELETE", headers, keepalive: true }).catch(() => {});
+    }
+    try {
+      this.channel?.close();
+      this.pc?.close();
+    } catch {
+      /* already closed */
+    }
+    this._stopMic();
+    this._emit("closed", { reason });
+  }
+}
+
+function micError(err) {
+  const name = err?.name || "";
+  if (name === "NotAllowedError" || name === "SecurityError") {
+    return new CallError("mic-denied", "Microphone access was refused. Allow it for this site (the icon in the address bar) and try again.", name);
+  }
+  if (name === "NotFoundError" || name === "OverconstrainedError") {
+    return new CallError("mic-missing", "No microphone was found. Plug one in and try again.", name);
+  }
+  if (name === "NotReadableError" || name === "AbortError") {
+    return new CallError("mic-busy", "The microphone could not be opened: another application may be using it.", name);
+  }
+  return new CallError("mic", `The microphone could not be opened (${name || err}).`, String(err));
+}
+
+function waitIceGathering(pc, timeoutMs) {
+  // Non-trickle signalling: the offer must carry the candidates. Host candidates take milliseconds;
+  // the timeout only guards against a platform that never reports "complete".
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      pc.removeEventListener("icegatheringstatechange", check);
+      clearTimeout(timer);
+      resolve();
+    };
+    const check = () => pc.iceGatheringState === "complete" && done();
+    const timer = setTimeout(done, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
