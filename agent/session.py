@@ -22,7 +22,6 @@ user is still talking and used if the final transcript says the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
