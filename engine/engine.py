@@ -10,13 +10,15 @@ import asyncio
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from ..kernels.cpu_native import GGMLWeight, NativeKernelsUnavailable
 from .config import ModelConfig
 from .errors import ModelFileError
 from .model import Transformer
@@ -32,6 +34,12 @@ class EngineOptions:
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     threads: int = 0  # 0: leave torch's default
+    # Who runs single-token decode steps. "native": the compiled CPU step (engine/cpu_decoder.py;
+    # fp32 CPU models, GGUF Q4/Q8 weights kept in their blocks); "triton": the Triton kernels in a
+    # CUDA graph (engine/triton_decoder.py; CUDA only); "eager": the torch model for every step
+    # (the reference and the baseline); "auto": triton on CUDA, native on CPU when a C compiler is
+    # at hand (eager, with a warning, when not).
+    backend: str = "auto"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -80,18 +88,65 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+BACKENDS = ("auto", "native", "triton", "eager")
+
+
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: ChatTokenizer, options: EngineOptions = EngineOptions()):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: ChatTokenizer,
+        options: EngineOptions = EngineOptions(),
+        blocks: dict[str, GGMLWeight] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
         self.device = next(model.parameters()).device
         self.max_seq_len = min(options.max_seq_len, model.cfg.max_position)
         model.setup_cache(self.max_seq_len)
+        self.decoder = self._decoder(options, blocks)
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rejoinder-engine")
         self.last_stats = GenerationStats()
+
+    def _decoder(self, options: EngineOptions, blocks: dict[str, GGMLWeight] | None):
+        """The fast decode-step runner for this model and device, or None for eager steps."""
+        if options.backend not in BACKENDS:
+            raise ValueError(f"unknown engine backend {options.backend!r}; one of {', '.join(BACKENDS)}")
+        if self.device.type == "cuda":
+            if options.backend == "native":
+                raise ValueError("backend 'native' is the float32 CPU path")
+            if options.backend == "eager":
+                return None
+            from .triton_decoder import TritonDecoder
+
+            decoder = TritonDecoder(self.model, _packed_for_triton(blocks or {}))
+            decoder.capture()
+            return decoder
+        if options.backend == "triton":
+            raise ValueError("backend 'triton' needs a CUDA device")
+        native_fits = self.device.type == "cpu" and next(self.model.parameters()).dtype == torch.float32
+        if options.backend == "eager" or (options.backend == "auto" and not native_fits):
+            return None
+        if not native_fits:
+            raise ValueError("backend 'native' is the float32 CPU path")
+        from .cpu_decoder import NativeDecoder
+
+        threads = options.threads if options.threads > 0 else torch.get_num_threads()
+        try:
+            return NativeDecoder(self.model, blocks, threads=threads)
+        except NativeKernelsUnavailable as exc:
+            if options.backend == "native":
+                raise
+            warnings.warn(f"{exc}; decode steps run in eager torch (several times slower)", stacklevel=3)
+            return None
+
+    @property
+    def backend(self) -> str:
+        """What runs decode steps: "native", "triton" or "eager"."""
+        return "eager" if self.decoder is None else getattr(self.decoder, "name", "native")
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -104,6 +159,7 @@ class Engine:
     ) -> "Engine":
         """Load a GGUF file or an HF-style safetensors folder (config.json + tokenizer.json)."""
         path = Path(path)
+        blocks = None
         if options.threads > 0:
             torch.set_num_threads(options.threads)
         if path.is_dir():
@@ -114,13 +170,14 @@ class Engine:
         elif path.is_file():
             from .gguf_loader import load_gguf
 
-            contents = load_gguf(path, progress)
-            cfg, state = contents.config, contents.state_dict
+            keep = options.backend != "eager"
+            contents = load_gguf(path, progress, keep_blocks=keep)
+            cfg, state, blocks = contents.config, contents.state_dict, contents.blocks
             tokenizer = tokenizer_from_gguf(contents.metadata)
         else:
             raise ModelFileError(f"model path does not exist: {path}")
         model = build_model(cfg, state, options)
-        return cls(model, tokenizer, options)
+        return cls(model, tokenizer, options, blocks)
 
     def reset(self) -> None:
         """Forget the cached prefix (the next prompt is prefilled from scratch)."""
@@ -135,6 +192,8 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        if len(ids) == 1 and self.decoder is not None:
+            return self.decoder.step(ids[0], start)[None].clone()  # the step reuses its buffer
         tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         return self.model(tokens, start, last_only=True)[:, -1]
 
@@ -293,6 +352,15 @@ class TokenStream:
 
     async def text(self) -> str:
         return "".join([ev.text async for ev in self])
+
+
+def _packed_for_triton(blocks: dict[str, GGMLWeight]) -> dict:
+    """GGUF blocks -> the Triton GEMV's packed weights (lossless; moved to the GPU by the decoder)."""
+    from ..kernels import pack_q4_0_blocks, pack_q4_1_blocks, pack_q8_0_blocks
+    from ..kernels.cpu_native import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
+
+    pack = {GGML_Q4_0: pack_q4_0_blocks, GGML_Q4_1: pack_q4_1_blocks, GGML_Q8_0: pack_q8_0_blocks}
+    return {n: pack[w.type](w.data, (w.rows, w.cols)) for n, w in blocks.items() if w.type in pack}
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], options: EngineOptions) -> Transformer:

@@ -3,18 +3,22 @@
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, …) are dequantised with the `gguf` package's own
 reference code. llama.cpp's converter permutes the rows of Q and K for its interleaved RoPE; we undo
 that here so the model code has one RoPE convention (rotate-half).
+
+With ``keep_blocks``, Q4_0 / Q4_1 / Q8_0 matrices are also kept as their raw ggml blocks (rows
+permuted the same way), for the native CPU decode step, which multiplies them without expanding.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .config import ModelConfig, RopeScaling
+from ..kernels.cpu_native import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGMLWeight
+from .config import ModelConfig
 from .errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
@@ -41,6 +45,18 @@ class GGUFContents:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     tensor_types: dict[str, str]
+    # HF-layout name -> raw ggml blocks, for the matrices stored as Q4_0 / Q4_1 / Q8_0 (keep_blocks)
+    blocks: dict[str, GGMLWeight] = field(default_factory=dict)
+
+
+def _raw_blocks(tensor) -> GGMLWeight | None:
+    """The tensor's bytes as [rows, row_bytes] blocks, when it is a Q4_0 / Q4_1 / Q8_0 matrix."""
+    kind = int(tensor.tensor_type)
+    if kind not in (GGML_Q4_0, GGML_Q4_1, GGML_Q8_0) or len(tensor.shape) != 2:
+        return None
+    cols, rows = (int(d) for d in tensor.shape)
+    raw = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(rows, -1)
+    return GGMLWeight(torch.from_numpy(raw), kind, rows, cols)
 
 
 def _field_value(field) -> Any:
@@ -140,12 +156,17 @@ def _dequantize(tensor) -> np.ndarray:
     return dequantize(tensor.data, qtype).reshape(shape)
 
 
-def load_gguf(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> GGUFContents:
+def load_gguf(
+    path: str | os.PathLike,
+    progress: Callable[[int, int], None] | None = None,
+    keep_blocks: bool = False,
+) -> GGUFContents:
     reader, meta = read_metadata(path)
     names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, names)
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
+    blocks: dict[str, GGMLWeight] = {}
     rope_freqs = None
     total = len(reader.tensors)
     for i, tensor in enumerate(reader.tensors):
@@ -156,12 +177,17 @@ def load_gguf(path: str | os.PathLike, progress: Callable[[int, int], None] | No
         t = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))  # the reader memory-maps read-only
         types[tensor.name] = tensor.tensor_type.name
         name = tensor.name
+        raw = _raw_blocks(tensor) if keep_blocks else None
         if name == "token_embd.weight":
             state["embed.weight"] = t
+            if raw is not None:
+                blocks["embed.weight"] = raw
         elif name == "output_norm.weight":
             state["norm.weight"] = t
         elif name == "output.weight":
             state["output.weight"] = t
+            if raw is not None:
+                blocks["output.weight"] = raw
         elif name == "rope_freqs.weight":
             rope_freqs = t
         elif name.startswith("blk."):
@@ -171,7 +197,11 @@ def load_gguf(path: str | os.PathLike, progress: Callable[[int, int], None] | No
             if cfg.architecture in _PERMUTED_ARCHS and kind in ("attn_q", "attn_k"):
                 heads = cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads
                 t = unpermute_qk(t, heads)
+                if raw is not None:  # whole rows move, and a row is whole blocks
+                    raw = GGMLWeight(unpermute_qk(raw.data, heads).contiguous(), raw.type, raw.rows, raw.cols)
             state[f"layers.{idx}.{_TENSOR_MAP[kind]}.{param}"] = t
+            if raw is not None:
+                blocks[f"layers.{idx}.{_TENSOR_MAP[kind]}.{param}"] = raw
         else:
             raise ModelFileError(f"unexpected tensor {name} in GGUF")
         if progress:
@@ -181,8 +211,10 @@ def load_gguf(path: str | os.PathLike, progress: Callable[[int, int], None] | No
         cfg.extra["rope_freq_divisors"] = rope_freqs
     if cfg.tie_embeddings:
         state["output.weight"] = state["embed.weight"]
+        if "embed.weight" in blocks:
+            blocks["output.weight"] = blocks["embed.weight"]
     _check_shapes(cfg, state, Path(path).name)
-    return GGUFContents(cfg, state, meta, types)
+    return GGUFContents(cfg, state, meta, types, blocks)
 
 
 def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], name: str) -> None:

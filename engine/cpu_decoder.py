@@ -1,0 +1,117 @@
+"""The native CPU decode step: one token per ctypes call into ``kernels/cpu_decode.c``.
+
+It runs over the eager model's own memory -- embedding, norms, RoPE tables and, above all, the
+static KV cache -- so prefill (a compute-bound GEMM, done by the fp32 torch model with MKL) and
+decode steps (bandwidth-bound, done here) interleave freely and prefix reuse keeps working.
+Matrices that came from a GGUF as Q4_0 / Q4_1 / Q8_0 are multiplied in those blocks (4-8x less
+memory traffic than fp32, dequantised in registers); every other matrix is read as fp32.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..kernels.cpu_native import GGMLWeight, RjLayer, RjModel, RjWeight, load_library
+from .model import Transformer
+
+_LAYER_WEIGHTS = {
+    "wq": "attn.wq",
+    "wk": "attn.wk",
+    "wv": "attn.wv",
+    "wo": "attn.wo",
+    "w_gate": "ffn.w_gate",
+    "w_up": "ffn.w_up",
+    "w_down": "ffn.w_down",
+}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecoder:
+    """Decode steps for a `Transformer` (fp32, CPU, cache set up) in compiled C."""
+
+    def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1):
+        cfg = model.cfg
+        p = next(model.parameters())
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise ValueError("the native decoder is the float32 CPU path")
+        if model.layers[0].attn.cache is None or model.rope_cos is None:
+            raise ValueError("call model.setup_cache() before building a NativeDecoder")
+        if cfg.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+        self.lib = load_library()
+        self.model = model
+        blocks = blocks or {}
+        self._keep: list[torch.Tensor] = []  # everything the C side points at stays alive with us
+
+        def weight(name: str) -> RjWeight:
+            w = blocks.get(name)
+            if w is None:
+                w = GGMLWeight.dense(model.get_parameter(name))
+            else:
+                self.quantized_bytes += w.nbytes()
+            self._keep.append(w.data)
+            return RjWeight.of(w)
+
+        def vec(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().float().contiguous()
+            self._keep.append(t)
+            return t.data_ptr()
+
+        self.quantized_bytes = 0  # bytes of the matrices read in ggml blocks rather than fp32
+        layers = (RjLayer * cfg.n_layers)()
+        for i, layer in enumerate(model.layers):
+            attn = layer.attn
+            fields = {f: weight(f"layers.{i}.{name}.weight") for f, name in _LAYER_WEIGHTS.items()}
+            bias = {f"b{c}": vec(getattr(attn, f"w{c}").bias) for c in "qkv"}
+            layers[i] = RjLayer(
+                **fields,
+                **bias,
+                attn_norm=vec(layer.attn_norm.weight),
+                ffn_norm=vec(layer.ffn_norm.weight),
+                k_cache=_ptr(attn.cache.k),
+                v_cache=_ptr(attn.cache.v),
+            )
+        self._layers = layers
+        self._cache_ptr = attn.cache.k.data_ptr()
+        self.m = RjModel(
+            dim=cfg.dim,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            ffn_dim=cfg.ffn_dim,
+            vocab=cfg.vocab_size,
+            max_seq=model.max_seq,
+            threads=max(1, threads),
+            norm_eps=cfg.norm_eps,
+            embed=vec(model.embed.weight),
+            rope_cos=vec(model.rope_cos),
+            rope_sin=vec(model.rope_sin),
+            final_norm=vec(model.norm.weight),
+            output=weight("output.weight"),
+            layers=layers,
+        )
+        self._scratch = torch.empty(self.lib.rj_scratch_floats(ctypes.byref(self.m)), dtype=torch.float32)
+        self.m.scratch = self._scratch.data_ptr()
+        self._logits = torch.empty(cfg.vocab_size, dtype=torch.float32)
+        self._mref = ctypes.byref(self.m)
+
+    @property
+    def threads(self) -> int:
+        return self.m.threads
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        """Run `token` at position `pos` (the cache holds 0..pos-1); returns logits [V] fp32.
+
+        The returned tensor is reused by the next step: copy it to keep it."""
+        if self.model.layers[-1].attn.cache.k.data_ptr() != self._cache_ptr:
+            raise RuntimeError("the model's KV cache was reallocated; build a new NativeDecoder")
+        if self.lib.rj_decode_step(self._mref, token, pos, self._logits.data_ptr()) != 0:
+            raise ValueError(f"token {token} or position {pos} out of range (vocab {self.m.vocab}, cache {self.m.max_seq})")
+        return self._logits

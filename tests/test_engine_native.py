@@ -1,0 +1,243 @@
+"""The native CPU decode step (kernels/cpu_decode.c via engine/cpu_decoder.py) against torch.
+
+Its matvecs are held against the torch twin (dequantise the same ggml blocks, then ``W @ x``), the
+whole step against the eager model on tiny random models (GQA 1/3/8, Q/K/V bias, quantised and fp32
+weights), and the real embedded model's greedy and seeded generations against the eager engine's.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rejoinder.engine import Engine, EngineOptions, SamplingParams
+from rejoinder.engine.config import ModelConfig
+from rejoinder.engine.cpu_decoder import NativeDecoder
+from rejoinder.engine.model import Transformer
+from rejoinder.kernels import cpu_native as C
+
+BLOCK_BYTES = {C.GGML_Q4_0: 18, C.GGML_Q4_1: 20, C.GGML_Q8_0: 34}
+
+
+def random_blocks(kind: int, rows: int, cols: int, rng: np.random.Generator) -> C.GGMLWeight:
+    """Random but well-formed ggml blocks (fp16 scales of a realistic size)."""
+    nb = cols // 32
+    raw = rng.integers(0, 256, (rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    d = (rng.random((rows, nb)) * 0.02 + 1e-3).astype(np.float16)
+    raw[..., 0:2] = d.view(np.uint8).reshape(rows, nb, 2)
+    if kind == C.GGML_Q4_1:
+        m = (-rng.random((rows, nb)) * 0.1).astype(np.float16)
+        raw[..., 2:4] = m.view(np.uint8).reshape(rows, nb, 2)
+    return C.GGMLWeight(torch.from_numpy(raw.reshape(rows, -1).copy()), kind, rows, cols)
+
+
+# ------------------------------------------------------------------------------------------ matvec
+
+
+@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (7, 96), (130, 576), (33, 1536)])
+def test_block_matvec_equals_dequantised_twin(kind, rows, cols):
+    rng = np.random.default_rng(rows * cols + kind)
+    w = random_blocks(kind, rows, cols, rng)
+    x = torch.from_numpy(rng.standard_normal(cols).astype(np.float32))
+    expected = C.ggml_weight_dequantize(w).double() @ x.double()
+    got = C.matvec(x, w)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5 * cols**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 1), (17, 33), (64, 577)])
+def test_dense_matvec_any_width(rows, cols):
+    w = C.GGMLWeight.dense(torch.randn(rows, cols))
+    x = torch.randn(cols)
+    torch.testing.assert_close(C.matvec(x, w), w.data @ x, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_weights_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="does not hold"):
+        C.GGMLWeight(torch.zeros(4, 17, dtype=torch.uint8), C.GGML_Q4_1, 4, 64)
+    with pytest.raises(ValueError, match="unsupported ggml type"):
+        C.GGMLWeight(torch.zeros(4, 64, dtype=torch.uint8), 12, 4, 64)
+    w = C.GGMLWeight.dense(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="float32 CPU vector of 8"):
+        C.matvec(torch.randn(9), w)
+
+
+# ------------------------------------------------------------------------------- tiny models
+
+
+def tiny_model(n_heads: int, n_kv: int, dim: int, bias: bool = False, max_seq: int = 64) -> Transformer:
+    torch.manual_seed(n_heads * 10 + n_kv)
+    cfg = ModelConfig(
+        vocab_size=97, dim=dim, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=160,
+        head_dim=16, attention_bias=bias, norm_eps=1e-5,
+    )
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if "norm" not in name else 0.1) + ("norm" in name))
+    model.setup_cache(max_seq)
+    return model.eval()
+
+
+def quantise_in_place(model: Transformer, kind: int) -> dict[str, C.GGMLWeight]:
+    """Give every matrix random ggml blocks, and the eager model their exact dequantised values."""
+    rng = np.random.default_rng(kind)
+    blocks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not name.startswith("embed"):
+                blocks[name] = random_blocks(kind, p.shape[0], p.shape[1], rng)
+                p.copy_(C.ggml_weight_dequantize(blocks[name]))
+    return blocks
+
+
+def assert_steps_match_eager(model: Transformer, decoder: NativeDecoder, prompt_len: int, steps: int) -> None:
+    ids = torch.randint(0, model.cfg.vocab_size, (1, prompt_len + steps), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        full = model(ids, 0)[0]  # eager logits at every position, no cache reuse involved
+        model(ids[:, :prompt_len], 0)  # eager prefill fills the cache the native steps continue
+        for pos in range(prompt_len, prompt_len + steps):
+            got = decoder.step(int(ids[0, pos]), pos)
+            torch.testing.assert_close(got, full[pos], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,dim", [(6, 6, 96), (6, 2, 96), (8, 1, 128)])
+def test_step_equals_eager_fp32_weights(n_heads, n_kv, dim):
+    model = tiny_model(n_heads, n_kv, dim)
+    assert_steps_match_eager(model, NativeDecoder(model, threads=2), prompt_len=5, steps=12)
+
+
+@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+def test_step_equals_eager_quantised_weights(kind):
+    model = tiny_model(6, 2, 96)
+    blocks = quantise_in_place(model, kind)
+    assert_steps_match_eager(model, NativeDecoder(model, blocks, threads=1), prompt_len=1, steps=9)
+
+
+def test_step_with_qkv_bias_and_from_position_zero():
+    model = tiny_model(4, 2, 64, bias=True)
+    assert_steps_match_eager(model, NativeDecoder(model, threads=2), prompt_len=0 + 1, steps=6)
+    # position 0: nothing prefilled at all
+    decoder = NativeDecoder(model, threads=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder.step(3, 0), model(torch.tensor([[3]]), 0)[0, 0], atol=2e-4, rtol=2e-4)
+
+
+def test_one_thread_and_two_threads_agree_exactly():
+    model = tiny_model(6, 2, 96)
+    blocks = quantise_in_place(model, C.GGML_Q4_1)
+    one, two = NativeDecoder(model, blocks, threads=1), NativeDecoder(model, blocks, threads=2)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), 0)
+        a = one.step(5, 3).clone()
+        b = two.step(5, 3).clone()  # rewrites the same cache row with the same values
+    assert torch.equal(a, b)  # each row's dot is computed whole by one thread: same order, same bits
+
+
+def test_out_of_range_token_or_position_is_an_error_and_step_still_works():
+    model = tiny_model(4, 2, 64, max_seq=16)
+    decoder = NativeDecoder(model, threads=1)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.step(97, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.step(1, 16)
+    assert torch.isfinite(decoder.step(1, 0)).all()
+
+
+def test_refuses_models_it_cannot_run():
+    model = tiny_model(4, 2, 64).to(torch.float64)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        NativeDecoder(model)
+    bare = Transformer(tiny_model(4, 2, 64).cfg)
+    with pytest.raises(ValueError, match="setup_cache"):
+        NativeDecoder(bare)
+
+
+# ------------------------------------------------------------------------ the embedded model
+
+
+@pytest.fixture(scope="module")
+def eager_engine(llm_path):
+    eng = Engine.load(llm_path, EngineOptions(max_seq_len=1024, backend="eager"))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def native_engine(llm_path):
+    eng = Engine.load(llm_path, EngineOptions(max_seq_len=1024, backend="native", threads=2))
+    yield eng
+    eng.close()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse phone agent."}, {"role": "user", "content": "My internet is down again."}],
+    [{"role": "user", "content": "Count from one to twenty in words."}],
+]
+
+
+def test_native_engine_uses_quantised_blocks(native_engine):
+    assert native_engine.backend == "native"
+    # every matrix of the Q4_1 file (plus the Q8_0 embedding) stays in its blocks: ~4.5 bits/weight
+    assert 60e6 < native_engine.decoder.quantized_bytes < 120e6
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_greedy_generation_identical_to_eager(native_engine, eager_engine, messages):
+    params = SamplingParams(temperature=0.0, max_new_tokens=48)
+    ids = native_engine.chat_ids(messages)
+    ours = [e.token_id for e in native_engine.generate(ids, params)]
+    ref = [e.token_id for e in eager_engine.generate(ids, params)]
+    assert len(ours) > 5
+    assert ours == ref
+
+
+def test_seeded_sampling_identical_to_eager(native_engine, eager_engine):
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=40, seed=11)
+    ids = native_engine.chat_ids(CONVERSATIONS[1])
+    ours = [e.token_id for e in native_engine.generate(ids, params)]
+    ref = [e.token_id for e in eager_engine.generate(ids, params)]
+    assert ours == ref
+
+
+def test_multi_turn_prefix_reuse_with_native_steps(native_engine, eager_engine):
+    """Native decode steps write the KV cache the next turn's eager prefill reuses."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    history = [{"role": "user", "content": "Give me one tip for sleeping better."}]
+    for eng in (native_engine, eager_engine):
+        eng.reset()
+    for follow_up in ("Another one, please.", "Thanks. And one for waking up?"):
+        ids = native_engine.chat_ids(history)
+        ours = [e.token_id for e in native_engine.generate(ids, params)]
+        reused = native_engine.last_stats.reused_tokens
+        ref = [e.token_id for e in eager_engine.generate(ids, params)]
+        assert ours == ref
+        history += [{"role": "assistant", "content": native_engine.tokenizer.decode(ours)}, {"role": "user", "content": follow_up}]
+    assert reused > 20  # the second turn really reused the cache the native steps had extended
+
+
+def test_without_a_compiler_auto_falls_back_to_eager_with_a_warning(tmp_path, llm_path):
+    code = (
+        "import warnings, sys\n"
+        "from rejoinder.engine import Engine, EngineOptions\n"
+        "from rejoinder.kernels.cpu_native import NativeKernelsUnavailable\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    eng = Engine.load({str(llm_path)!r}, EngineOptions(max_seq_len=64))\n"
+        "assert eng.backend == 'eager', eng.backend\n"
+        "assert any('no C compiler' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "print(eng.complete([{'role': 'user', 'content': 'Hi'}])[:0] + 'ok')\n"
+        "try:\n"
+        f"    Engine.load({str(llm_path)!r}, EngineOptions(max_seq_len=64, backend='native'))\n"
+        "except NativeKernelsUnavailable as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = dict(os.environ, PATH=str(tmp_path), CC="", REJOINDER_KERNEL_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ok" in out.stdout and "refused: no C compiler" in out.stdout
