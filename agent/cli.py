@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,11 +33,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu or cuda[:N]")
     g.add_argument("--threads", type=int, help="CPU threads for the LLM (0: all cores)")
+    g.add_argument("--llm-backend", choices=("auto", "native", "triton", "eager"),
+                   help="who runs decode steps (auto: native C step on CPU, Triton CUDA graph on GPU)")
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
     names = ("llm_model", "asr_model", "tts_model", "vad_model", "persona", "max_new_tokens", "temperature",
-             "top_k", "top_p", "seed", "device", "threads")
+             "top_k", "top_p", "seed", "device", "threads", "llm_backend")
     return AgentConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
 
@@ -86,8 +87,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .reply import sampling_params
 
     cfg = _config(args)
-    engine = Engine.load(resolve("llm", cfg.llm_model or None),
-                         EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads))
+    options = EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads,
+                            backend=cfg.llm_backend)
+    engine = Engine.load(resolve("llm", cfg.llm_model or None), options)
     params = sampling_params(cfg)
     history = [{"role": "system", "content": cfg.persona}]
     interactive = sys.stdin.isatty()

@@ -35,6 +35,7 @@ class AgentConfig:
     max_context: int = 2048
     device: str = "cpu"
     threads: int = 0  # 0: all cores
+    llm_backend: str = "auto"  # decode steps: auto, native (compiled CPU step), triton (CUDA), eager
     # audio input limits
     max_input_seconds: float = 120.0
     language: str = "en"

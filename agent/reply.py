@@ -59,7 +59,8 @@ class Models:
         t0 = time.perf_counter()
         self.engine = Engine.load(
             resolve("llm", _model_arg(cfg.llm_model)),
-            EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads),
+            EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads,
+                          backend=cfg.llm_backend),
         )
         self.asr = WhisperASR(resolve("asr", _model_arg(cfg.asr_model)), language=cfg.language or None)
         self.tts = PiperTTS(resolve("tts", _model_arg(cfg.tts_model)))

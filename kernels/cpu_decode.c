@@ -294,25 +294,34 @@ static void rope(float *v, int heads, int hd, const float *cos_row, const float 
     }
 }
 
-/* one query head over cache rows 0..len-1 of its KV head; `scores` holds len floats */
-static void attend(const float *q, const float *k, const float *v, int len, int hd, int max_seq, float *scores, float *out) {
-    float scale = 1.0f / sqrtf((float)hd), top = -INFINITY;
+/* The `group` query heads that share one KV head, over its cache rows 0..len-1: each K and V row is
+ * read once for the whole group (GQA), which is what bounds attention at long contexts.
+ * `scores` holds group * len floats. */
+static void attend_group(const float *q, const float *k, const float *v, int len, int hd, int group,
+                         float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
     for (int t = 0; t < len; t++) {
-        scores[t] = dot_f32(q, k + (size_t)t * hd, hd) * scale;
-        top = scores[t] > top ? scores[t] : top;
+        const float *kt = k + (size_t)t * hd;
+        for (int g = 0; g < group; g++) scores[(size_t)g * len + t] = dot_f32(q + g * hd, kt, hd) * scale;
     }
-    float denom = 0.0f;
-    for (int t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - top);
-        denom += scores[t];
+    for (int g = 0; g < group; g++) {
+        float *s = scores + (size_t)g * len, top = -INFINITY, denom = 0.0f;
+        for (int t = 0; t < len; t++) top = s[t] > top ? s[t] : top;
+        for (int t = 0; t < len; t++) {
+            s[t] = expf(s[t] - top);
+            denom += s[t];
+        }
+        for (int t = 0; t < len; t++) s[t] /= denom;
     }
-    for (int i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int i = 0; i < group * hd; i++) out[i] = 0.0f;
     for (int t = 0; t < len; t++) {
-        float p = scores[t] / denom;
         const float *vt = v + (size_t)t * hd;
-        for (int i = 0; i < hd; i++) out[i] += p * vt[i];
+        for (int g = 0; g < group; g++) {
+            const float p = scores[(size_t)g * len + t];
+            float *o = out + g * hd;
+            for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+        }
     }
-    (void)max_seq;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -371,10 +380,10 @@ int rj_decode_step(const rj_model *m, int32_t token, int32_t pos, float *logits)
                 }
             }
 #pragma omp for schedule(static)
-            for (int i = 0; i < nh; i++) {
-                size_t kv_off = (size_t)(i / group) * m->max_seq * hd;
-                attend(q + i * hd, L->k_cache + kv_off, L->v_cache + kv_off, pos + 1, hd, m->max_seq,
-                       scores + (size_t)i * m->max_seq, att + i * hd);
+            for (int j = 0; j < nkv; j++) {
+                size_t kv_off = (size_t)j * m->max_seq * hd;
+                attend_group(q + j * group * hd, L->k_cache + kv_off, L->v_cache + kv_off, pos + 1, hd, group,
+                             scores + (size_t)j * group * m->max_seq, att + j * group * hd);
             }
 #pragma omp single
             block_sums(att, qd, xsum);
