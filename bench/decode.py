@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_ctx = args.prompt_tokens + args.new_tokens + 16
     opts = dict(max_seq_len=max(n_ctx, 512), device=args.device, threads=args.threads)
 
-    name = args.model if args.model == RANDOM_1B else args.model.name
-    print(f"model {name}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+    model_name = args.model if args.model == RANDOM_1B else args.model.name
+    print(f"model {model_name}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} threads, device {args.device}", flush=True)
     peers: dict[str, object] = {}
     peers["ours"] = EnginePeer(args.model, EngineOptions(**opts))
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(
         device=args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores)",
         threads=args.threads,
-        model=name,
+        model=model_name,
         backend=peers["ours"].engine.backend,
         ratios=ratios,
         roofline=gpu_roofline(peers["ours"].engine, results["ours"].decode_tok_s,
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = report["roofline"]
         print(f"roofline: {r['copy_bandwidth_gb_s']:.0f} GB/s / {r['bytes_per_token'] / 1e6:.1f} MB per token = "
               f"{r['roofline_tok_s']:.0f} tok/s; ours {r['ours_tok_s']:.0f} tok/s = {100 * r['fraction']:.0f}% of it")
-    title = f"{name}: prompt {args.prompt_tokens}, {args.threads} threads, {report['device']}"
+    title = f"{model_name}: prompt {args.prompt_tokens}, {args.threads} threads, {report['device']}"
     plot(results, title, args.plot)
     print(f"plot: {args.plot}")
     if args.json:
