@@ -360,7 +360,12 @@ def _packed_for_triton(blocks: dict[str, GGMLWeight]) -> dict:
     from ..kernels.cpu_native import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
 
     pack = {GGML_Q4_0: pack_q4_0_blocks, GGML_Q4_1: pack_q4_1_blocks, GGML_Q8_0: pack_q8_0_blocks}
-    return {n: pack[w.type](w.data, (w.rows, w.cols)) for n, w in blocks.items() if w.type in pack}
+    # the embedding is looked up, not multiplied: only the (possibly tied) output head needs packing
+    return {
+        n: pack[w.type](w.data, (w.rows, w.cols))
+        for n, w in blocks.items()
+        if w.type in pack and n != "embed.weight"
+    }
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], options: EngineOptions) -> Transformer:
