@@ -25,9 +25,6 @@
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 enum { RJ_F32 = 0, RJ_Q4_0 = 2, RJ_Q4_1 = 3, RJ_Q8_0 = 8 }; /* ggml type ids */
 #define QK 32
@@ -333,14 +330,6 @@ size_t rj_scratch_floats(const rj_model *m) {
     if (qd > wide) wide = qd;
     /* x, h, q, k, v, att, gate, up, xsum, scores */
     return 2 * (size_t)m->dim + 2 * qd + 2 * kvd + 2 * wide + wide / QK + 1 + (size_t)m->n_heads * m->max_seq;
-}
-
-int rj_threads_available(void) {
-#ifdef _OPENMP
-    return omp_get_num_procs();
-#else
-    return 1;
-#endif
 }
 
 /* Returns 0, or -1 for a token / position out of range (nothing is written then). */

@@ -201,7 +201,6 @@ def load_library() -> ctypes.CDLL:
         lib.rj_scratch_floats.restype = ctypes.c_size_t
         lib.rj_matvec.argtypes = [ctypes.POINTER(RjWeight), ctypes.c_void_p, ctypes.c_void_p]
         lib.rj_matvec.restype = None
-        lib.rj_threads_available.restype = ctypes.c_int
         _lib = lib
         return lib
 

@@ -120,7 +120,7 @@ def test_step_equals_eager_quantised_weights(kind):
 
 def test_step_with_qkv_bias_and_from_position_zero():
     model = tiny_model(4, 2, 64, bias=True)
-    assert_steps_match_eager(model, NativeDecoder(model, threads=2), prompt_len=0 + 1, steps=6)
+    assert_steps_match_eager(model, NativeDecoder(model, threads=2), prompt_len=1, steps=6)
     # position 0: nothing prefilled at all
     decoder = NativeDecoder(model, threads=1)
     with torch.inference_mode():
