@@ -425,12 +425,26 @@ def test_validate_offer_messages_name_the_problem():
 
 
 @pytest.fixture(scope="module")
-def agent_server():
+def agent_server_for_module():
     models, cfg = shared_agent()
     srv = ServerThread(ServeConfig(max_sessions=2, connect_timeout_s=10.0, media_timeout_s=3.0),
                        agent_session_factory(models, cfg)).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def agent_server(agent_server_for_module):
+    # A closed client's session is torn down asynchronously on the server (the hang-up has to cross
+    # DTLS/SCTP, then the in-flight turn is cancelled), so the next test could find its slot still
+    # taken and get a correct but unwanted 503. Each test starts from an idle server; a session that
+    # never ends is a leak and fails here, loudly.
+    srv = agent_server_for_module
+    deadline = time.monotonic() + 20.0
+    while srv.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.active() == 0, f"{srv.active()} session(s) from an earlier test never ended"
+    return srv
 
 
 async def wait_greeting(client: RTCClient) -> dict:
