@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from rejoinder.streaming.assets import AssetError
-from rejoinder.streaming.asr import Transcript, WhisperASR
+from rejoinder.streaming.asr import Transcript, WhisperASR, looks_degenerate
 from rejoinder.streaming.text_metrics import normalize_text, word_error_rate
-from speech import espeak_say, piper_say, shared_whisper, silence
+from speech import espeak_say, piper_say, shared_whisper, silence, trim
 
 # Whisper base on clean synthetic speech: Piper is near perfect; espeak-ng's formant voice is harder.
 WER_BOUND_PIPER = 0.15
@@ -64,3 +64,59 @@ def test_silence_and_tiny_input(asr):
 def test_refuses_non_model_dir(tmp_path):
     with pytest.raises(AssetError, match="model.bin"):
         WhisperASR(model_dir=tmp_path)
+
+
+# --- short encoder context ---------------------------------------------------------------------------
+
+def test_degenerate_output_is_recognised():
+    loop = "How far away is the moon? " * 12
+    assert looks_degenerate(loop, 30.0)  # repetitive, even with time enough to say it
+    assert looks_degenerate("yes, " * 40, 20.0)
+    assert looks_degenerate("one two three four five six seven eight nine ten eleven twelve", 1.0)  # too fast
+    assert not looks_degenerate("What is the tallest mountain in the world?", 2.2)
+    assert not looks_degenerate("Please book a table for two at seven tonight, near the window.", 3.0)
+    assert not looks_degenerate("", 0.5)
+
+
+def test_context_follows_the_audio_length(asr, monkeypatch):
+    assert asr.context_for(1.0) == asr.min_context_s
+    assert asr.context_for(10.0) == pytest.approx(10.0 + asr.context_pad_s)
+    assert asr.context_for(29.0) == 30.0
+    monkeypatch.setattr(asr, "context_pad_s", None)
+    assert asr.context_for(1.0) == 30.0
+    with pytest.raises(ValueError, match="context_pad_s"):
+        WhisperASR(context_pad_s=-1.0)
+
+
+def test_short_context_hears_what_the_full_window_hears(asr, monkeypatch):
+    clips = {
+        "What is the tallest mountain in the world?": trim(piper_say("What is the tallest mountain in the world?")),
+        "I would like to change the delivery address on my last order, it should go to my office instead.":
+            trim(espeak_say("I would like to change the delivery address on my last order, it should go to my "
+                            "office instead.", words_per_minute=140)),
+    }
+    short = {ref: asr.transcribe(a) for ref, a in clips.items()}
+    monkeypatch.setattr(asr, "context_pad_s", None)
+    full = {ref: asr.transcribe(a) for ref, a in clips.items()}
+    for ref, audio in clips.items():
+        s, f = short[ref], full[ref]
+        assert s.context_s == pytest.approx(max(5.0, audio.size / 16_000 + 3.0)) and not s.retried_full_context
+        assert f.context_s == 30.0 and not f.retried_full_context
+        assert word_error_rate(ref, s.text) <= word_error_rate(ref, f.text) + 0.1, (s.text, f.text)
+        # Word timestamps still fall inside the audio and agree with the full-window ones.
+        assert s.words[-1].end_s <= s.duration_s + 0.05
+        assert abs(s.words[0].start_s - f.words[0].start_s) < 0.3
+
+
+def test_a_looping_short_context_is_redone_with_the_full_window(asr, monkeypatch):
+    # With almost no padding Whisper loops on short clips (measured: "yes, yes, yes, ..."); the
+    # guard must catch that and redo the pass with 30 s, so what comes out is never a loop.
+    monkeypatch.setattr(asr, "context_pad_s", 0.3)
+    monkeypatch.setattr(asr, "min_context_s", 0.5)
+    refs = ["Yes.", "How many days are in a week?", "How far away is the moon?", "Can you recommend a good book?"]
+    results = {ref: asr.transcribe(trim(piper_say(ref))) for ref in refs}
+    assert any(tr.retried_full_context for tr in results.values()), {r: t.text for r, t in results.items()}
+    for ref, tr in results.items():
+        assert not looks_degenerate(tr.text, tr.duration_s), tr.text
+        assert tr.context_s == 30.0 if tr.retried_full_context else tr.context_s < 30.0
+        assert word_error_rate(ref, tr.text) <= 0.5, (ref, tr.text)
