@@ -78,6 +78,7 @@ _NO_SAMPLING = SamplingParams(max_new_tokens=1)  # answers that only speak given
 class _UserTurn:
     index: int
     parts: list[str] = field(default_factory=list)  # final transcripts of its utterances
+    unsure_tail: str = ""  # of the last part (streaming.asr_stream.ASREvent.unsure_tail)
     speech_end_at: float | None = None  # capture time of the end of its last speech
     asr_final_at: float | None = None
     eot_prob: float | None = None
@@ -426,7 +427,7 @@ class Session:
             self._last_interim[uid] = normalize_text(ev.text)
             if (self._barge is None and self.turn_cfg.preemptive and self.state == SessionState.USER_SPEAKING
                     and prev is not None and prev == self._last_interim[uid] and prev):
-                await self._maybe_preempt(ev.text)
+                await self._maybe_preempt(ev.text, ev.unsure_tail)
             return
         self._last_interim.pop(uid, None)
         self._open_utts.discard(uid)
@@ -451,6 +452,7 @@ class Session:
                 self._set_state(SessionState.LISTENING, "no words")
             return
         turn.parts.append(text)
+        turn.unsure_tail = ev.unsure_tail if text.endswith(ev.unsure_tail) else ""
         turn.asr_final_at = ev.emitted_at
         await self._consider_end_of_turn(turn)
 
@@ -466,7 +468,7 @@ class Session:
                 if self._spec is not None:
                     await self._discard_spec()
                 try:
-                    p = await self.eot.ascore(self.conversation.messages(), text)
+                    p = await self._end_of_turn_prob(text, turn.unsure_tail)
                 except Exception as exc:  # noqa: BLE001 - without a score, silence alone decides
                     log.warning("end-of-turn scoring failed: %r", exc)
         if epoch != self._speech_epoch or self._turn is not turn or not self._user_silent():
@@ -482,6 +484,17 @@ class Session:
         else:
             self._cancel_eot_timer()
             self._eot_timer = asyncio.get_running_loop().call_later(delay, self._eot_timer_fired, turn, epoch)
+
+    async def _end_of_turn_prob(self, text: str, unsure_tail: str) -> float:
+        """P(the user has finished) after `text`. When its last word(s) are a guess of Whisper's,
+        the words before them are scored too and the lower probability counts: answering a
+        half-finished sentence is worse than waiting a little longer on a finished one."""
+        messages = self.conversation.messages()
+        p = await self.eot.ascore(messages, text)
+        sure = text[: len(text) - len(unsure_tail)].rstrip() if unsure_tail and text.endswith(unsure_tail) else ""
+        if sure and words(sure):
+            p = min(p, await self.eot.ascore(messages, sure))
+        return p
 
     def _eot_timer_fired(self, turn: _UserTurn, epoch: int) -> None:
         self._eot_timer = None
@@ -531,7 +544,7 @@ class Session:
         return AnswerSpec(self.conversation.prompt_ids(extra, with_tools=not after_tool), sampling_params(self.cfg),
                           turn_index, user_text=user_text, forced_text=forced, filter_tools=bool(self.tools))
 
-    async def _maybe_preempt(self, interim_text: str) -> None:
+    async def _maybe_preempt(self, interim_text: str, unsure_tail: str = "") -> None:
         turn = self._turn
         if turn is None:
             return
@@ -543,7 +556,7 @@ class Session:
         epoch = self._speech_epoch
         if key not in self._spec_probs and self.turn_cfg.semantic:
             try:
-                self._spec_probs = {key: await self.eot.ascore(self.conversation.messages(), text)}
+                self._spec_probs = {key: await self._end_of_turn_prob(text, unsure_tail)}
             except Exception:  # noqa: BLE001
                 return
         if epoch != self._speech_epoch or self._turn is not turn or self.state != SessionState.USER_SPEAKING:

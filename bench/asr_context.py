@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rejoinder.streaming.asr import ASR_RATE, DEFAULT_CONTEXT_PAD_S, WhisperASR
+from rejoinder.streaming.asr import ASR_RATE, DEFAULT_CONTEXT_PAD_S, DEFAULT_MIN_CONTEXT_S, WhisperASR
 from rejoinder.streaming.assets import resolve
 from rejoinder.streaming.audio import read_wav, resample
 from rejoinder.streaming.text_metrics import word_error_rate
@@ -136,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CTranslate2 threads (0: all cores)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--pad", type=float, default=DEFAULT_CONTEXT_PAD_S, help="context padding in seconds (ours)")
+    ap.add_argument("--min-context", type=float, default=DEFAULT_MIN_CONTEXT_S, help="least context in seconds (ours)")
     ap.add_argument("--json", type=Path, help="write figures here (and a .png plot beside)")
     args = ap.parse_args(argv)
 
     print("synthesising clips ...", flush=True)
     clips = synthesise()
-    asr = WhisperASR(cpu_threads=args.threads)
+    asr = WhisperASR(cpu_threads=args.threads, min_context_s=args.min_context)
     asr.transcribe(clips[0].audio)  # warm-up
     best = {"full": [float("inf")] * len(clips), "short": [float("inf")] * len(clips)}
     texts: dict[str, list[str]] = {"full": [""] * len(clips), "short": [""] * len(clips)}

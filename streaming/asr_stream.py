@@ -53,10 +53,21 @@ class ASREvent:
     audio_s: float  # utterance audio covered by this result
     emitted_at: float
     decode_s: float  # worker-thread time of the pass that produced it
+    # The last word(s) of `text` when Whisper gave them a low probability. After a pause mid-sentence
+    # Whisper tends to finish the sentence with a guess ("book a table for [it.]"); whoever judges
+    # whether the user has finished should not take that guess at its word.
+    unsure_tail: str = ""
 
     @property
     def tentative_text(self) -> str:
         return self.text[len(self.committed_text) :].strip()
+
+    @property
+    def sure_text(self) -> str:
+        """`text` without its unsure tail."""
+        if self.unsure_tail and self.text.endswith(self.unsure_tail):
+            return self.text[: len(self.text) - len(self.unsure_tail)].rstrip()
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,17 @@ def _norm(word: Word | str) -> str:
 
 def _join(words: list[Word] | tuple[Word, ...]) -> str:
     return "".join(w.text for w in words).strip()
+
+
+UNSURE_WORD_PROB = 0.5  # below this a final word counts as a guess (see ASREvent.unsure_tail)
+
+
+def _unsure_tail(words: list[Word]) -> str:
+    """The trailing words (at most two) that Whisper was unsure of."""
+    n = 0
+    while n < min(2, len(words)) and words[-1 - n].probability < UNSURE_WORD_PROB:
+        n += 1
+    return _join(words[len(words) - n :]) if n else ""
 
 
 @dataclass
@@ -194,7 +216,8 @@ class StreamingASR:
                 await asyncio.shield(u.pass_task)
         margin = self.config.final_reuse_margin_s * ASR_RATE
         if speech_end_s is not None and u.last_text and u.last_covered >= speech_end_s * ASR_RATE + margin:
-            ev = ASREvent("final", u.last_text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), 0.0)
+            ev = ASREvent("final", u.last_text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), 0.0,
+                          _unsure_tail(u.prev_tail))
             self._put(ev)
             log.debug("utterance %d final = last interim (covered %.2f s, speech ended %.2f s)",
                       u.uid, u.last_covered / ASR_RATE, speech_end_s)
@@ -221,11 +244,13 @@ class StreamingASR:
             log.exception("final ASR pass failed; using the last interim hypothesis")
             text = u.last_text or u.committed_text
             decode_s = 0.0
+            unsure = _unsure_tail(u.prev_tail) if u.last_text else ""
         else:
             tail = self._uncommitted(u, list(tr.words))
             text = " ".join(p for p in (u.committed_text, _join(tail)) if p)
             decode_s = tr.decode_s
-        ev = ASREvent("final", text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), decode_s)
+            unsure = _unsure_tail(tail)
+        ev = ASREvent("final", text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), decode_s, unsure)
         self._put(ev)
         log.debug("utterance %d final after %.2f s audio (tail %.2f s): %r", u.uid, u.fed / ASR_RATE,
                   audio.size / ASR_RATE, text[:80])
@@ -320,7 +345,8 @@ class StreamingASR:
         u.last_text = text
         u.last_covered = u.window_start + n_samples
         audio_s = u.last_covered / ASR_RATE
-        self._put(ASREvent("interim", text, u.committed_text, u.uid, audio_s, time.monotonic(), tr.decode_s))
+        self._put(ASREvent("interim", text, u.committed_text, u.uid, audio_s, time.monotonic(), tr.decode_s,
+                           _unsure_tail(u.prev_tail)))
         self._maybe_trim(u)
 
     def _uncommitted(self, u: _Utterance, words: list[Word]) -> list[Word]:

@@ -73,6 +73,9 @@ def test_degenerate_output_is_recognised():
     assert looks_degenerate(loop, 30.0)  # repetitive, even with time enough to say it
     assert looks_degenerate("yes, " * 40, 20.0)
     assert looks_degenerate("one two three four five six seven eight nine ten eleven twelve", 1.0)  # too fast
+    # Seen on a 4.5 s clip with 7.5 s of context: one sentence, decoded twice.
+    assert looks_degenerate("The capital of Francis Paris. The capital of Francis Paris.", 4.5)
+    assert not looks_degenerate("Stop, stop. Wait a moment please.", 2.0)
     assert not looks_degenerate("What is the tallest mountain in the world?", 2.2)
     assert not looks_degenerate("Please book a table for two at seven tonight, near the window.", 3.0)
     assert not looks_degenerate("", 0.5)
@@ -96,11 +99,13 @@ def test_short_context_hears_what_the_full_window_hears(asr, monkeypatch):
                             "office instead.", words_per_minute=140)),
     }
     short = {ref: asr.transcribe(a) for ref, a in clips.items()}
+    expected_context = {ref: asr.context_for(a.size / 16_000) for ref, a in clips.items()}
     monkeypatch.setattr(asr, "context_pad_s", None)
     full = {ref: asr.transcribe(a) for ref, a in clips.items()}
     for ref, audio in clips.items():
         s, f = short[ref], full[ref]
-        assert s.context_s == pytest.approx(max(5.0, audio.size / 16_000 + 3.0)) and not s.retried_full_context
+        assert s.context_s == pytest.approx(expected_context[ref])
+        assert s.context_s < 30.0 and not s.retried_full_context
         assert f.context_s == 30.0 and not f.retried_full_context
         assert word_error_rate(ref, s.text) <= word_error_rate(ref, f.text) + 0.1, (s.text, f.text)
         # Word timestamps still fall inside the audio and agree with the full-window ones.

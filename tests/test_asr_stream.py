@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from rejoinder.streaming.asr_stream import ASREvent, StreamingASR, StreamingASRConfig
+from rejoinder.streaming.asr import Word
+from rejoinder.streaming.asr_stream import ASREvent, StreamingASR, StreamingASRConfig, _unsure_tail
 from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.text_metrics import word_error_rate
 from speech import RATE, espeak_say, long_text, piper_say, shared_whisper, silence
@@ -244,3 +245,19 @@ async def test_decode_failures_do_not_end_the_turn(caplog):
         final = await s.finish()
     assert final.kind == "final" and final.text == last.text and last.text
     assert sum("failed" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_final_word_whisper_guessed_is_marked_unsure():
+    def w(text: str, p: float) -> Word:
+        return Word(text, 0.0, 0.1, p)
+
+    # Measured on espeak-ng "I would like to book a table for" + silence: " it." at p=0.46.
+    words = [w(" I", 0.9), w(" would", 0.99), w(" book", 0.98), w(" a", 0.97), w(" table", 0.98), w(" for", 0.98)]
+    assert _unsure_tail(words + [w(" it.", 0.46)]) == "it."
+    assert _unsure_tail(words + [w(" to", 0.3), w(" you.", 0.2)]) == "to you."
+    assert _unsure_tail(words[:2] + [w(" a", 0.3), w(" to", 0.3), w(" you.", 0.2)]) == "to you."  # two at most
+    assert _unsure_tail(words) == ""
+    assert _unsure_tail([]) == ""
+    ev = ASREvent("final", "I would like to book a table for it.", "I would like", 1, 2.3, 0.0, 0.1, "it.")
+    assert ev.sure_text == "I would like to book a table for"
+    assert ASREvent("final", "Paris.", "", 1, 1.0, 0.0, 0.1, "Rome.").sure_text == "Paris."  # not a suffix: ignored
