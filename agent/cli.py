@@ -24,6 +24,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--asr-model", help="faster-whisper (CTranslate2) model folder")
     g.add_argument("--tts-model", help="Piper voice .onnx (its .onnx.json beside it)")
     g.add_argument("--vad-model", help="Silero VAD .onnx")
+    g.add_argument("--asr-full-window", action="store_true", default=None,
+                   help="decode speech against Whisper's full 30 s window (slower; default: audio + 5 s)")
     g = p.add_argument_group("generation")
     g.add_argument("--persona", help="system prompt (env REJOINDER_PERSONA)")
     g.add_argument("--max-new-tokens", type=int)
@@ -39,7 +41,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> AgentConfig:
     names = ("llm_model", "asr_model", "tts_model", "vad_model", "persona", "max_new_tokens", "temperature",
-             "top_k", "top_p", "seed", "device", "threads", "llm_backend")
+             "top_k", "top_p", "seed", "device", "threads", "llm_backend", "asr_full_window")
     return AgentConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
 

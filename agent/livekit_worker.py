@@ -32,7 +32,7 @@ CONTROL_REPLY_TOPIC = "rejoinder.control.reply"
 
 # Flags the lead's `_add_model_flags` defines; forwarded to job processes through the environment.
 _CONFIG_FLAGS = ("llm_model", "asr_model", "tts_model", "vad_model", "persona", "max_new_tokens", "temperature",
-                 "top_k", "top_p", "seed", "device", "threads", "llm_backend")
+                 "top_k", "top_p", "seed", "device", "threads", "llm_backend", "asr_full_window")
 
 
 def add_livekit_parser(

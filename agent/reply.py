@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rejoinder.engine import Engine, EngineOptions, SamplingParams
-from rejoinder.streaming.asr import ASR_RATE, WhisperASR
+from rejoinder.streaming.asr import ASR_RATE, DEFAULT_CONTEXT_PAD_S, WhisperASR
 from rejoinder.streaming.assets import resolve
 from rejoinder.streaming.audio import AudioError, read_wav, resample, write_wav
 from rejoinder.streaming.tts import PiperTTS
@@ -62,7 +62,8 @@ class Models:
             EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads,
                           backend=cfg.llm_backend),
         )
-        self.asr = WhisperASR(resolve("asr", _model_arg(cfg.asr_model)), language=cfg.language or None)
+        self.asr = WhisperASR(resolve("asr", _model_arg(cfg.asr_model)), language=cfg.language or None,
+                              context_pad_s=None if cfg.asr_full_window else DEFAULT_CONTEXT_PAD_S)
         self.tts = PiperTTS(resolve("tts", _model_arg(cfg.tts_model)))
         self.vad_path = resolve("vad", _model_arg(cfg.vad_model))
         self.vad = SileroVAD(self.vad_path)  # sessions make their own (a VAD carries stream state)

@@ -156,3 +156,23 @@ def test_echo_guard_recognises_the_agents_voice_not_the_users():
         assert not user_in.is_echo(t0 + s, t0 + s + 0.3), user_in.score(t0 + s, t0 + s + 0.3)
     # Nothing was played in that window: nothing can be echo.
     assert EchoGuard().score(t0, t0 + 0.3) == 0.0
+
+
+def test_config_precedence_flag_over_environment_over_default(monkeypatch):
+    from rejoinder.agent.cli import _config, build_parser
+    from rejoinder.agent.config import AgentConfig
+
+    assert AgentConfig.from_env({}).asr_full_window is False
+    env = {"REJOINDER_ASR_FULL_WINDOW": "1", "REJOINDER_LLM_BACKEND": "eager", "REJOINDER_THREADS": "1"}
+    cfg = AgentConfig.from_env(env)
+    assert (cfg.asr_full_window, cfg.llm_backend, cfg.threads) == (True, "eager", 1)
+    assert AgentConfig.from_env(env, threads=2).threads == 2
+    with pytest.raises(ValueError, match="REJOINDER_THREADS"):
+        AgentConfig.from_env({"REJOINDER_THREADS": "two"})
+    for name in ("REJOINDER_ASR_FULL_WINDOW", "REJOINDER_LLM_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["reply", "--in", "q.wav", "--out", "a.wav", "--asr-full-window",
+                                      "--llm-backend", "native"])
+    assert (_config(args).asr_full_window, _config(args).llm_backend) == (True, "native")
+    plain = build_parser().parse_args(["reply", "--in", "q.wav", "--out", "a.wav"])
+    assert _config(plain).asr_full_window is False
