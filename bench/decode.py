@@ -232,6 +232,44 @@ def plot(results: dict[str, Result], title: str, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+SWEEP = (2, 4, 8, 16, 32, 64, 128, 256)
+SWEEP_PREFIX = 32
+
+
+def prefill_sweep(ours: Engine, llama: "LlamaCppPeer | None", ids: list[int], repeat: int) -> list[dict]:
+    """Time prefilling n new tokens after a cached SWEEP_PREFIX-token prefix (a conversation turn):
+    the native prefill, the eager fp32 model and llama.cpp, for each n in SWEEP (best of `repeat`)."""
+    prefix, rows = ids[:SWEEP_PREFIX], []
+    native = getattr(ours.decoder, "prefill", None) if ours.backend == "native" else None
+    for n in SWEEP:
+        new = (ids[SWEEP_PREFIX:] * (n // max(1, len(ids) - SWEEP_PREFIX) + 1))[:n]
+        times: dict[str, float] = {}
+
+        def timed(name: str, setup, run) -> None:
+            for _ in range(repeat):
+                setup()
+                t0 = time.perf_counter()
+                run()
+                times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+
+        def eager_prefix() -> None:
+            ours.reset()
+            ours.prefill(prefix)
+
+        with torch.inference_mode():
+            timed("eager", eager_prefix,
+                  lambda: ours.model(torch.tensor([new]), SWEEP_PREFIX, last_only=True))
+            if native is not None:
+                timed("native", eager_prefix, lambda: native(new, SWEEP_PREFIX))
+        if llama is not None:
+            timed("llama_cpp", lambda: (llama.llm.reset(), llama.llm.eval(prefix)), lambda: llama.llm.eval(new))
+        rows.append({"new_tokens": n, **{f"{k}_ms": v * 1e3 for k, v in times.items()}})
+        print(f"  prefill {n:4d} new tokens: " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in times.items())
+              + (f"  eager/native {times['eager'] / times['native']:.2f}x" if "native" in times else ""), flush=True)
+    ours.reset()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
@@ -244,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=Path(__file__).parent / "results" / "decode.png")
+    ap.add_argument("--prefill-sweep", action="store_true",
+                    help=f"also time prefills of {', '.join(map(str, SWEEP))} new tokens after a cached prefix")
     args = ap.parse_args(argv)
 
     if args.model is None:
@@ -255,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model == RANDOM_1B or not str(args.model).endswith(".gguf") or args.device != "cpu":
         args.skip_llama_cpp = True  # llama.cpp needs a GGUF file
     torch.set_num_threads(args.threads)
-    n_ctx = args.prompt_tokens + args.new_tokens + 16
+    n_ctx = max(args.prompt_tokens + args.new_tokens, SWEEP_PREFIX + max(SWEEP) if args.prefill_sweep else 0) + 16
     opts = dict(max_seq_len=max(n_ctx, 512), device=args.device, threads=args.threads)
 
     model_name = args.model if args.model == RANDOM_1B else args.model.name
@@ -302,6 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
         r = report["roofline"]
         print(f"roofline: {r['copy_bandwidth_gb_s']:.0f} GB/s / {r['bytes_per_token'] / 1e6:.1f} MB per token = "
               f"{r['roofline_tok_s']:.0f} tok/s; ours {r['ours_tok_s']:.0f} tok/s = {100 * r['fraction']:.0f}% of it")
+    if args.prefill_sweep:
+        print("prefill sweep (after a cached 32-token prefix):", flush=True)
+        report["prefill_sweep"] = prefill_sweep(peers["ours"].engine, peers.get("llama_cpp"),
+                                                prompt_ids(peers["ours"].engine, 300), args.repeat)
     title = f"{model_name}: prompt {args.prompt_tokens}, {args.threads} threads, {report['device']}"
     plot(results, title, args.plot)
     print(f"plot: {args.plot}")

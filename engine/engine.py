@@ -194,6 +194,8 @@ class Engine:
     def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
         if len(ids) == 1 and self.decoder is not None:
             return self.decoder.step(ids[0], start)[None].clone()  # the step reuses its buffer
+        if self.decoder is not None and len(ids) <= getattr(self.decoder, "prefill_max", 0):
+            return self.decoder.prefill(list(ids), start)[None].clone()
         tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         return self.model(tokens, start, last_only=True)[:, -1]
 

@@ -143,6 +143,8 @@ class TritonDecoder:
     twins elsewhere; tests force "triton" to run the kernels on the CPU interpreter.
     """
 
+    prefill_max = 0  # prompts go to the eager model (cuBLAS GEMMs)
+
     name = "triton"  # what Engine.backend reports
 
     def __init__(

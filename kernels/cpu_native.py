@@ -199,6 +199,11 @@ def load_library() -> ctypes.CDLL:
         lib.rj_decode_step.restype = ctypes.c_int
         lib.rj_scratch_floats.argtypes = [ctypes.POINTER(RjModel)]
         lib.rj_scratch_floats.restype = ctypes.c_size_t
+        lib.rj_prefill.argtypes = [ctypes.POINTER(RjModel), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                   ctypes.c_void_p, ctypes.c_void_p]
+        lib.rj_prefill.restype = ctypes.c_int
+        lib.rj_prefill_floats.argtypes = [ctypes.POINTER(RjModel), ctypes.c_int32]
+        lib.rj_prefill_floats.restype = ctypes.c_size_t
         lib.rj_matvec.argtypes = [ctypes.POINTER(RjWeight), ctypes.c_void_p, ctypes.c_void_p]
         lib.rj_matvec.restype = None
         _lib = lib

@@ -157,6 +157,101 @@ def test_refuses_models_it_cannot_run():
         NativeDecoder(bare)
 
 
+# ------------------------------------------------------------------------ native prefill
+
+def caches(model: Transformer) -> list[torch.Tensor]:
+    return [t.clone() for layer in model.layers for t in (layer.attn.cache.k, layer.attn.cache.v)]
+
+
+def clear_caches(model: Transformer) -> None:
+    for layer in model.layers:
+        layer.attn.cache.k.zero_()
+        layer.attn.cache.v.zero_()
+
+
+def assert_prefill_matches_eager(model: Transformer, decoder: NativeDecoder, start: int, n: int) -> None:
+    ids = torch.randint(0, model.cfg.vocab_size, (1, start + n), generator=torch.Generator().manual_seed(start + n))
+    with torch.inference_mode():
+        clear_caches(model)
+        want = model(ids, 0)[0, -1].clone()  # eager, whole prompt at once
+        want_cache = caches(model)
+        clear_caches(model)
+        if start:
+            model(ids[:, :start], 0)  # an eager prefix, as prefix reuse leaves it
+        got = decoder.prefill(ids[0, start:].tolist(), start)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    for a, b in zip(caches(model), want_cache):  # every K/V row the eager model writes, and nothing else
+        # fp32 sums in another order, through random layers with activations in the tens
+        torch.testing.assert_close(a, b, atol=2e-5 * float(b.abs().max()), rtol=2e-4)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,dim", [(6, 6, 96), (6, 2, 96), (8, 1, 128)])
+@pytest.mark.parametrize("start,n", [(0, 1), (0, 9), (3, 8), (5, 17)])
+def test_prefill_equals_eager_fp32_weights(n_heads, n_kv, dim, start, n):
+    model = tiny_model(n_heads, n_kv, dim)
+    assert_prefill_matches_eager(model, NativeDecoder(model, threads=2), start, n)
+
+
+@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+def test_prefill_equals_eager_quantised_weights_across_chunks(kind):
+    # 70 new tokens: two calls into C (chunks of 64), the second with a partial tile of 6.
+    model = tiny_model(6, 2, 96, bias=True, max_seq=96)
+    blocks = quantise_in_place(model, kind)
+    assert_prefill_matches_eager(model, NativeDecoder(model, blocks, threads=2), start=4, n=70)
+
+
+def test_prefill_then_steps_continue_like_eager():
+    model = tiny_model(6, 2, 96)
+    blocks = quantise_in_place(model, C.GGML_Q4_1)
+    decoder = NativeDecoder(model, blocks, threads=2)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(ids, 0)[0]
+        clear_caches(model)
+        torch.testing.assert_close(decoder.prefill(ids[0, :20].tolist(), 0), full[19], atol=2e-4, rtol=2e-4)
+        for pos in range(20, 30):
+            torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos), full[pos], atol=2e-4, rtol=2e-4)
+
+
+def test_prefill_one_thread_and_two_threads_agree_exactly():
+    model = tiny_model(6, 2, 96)
+    blocks = quantise_in_place(model, C.GGML_Q8_0)
+    one, two = NativeDecoder(model, blocks, threads=1), NativeDecoder(model, blocks, threads=2)
+    a = one.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 0).clone()
+    b = two.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 0).clone()
+    assert torch.equal(a, b)
+
+
+def test_prefill_out_of_range_is_an_error_and_writes_nothing():
+    model = tiny_model(4, 2, 64, max_seq=16)
+    decoder = NativeDecoder(model, threads=1)
+    clear_caches(model)
+    before = caches(model)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.prefill([1, 2, 97], 0)
+    with pytest.raises(ValueError, match="past the cache"):
+        decoder.prefill([1] * 10, 8)
+    assert all(torch.equal(a, b) for a, b in zip(caches(model), before))
+    assert torch.isfinite(decoder.prefill([1, 2, 3], 0)).all()
+
+
+def test_engine_prefills_short_prompts_natively(native_engine):
+    ids = native_engine.chat_ids([{"role": "user", "content": "Name three colours."}])
+    calls = []
+    real = native_engine.decoder.prefill
+    native_engine.decoder.prefill = lambda tokens, pos: (calls.append((len(tokens), pos)), real(tokens, pos))[1]
+    try:
+        native_engine.reset()
+        native_engine.prefill(ids)
+        native_engine.prefill(ids + native_engine.tokenizer.encode(" And three animals?"))
+        native_engine.reset()
+        long_prompt = ids * (native_engine.decoder.prefill_max // len(ids) + 1)
+        native_engine.prefill(long_prompt)  # past prefill_max: the eager GEMM
+    finally:
+        del native_engine.decoder.prefill
+    assert calls[0] == (len(ids), 0) and calls[1][1] == len(ids) and len(calls) == 2
+
+
 # ------------------------------------------------------------------------ the embedded model
 
 
