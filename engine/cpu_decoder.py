@@ -2,10 +2,13 @@
 
 It runs over the eager model's own memory -- embedding, norms, RoPE tables and, above all, the
 static KV cache -- so the eager fp32 model and the native code interleave freely and prefix reuse
-keeps working. Prompts of up to `PREFILL_MAX` new tokens (the new words of a conversation turn)
-are prefilled natively too, in chunks of `PREFILL_CHUNK`: each weight block is dequantised once per
-8 tokens, where the eager path pays ~65 ms of reading fp32 weights whatever the prompt length.
-Longer prompts go to the eager model (MKL's GEMM, compute-bound).
+keeps working. Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix:
+an end-of-turn check, the reply header) are prefilled natively too, each weight block dequantised
+once per 8 tokens, where the eager path pays ~50 ms of reading fp32 weights whatever the length.
+Measured with `bench/decode.py --prefill-sweep` (2 threads, after a cached 32-token prefix): 2 new
+tokens 22 vs 57 ms eager, 8 tokens 26 vs 49 ms, 16 tokens 51 vs 58 ms, 32 tokens 106 vs 78 ms. Past
+16 tokens MKL's register-blocked GEMM wins (this kernel reloads activations for every FMA), so
+longer prompts go to the eager model.
 Matrices that came from a GGUF as Q4_0 / Q4_1 / Q8_0 are multiplied in those blocks (4-8x less
 memory traffic than fp32, dequantised in registers); every other matrix is read as fp32.
 """
@@ -34,7 +37,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 PREFILL_CHUNK = 64  # tokens per native prefill call (bounds its work buffer)
-PREFILL_MAX = 160  # past this many new tokens the eager GEMM is as fast (bench/decode.py --prefill-sweep)
+PREFILL_MAX = 16  # past this many new tokens the eager GEMM is faster (module docstring)
 
 
 class NativeDecoder:

@@ -236,20 +236,20 @@ def test_prefill_out_of_range_is_an_error_and_writes_nothing():
 
 
 def test_engine_prefills_short_prompts_natively(native_engine):
-    ids = native_engine.chat_ids([{"role": "user", "content": "Name three colours."}])
+    ids = native_engine.chat_ids([{"role": "user", "content": "Name three colours, then three animals."}])
+    follow = native_engine.tokenizer.encode(" And birds?")
+    assert len(ids) > native_engine.decoder.prefill_max >= len(follow)
     calls = []
     real = native_engine.decoder.prefill
     native_engine.decoder.prefill = lambda tokens, pos: (calls.append((len(tokens), pos)), real(tokens, pos))[1]
     try:
         native_engine.reset()
-        native_engine.prefill(ids)
-        native_engine.prefill(ids + native_engine.tokenizer.encode(" And three animals?"))
-        native_engine.reset()
-        long_prompt = ids * (native_engine.decoder.prefill_max // len(ids) + 1)
-        native_engine.prefill(long_prompt)  # past prefill_max: the eager GEMM
+        native_engine.prefill(ids)  # a whole prompt: the eager GEMM
+        native_engine.prefill(ids + follow)  # a few new tokens after the reused prefix: native
+        native_engine.prefill(ids + follow + ids)  # many new tokens: eager again
     finally:
         del native_engine.decoder.prefill
-    assert calls[0] == (len(ids), 0) and calls[1][1] == len(ids) and len(calls) == 2
+    assert calls == [(len(follow), len(ids))]
 
 
 # ------------------------------------------------------------------------ the embedded model
