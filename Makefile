@@ -27,9 +27,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/asr_stream.py --json bench/results/asr_stream.json
+	$(BIN)/python bench/asr_context.py --json bench/results/asr_context.json
 	$(BIN)/python bench/agent_latency.py --json bench/results/agent_latency.json
 	$(BIN)/python bench/decode.py --threads 1 --json bench/results/decode_t1.json --plot bench/results/decode_t1.png
-	$(BIN)/python bench/decode.py --threads 2 --json bench/results/decode.json --plot bench/results/decode.png
+	$(BIN)/python bench/decode.py --threads 2 --prefill-sweep --json bench/results/decode.json --plot bench/results/decode.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info
