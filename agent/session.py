@@ -35,7 +35,7 @@ import numpy as np
 from rejoinder.engine import SamplingParams
 from rejoinder.engine.end_of_turn import EndOfTurnScorer
 from rejoinder.streaming.asr import ASR_RATE
-from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig
+from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig, without_tail
 from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
 from rejoinder.streaming.frames import AudioFrame, FrameChunker
 from rejoinder.streaming.listener import Listener
@@ -452,7 +452,7 @@ class Session:
                 self._set_state(SessionState.LISTENING, "no words")
             return
         turn.parts.append(text)
-        turn.unsure_tail = ev.unsure_tail if text.endswith(ev.unsure_tail) else ""
+        turn.unsure_tail = ev.unsure_tail if without_tail(text, ev.unsure_tail) != text else ""
         turn.asr_final_at = ev.emitted_at
         await self._consider_end_of_turn(turn)
 
@@ -491,8 +491,8 @@ class Session:
         half-finished sentence is worse than waiting a little longer on a finished one."""
         messages = self.conversation.messages()
         p = await self.eot.ascore(messages, text)
-        sure = text[: len(text) - len(unsure_tail)].rstrip() if unsure_tail and text.endswith(unsure_tail) else ""
-        if sure and words(sure):
+        sure = without_tail(text, unsure_tail)
+        if sure != text and words(sure):
             p = min(p, await self.eot.ascore(messages, sure))
         return p
 

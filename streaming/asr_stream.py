@@ -65,9 +65,12 @@ class ASREvent:
     @property
     def sure_text(self) -> str:
         """`text` without its unsure tail."""
-        if self.unsure_tail and self.text.endswith(self.unsure_tail):
-            return self.text[: len(self.text) - len(self.unsure_tail)].rstrip()
-        return self.text
+        return without_tail(self.text, self.unsure_tail)
+
+
+def without_tail(text: str, tail: str) -> str:
+    """`text` with `tail` cut off its end (unchanged when it does not end with it)."""
+    return text[: len(text) - len(tail)].rstrip() if tail and text.endswith(tail) else text
 
 
 @dataclass(frozen=True)
