@@ -96,7 +96,7 @@ async def test_interruption_stops_audio_and_truncates_history(models):
         await mic.speak(espeak_say(LONG_QUESTION))
         await until_played(session, 1.5)
         first_answer = session._answer
-        t_speak, _ = await mic.speak(espeak_say("Stop. What is two plus two?"))
+        t_speak, _ = await mic.speak(espeak_say("Stop, what is two plus two?"))
         assert await wait_for(lambda: len(session.turns) >= 2, 40)
     barges = [b for b in session.barge_ins if b.outcome == "interruption"]
     assert len(barges) == 1, session.barge_ins
