@@ -16,13 +16,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from rejoinder.engine import Engine, SamplingParams, TokenStream
 from rejoinder.streaming.streamed_tts import SpeechChunk, StreamedTTS, Synthesizer
 from rejoinder.streaming.text_segmenter import SegmenterConfig
 
 from .tools import ToolCall, ToolCallFilter
+
+if TYPE_CHECKING:
+    from .turns import UserTurn
 
 log = logging.getLogger("rejoinder.agent.answer")
 
@@ -73,6 +76,12 @@ class Answer:
         self.error: BaseException | None = None
         self.first_token_at: float | None = None
         self.first_sent_at: float | None = None  # set by the session when its first frame goes out
+        # What travels with the answer through the session (declared here, never patched on):
+        self.user_turn: UserTurn | None = None  # the user turn it answers (None: greeting, `say`)
+        # A continuation after a false interruption, or the follow-up after a tool call, reports its
+        # metrics (turn timings, tool names) through the answer that began the exchange.
+        self.origin: Answer = self
+        self.tool_names: list[str] = []  # tools called while making this exchange (on the origin)
         self.created_at = time.monotonic()
         self.done = asyncio.Event()
         self._stream: TokenStream | None = None

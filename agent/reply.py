@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rejoinder.engine import Engine, EngineOptions, SamplingParams
-from rejoinder.streaming.asr import ASR_RATE, DEFAULT_CONTEXT_PAD_S, WhisperASR
-from rejoinder.streaming.assets import resolve
+from rejoinder.streaming.asr import ASR_RATE
 from rejoinder.streaming.audio import AudioError, read_wav, resample, write_wav
-from rejoinder.streaming.tts import PiperTTS
-from rejoinder.streaming.vad import SileroVAD, speech_segments
+from rejoinder.streaming.vad import speech_segments
 
 from .config import AgentConfig
+from .models import Models
 
 
 class NoSpeechError(AudioError):
@@ -48,41 +46,10 @@ class Reply:
         return {"transcript": self.transcript, "answer": self.answer, "timings": asdict(self.timings)}
 
 
-def _model_arg(value: str) -> str | None:
-    return value or None
-
-
-class Models:
-    """The embedded (or user-given) models, loaded once."""
-
-    def __init__(self, cfg: AgentConfig):
-        t0 = time.perf_counter()
-        self.engine = Engine.load(
-            resolve("llm", _model_arg(cfg.llm_model)),
-            EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads,
-                          backend=cfg.llm_backend),
-        )
-        self.asr = WhisperASR(resolve("asr", _model_arg(cfg.asr_model)), language=cfg.language or None,
-                              context_pad_s=None if cfg.asr_full_window else DEFAULT_CONTEXT_PAD_S)
-        self.tts = PiperTTS(resolve("tts", _model_arg(cfg.tts_model)))
-        self.vad_path = resolve("vad", _model_arg(cfg.vad_model))
-        self.vad = SileroVAD(self.vad_path)  # sessions make their own (a VAD carries stream state)
-        self.load_s = time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def sampling_params(cfg: AgentConfig) -> SamplingParams:
-    return SamplingParams(
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens
-    )
-
-
 def answer_text(models: Models, cfg: AgentConfig, question: str, timings: StageTimings) -> str:
     messages = [{"role": "system", "content": cfg.persona}, {"role": "user", "content": question}]
     t0 = time.perf_counter()
-    tokens = [ev.token_id for ev in models.engine.generate(models.engine.chat_ids(messages), sampling_params(cfg))]
+    tokens = [ev.token_id for ev in models.engine.generate(models.engine.chat_ids(messages), cfg.sampling_params())]
     stats = models.engine.last_stats
     timings.llm_total_s = time.perf_counter() - t0
     timings.llm_ttft_s = stats.ttft_s

@@ -31,7 +31,8 @@ from speech import espeak_say, silence  # noqa: E402
 
 from rejoinder.agent.config import AgentConfig  # noqa: E402
 from rejoinder.agent.events import SessionState  # noqa: E402
-from rejoinder.agent.reply import Models, reply_to_audio  # noqa: E402
+from rejoinder.agent.models import Models  # noqa: E402
+from rejoinder.agent.reply import reply_to_audio  # noqa: E402
 from rejoinder.agent.session import Session  # noqa: E402
 from rejoinder.streaming.transport import InProcessTransport  # noqa: E402
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rejoinder.errors import ModelAssetError
+
 ProgressFn = Callable[[int, int], None]
 
 
-class AssetError(RuntimeError):
+class AssetError(ModelAssetError, RuntimeError):
     """A model asset is missing or damaged; the message says how to fix it."""
 
 
@@ -72,7 +74,7 @@ def _package_dir(module: str, hint: str, role: str) -> Path:
 
 
 def _given_path(role: str, override: str | os.PathLike | None) -> Path | None:
-    value = override or os.environ.get(EMBEDDED[role].env_var)
+    value = override
     if not value:
         return None
     path = Path(value).expanduser()
@@ -82,7 +84,8 @@ def _given_path(role: str, override: str | os.PathLike | None) -> Path | None:
 
 
 def resolve(role: str, override: str | os.PathLike | None = None, progress: ProgressFn | None = None) -> Path:
-    """Local path of the model for `role`: the override, the env var, or the embedded package's file."""
+    """Local path of the model for `role`: the override (a flag or REJOINDER_<ROLE>_MODEL, read by the
+    agent's config), or the embedded package's file."""
     if role not in EMBEDDED:
         raise AssetError(f"unknown model role {role!r}; expected one of {sorted(EMBEDDED)}")
     given = _given_path(role, override)

@@ -17,6 +17,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from rejoinder.errors import BadInputError
+
 log = logging.getLogger("rejoinder.streaming.audio")
 
 PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
@@ -30,7 +32,7 @@ DEFAULT_MAX_SECONDS = 120.0
 _WAV_FORMATS = frozenset({"WAV", "WAVEX", "RF64"})
 
 
-class AudioError(ValueError):
+class AudioError(BadInputError):
     """Audio input is unusable; the message is one line meant for a human."""
 
 

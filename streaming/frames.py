@@ -27,6 +27,17 @@ MIN_RATE = 8_000
 MAX_RATE = 192_000
 
 
+def to_pcm16(x: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as int16 (scaled by 32767, clipped); int16 input is returned as is.
+
+    The one float -> PCM16 conversion of the package: every transport, the playout and the TTS use it.
+    """
+    x = np.asarray(x)
+    if x.dtype == np.int16:
+        return x
+    return (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
 @dataclass(frozen=True, eq=False)
 class AudioFrame:
     """A block of PCM audio.
@@ -60,11 +71,17 @@ class AudioFrame:
             x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
         return x
 
+    def to_pcm16(self) -> np.ndarray:
+        """The samples as int16 (float scaled by 32767 and clipped; int16 returned as is)."""
+        return to_pcm16(self.samples)
+
     def to_pcm16_bytes(self) -> bytes:
-        x = self.samples
-        if x.dtype != np.int16:
-            x = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
-        return x.astype("<i2", copy=False).tobytes()
+        return self.to_pcm16().astype("<i2", copy=False).tobytes()
+
+    @classmethod
+    def from_float(cls, x: np.ndarray, sample_rate: int, timestamp: float | None = None) -> AudioFrame:
+        """A mono int16 frame from float samples in [-1, 1]."""
+        return cls(to_pcm16(x), sample_rate, 1, time.monotonic() if timestamp is None else timestamp)
 
     @classmethod
     def from_pcm16_bytes(

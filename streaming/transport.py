@@ -13,22 +13,67 @@ the monotonic time it was sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from .frames import FRAME_MS, AudioFrame
+from rejoinder.errors import TransportError
+
+from .frames import FRAME_MS, AudioFrame, to_pcm16
 
 log = logging.getLogger("rejoinder.streaming.transport")
 
-__all__ = ["InProcessTransport", "SentFrame", "Transport", "TransportClosed"]
+__all__ = ["InProcessTransport", "SentFrame", "Transport", "TransportClosed", "event_json"]
 
 
-class TransportClosed(ConnectionError):
+class TransportClosed(TransportError):
     """The remote party is gone; sending more is pointless (the session ends)."""
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, enum.Enum):
+        return o.value
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    item = getattr(o, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
+    return str(o)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def event_json(event: Mapping[str, Any]) -> str:
+    """One session event as compact JSON text: the wire form on every channel (data channel, MQTT, LiveKit).
+
+    Enums, dataclasses, numpy values and sets become JSON; NaN and infinities become null, since a
+    consumer's parser would reject the whole event for one field.
+    """
+    try:
+        return json.dumps(dict(event), default=_json_default, allow_nan=False, ensure_ascii=False,
+                          separators=(",", ":"))
+    except ValueError:
+        plain = json.loads(json.dumps(dict(event), default=_json_default))
+        return json.dumps(_finite(plain), ensure_ascii=False, separators=(",", ":"))
 
 
 @runtime_checkable
@@ -153,9 +198,7 @@ class InProcessTransport:
         out = np.zeros(max(end, 0), np.int32)
         pos = 0
         for s in self.sent_audio:
-            x = s.frame.samples if s.frame.samples.ndim == 1 else s.frame.samples[:, 0]
-            if x.dtype != np.int16:
-                x = (np.clip(x, -1, 1) * 32767).astype(np.int16)
+            x = to_pcm16(s.frame.samples if s.frame.samples.ndim == 1 else s.frame.samples[:, 0])
             # Frames are paced to be contiguous; snap to the previous frame's end when within a frame
             # so scheduling jitter does not cut holes or overlaps into the waveform.
             at = int(round((s.sent_at - origin) * rate))
@@ -204,7 +247,7 @@ def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = a.shape[0]
     b = np.asarray(b)[:n]
     if a.dtype == np.int16:
-        bb = b if b.dtype == np.int16 else (np.clip(b, -1, 1) * 32767).astype(np.int16)
+        bb = to_pcm16(b)
         out = a.astype(np.int32)
         out[: bb.shape[0]] += bb
         return np.clip(out, -32768, 32767).astype(np.int16)

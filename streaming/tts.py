@@ -28,27 +28,24 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from rejoinder.errors import ModelAssetError
+
 log = logging.getLogger("rejoinder.streaming.tts")
 
 __all__ = ["PiperTTS", "TTSChunk", "TTSError", "SynthesisCancel", "default_tts_threads"]
 
 
-class TTSError(ValueError):
+class TTSError(ModelAssetError, ValueError):
     """The TTS voice could not be loaded or used; the message is one line and says why."""
 
 
 def default_tts_threads() -> int:
-    """Intra-op threads for Piper: half the cores (at least 1, at most 4), or $REJOINDER_TTS_THREADS.
+    """Intra-op threads for Piper: half the cores (at least 1, at most 4); the agent's `tts_threads`
+    setting (REJOINDER_TTS_THREADS) overrides it.
 
     Half, because TTS runs concurrently with ASR and LLM decoding; Piper is ~10x faster than real
     time on one core of a small CPU, which is plenty once text is synthesised clause by clause.
     """
-    env = os.environ.get("REJOINDER_TTS_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            log.warning("ignoring REJOINDER_TTS_THREADS=%r (not an integer)", env)
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 

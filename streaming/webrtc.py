@@ -27,25 +27,49 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
-from .frames import AudioFrame
+from .frames import AudioFrame, to_pcm16
 from .resample import StreamResampler
-from .transport import TransportClosed
+from .transport import TransportClosed, event_json
 
 log = logging.getLogger("rejoinder.streaming.webrtc")
 
-__all__ = ["AgentAudioTrack", "WebRTCOptions", "WebRTCStats", "WebRTCTransport", "av_to_audio_frame"]
+__all__ = ["AgentAudioTrack", "WebRTCOptions", "WebRTCStats", "WebRTCTransport", "av_to_audio_frame",
+           "restrict_ice_hosts"]
 
 RTC_RATE = 48_000  # Opus always runs at 48 kHz; handing it anything else costs a second resampling
 FRAME_MS = 20
 FRAME_SAMPLES = RTC_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
+
+def restrict_ice_hosts(hosts: Sequence[str] | None) -> None:
+    """Offer only `hosts` as ICE host candidates, for every peer connection of this process.
+
+    aioice gathers host candidates from every interface address except 127.0.0.1 and has no
+    per-connection setting for it, so the choice is process-wide: tests, benchmarks and load suites
+    give ("127.0.0.1",) to keep all media on the loopback; `None` or () restores every interface.
+    """
+    import aioice.ice
+
+    original = getattr(aioice.ice, "_rejoinder_original_hosts", None) or aioice.ice.get_host_addresses
+    aioice.ice._rejoinder_original_hosts = original  # type: ignore[attr-defined]
+    if not hosts:
+        aioice.ice.get_host_addresses = original
+        return
+    chosen = [h for h in dict.fromkeys(hosts) if h]
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [h for h in chosen if (":" in h and use_ipv6) or (":" not in h and use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
+    log.info("ICE host candidates restricted to %s", ", ".join(chosen))
+
 
 ControlHandler = Callable[[dict[str, Any]], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"]
 
@@ -250,6 +274,7 @@ class WebRTCTransport:
         self._out_buf = np.zeros(0, dtype=np.float32)
         self._last_send_audio: float | None = None
         self.connected = asyncio.Event()  # ICE + DTLS up: media can flow
+        self._tasks: set[asyncio.Task[Any]] = set()  # control replies, closing: cancelled at close()
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -280,7 +305,7 @@ class WebRTCTransport:
         if state == "connected":
             self.connected.set()
         elif state in ("failed", "closed") and not self.closed:
-            asyncio.ensure_future(self.close(f"connection {state}"))
+            self._spawn(self.close(f"connection {state}"))
 
     def _on_message(self, message: str | bytes) -> None:
         self.stats.messages_in += 1
@@ -297,7 +322,12 @@ class WebRTCTransport:
         if not isinstance(data, dict):
             self._send_text(json.dumps({"type": "error", "where": "data_channel", "message": "message is not an object"}))
             return
-        asyncio.ensure_future(self._run_control(data))
+        self._spawn(self._run_control(data))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_control(self, data: dict[str, Any]) -> None:
         assert self.on_control is not None
@@ -337,7 +367,7 @@ class WebRTCTransport:
     async def send_event(self, event: Mapping[str, Any]) -> None:
         if self.closed:
             return  # late events of an ended session are harmless; raising would only add noise
-        text = json.dumps(dict(event), default=_json_default, separators=(",", ":"), ensure_ascii=False)
+        text = event_json(event)
         if self._send_text(text):
             return
         if len(self._pending) == self._pending.maxlen:
@@ -406,7 +436,7 @@ class WebRTCTransport:
         self._out_buf = np.concatenate([self._out_buf, y]) if self._out_buf.size else y
         while self._out_buf.size >= FRAME_SAMPLES:
             chunk, self._out_buf = self._out_buf[:FRAME_SAMPLES], self._out_buf[FRAME_SAMPLES:]
-            await self.output_track.put((np.clip(chunk, -1.0, 1.0) * 32767.0).astype(np.int16))
+            await self.output_track.put(to_pcm16(chunk))
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -426,6 +456,10 @@ class WebRTCTransport:
         )
         self.output_track.clear()
         self.output_track.stop()
+        me = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not me:
+                t.cancel()
         try:
             await self.pc.close()
         except Exception as exc:  # noqa: BLE001 - closing a half-built connection may fail; we are done anyway
@@ -436,16 +470,4 @@ def _to_int16_mono(frame: AudioFrame) -> np.ndarray:
     x = frame.samples
     if x.ndim == 2:
         x = x[:, 0] if x.shape[1] == 1 else frame.to_float_mono()
-    if x.dtype != np.int16:
-        x = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return np.ascontiguousarray(x)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
+    return np.ascontiguousarray(to_pcm16(x))

@@ -8,7 +8,8 @@ from speech import piper_say, espeak_say, have_espeak
 from rejoinder.agent.config import DEFAULT_PERSONA
 from rejoinder.agent.conversation import Conversation
 from rejoinder.agent.tools import Tool, ToolCall, ToolCallFilter, ToolRegistry, parse_tool_call
-from rejoinder.agent.turn_taking import TurnTakingConfig, is_backchannel, is_echo_text
+from rejoinder.agent.barge_in import is_backchannel, is_echo_text
+from rejoinder.agent.config import TurnTakingConfig
 from rejoinder.engine import Engine
 from rejoinder.engine.end_of_turn import EndOfTurnScorer, strip_trailing_punctuation
 from rejoinder.streaming.assets import resolve
@@ -159,7 +160,8 @@ def test_echo_guard_recognises_the_agents_voice_not_the_users():
 
 
 def test_config_precedence_flag_over_environment_over_default(monkeypatch):
-    from rejoinder.agent.cli import _config, build_parser
+    from rejoinder.agent.cli import build_parser
+    from rejoinder.agent.config import from_args as _config
     from rejoinder.agent.config import AgentConfig
 
     assert AgentConfig.from_env({}).asr_full_window is False

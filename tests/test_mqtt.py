@@ -19,8 +19,13 @@ import pytest
 from mqtt_broker import Broker, Received, Recorder, find_mosquitto
 from rejoinder.agent.events import (AgentText, BargeIn, SessionEnded, SessionStarted, SessionState, StateChanged,
                                     TurnMetrics, UserSpeech, UserTranscript)
-from rejoinder.streaming.mqtt import (MQTTBridge, MQTTConfig, control_json_schema, control_topic, events_topic,
-                                      parse_control, ControlError, status_topic)
+from rejoinder.agent.config import MQTTSettings
+from rejoinder.agent.control import CommandRefused as ControlError, control_json_schema, parse_command
+from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig, control_topic, events_topic, status_topic
+
+
+def parse_control(payload):
+    return parse_command(payload, "mqtt")
 
 pytestmark = [
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (CI installs it: .ci/run)"),
@@ -130,15 +135,24 @@ def test_config_from_url():
             MQTTConfig.from_url("mqtt://h", agent_id=bad_id)
 
 
-def test_config_from_env():
-    assert MQTTConfig.from_env(None, env={}) is None  # MQTT is off unless asked for
+def test_config_from_env_and_flags():
+    from rejoinder.agent.cli import build_parser
+    from rejoinder.agent.config import from_args, load
+
+    assert MQTTConfig.from_settings(load({}).mqtt) is None  # MQTT is off unless asked for
     env = {"REJOINDER_MQTT_URL": "mqtts://broker:8883", "REJOINDER_AGENT_ID": "desk-2",
            "REJOINDER_MQTT_USERNAME": "u", "REJOINDER_MQTT_PASSWORD": "p", "REJOINDER_MQTT_INSECURE": "1"}
-    c = MQTTConfig.from_env(None, env=env)
+    c = MQTTConfig.from_settings(load(env).mqtt)
     assert (c.host, c.agent_id, c.username, c.password, c.tls_insecure) == ("broker", "desk-2", "u", "p", True)
-    c = MQTTConfig.from_env("mqtt://other:1884", agent_id="flag-id", username=None, password="q", env=env)  # flags win
+    args = build_parser().parse_args(["talk", "--in", "x.wav", "--out", "y.wav", "--mqtt", "mqtt://other:1884",
+                                      "--agent-id", "flag-id"])
+    c = MQTTConfig.from_settings(from_args(args, env).mqtt, password="q")  # flags win
     assert (c.host, c.port, c.agent_id, c.username, c.password) == ("other", 1884, "flag-id", "u", "q")
-    assert MQTTConfig.from_env("mqtt://h", env={}).agent_id  # host name by default
+    assert MQTTConfig.from_settings(MQTTSettings(url="mqtt://h")).agent_id  # host name by default
+    # The same --mqtt flag on every live entry point.
+    for cmd in (["talk", "--in", "x.wav", "--out", "y.wav"], ["serve"], ["livekit", "dev"]):
+        args = build_parser().parse_args([*cmd, "--mqtt", "mqtt://h:1"])
+        assert from_args(args, {}).mqtt.url == "mqtt://h:1", cmd
 
 
 @pytest.mark.parametrize("payload, reason", [
@@ -508,7 +522,7 @@ async def test_broker_killed_mid_stream_and_restarted(own_broker, make_bridge):
 
 LAST_WILL_AGENT = r"""
 import asyncio, sys
-from rejoinder.streaming.mqtt import MQTTBridge, MQTTConfig
+from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig
 
 async def main():
     bridge = MQTTBridge(MQTTConfig.from_url(sys.argv[1], agent_id=sys.argv[2], keepalive=5))
@@ -677,7 +691,7 @@ async def test_username_and_password(tmp_path, make_bridge):
 def test_monitor_state_tracks_sessions_and_renders():
     from rich.console import Console
 
-    from rejoinder.agent.monitor import MonitorState
+    from rejoinder.agent.cli.monitor import MonitorState
 
     st = MonitorState()
 
@@ -718,7 +732,7 @@ def test_monitor_state_tracks_sessions_and_renders():
 
 async def test_monitor_command_shows_a_live_conversation(broker, agent_id, make_bridge):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rejoinder.agent.monitor", "--broker", broker.url, "--agent-id", agent_id,
+        sys.executable, "-m", "rejoinder.agent.cli", "monitor", "--broker", broker.url, "--agent-id", agent_id,
         "--plain", "--duration", "15", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     lines: list[str] = []
     try:
@@ -762,7 +776,7 @@ async def test_monitor_command_shows_a_live_conversation(broker, agent_id, make_
 def agent_models():
     pytest.importorskip("rejoinder.agent.session")
     from rejoinder.agent.config import AgentConfig
-    from rejoinder.agent.reply import Models
+    from rejoinder.agent.models import Models
 
     cfg = AgentConfig(persona="You are a helpful assistant. Answer in one short sentence.", greeting="",
                       max_new_tokens=24)

@@ -19,7 +19,7 @@ from agent_harness import Mic, frames_sent_between, wait_for
 from speech import espeak_say, have_espeak, shared_whisper
 from rejoinder.agent.config import AgentConfig
 from rejoinder.agent.events import SessionState
-from rejoinder.agent.reply import Models
+from rejoinder.agent.models import Models
 from rejoinder.agent.session import Session
 from rejoinder.agent.tools import Tool
 from rejoinder.streaming.audio import resample
@@ -60,7 +60,7 @@ def speaking(session: Session) -> bool:
 
 async def until_played(session: Session, seconds: float, timeout: float = 20.0) -> None:
     """Wait until the agent has been audible for `seconds` of the current answer."""
-    assert await wait_for(lambda: speaking(session) and session.playout.played_seconds >= seconds, timeout), session.state
+    assert await wait_for(lambda: speaking(session) and session.speaker.playout.played_seconds >= seconds, timeout), session.state
 
 
 async def test_question_gets_a_spoken_answer_with_voice_to_voice_latency(models):
@@ -95,7 +95,7 @@ async def test_interruption_stops_audio_and_truncates_history(models):
     async with live_session(models, max_new_tokens=120) as (session, transport, mic):
         await mic.speak(espeak_say(LONG_QUESTION))
         await until_played(session, 1.5)
-        first_answer = session._answer
+        first_answer = session.speaker.answer
         t_speak, _ = await mic.speak(espeak_say("Stop, what is two plus two?"))
         assert await wait_for(lambda: len(session.turns) >= 2, 40)
     barges = [b for b in session.barge_ins if b.outcome == "interruption"]
@@ -151,7 +151,7 @@ async def test_mid_sentence_pause_is_waited_for(models):
     async with live_session(models) as (session, transport, mic):
         await mic.speak(espeak_say("I would like to book a table for"))
         await asyncio.sleep(1.0)
-        spoke_during_pause = session.playout.metrics.frames_out > 0
+        spoke_during_pause = session.speaker.playout.metrics.frames_out > 0
         await mic.speak(espeak_say("two people tonight."))
         assert await wait_for(lambda: len(session.turns) >= 1, 30)
     assert not spoke_during_pause

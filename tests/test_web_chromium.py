@@ -25,7 +25,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from rejoinder.agent.serve import ServeConfig, agent_session_factory
+from rejoinder.agent.serving import agent_session_factory
+from rejoinder.streaming.signalling import ServeConfig
 from rejoinder.streaming.audio import resample, write_wav
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 from speech import piper_say, trim

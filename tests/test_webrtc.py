@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from rejoinder.agent.serve import ServeConfig, agent_session_factory, validate_offer, OfferError
+from rejoinder.agent.serving import agent_session_factory
+from rejoinder.streaming.signalling import OfferError, ServeConfig, validate_offer
 from rejoinder.streaming.audio import resample, write_wav
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
@@ -169,12 +170,10 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         assert stats.frames_out_speech == pytest.approx(done["seconds"] / 0.02, abs=3)
         assert stats.speech_runs <= 2, f"{stats.speech_runs - 1} gaps in one continuous answer"
 
-        # Control messages reach the session and answer on the same channel; operator-only
-        # commands are refused before they reach it.
+        # Data-channel messages reach the session and its replies come back on the same channel;
+        # the transport itself refuses what is not a JSON object.
         reply = await client.control("status")
         assert reply == {**reply, "ok": True, "echoed": "status", "command": "status"}
-        refused = await client.control("tool", {"name": "anything"})
-        assert refused["ok"] is False and "not allowed" in refused["error"]
         client.send_raw("this is not json")
         bad = await client.wait_event(lambda e: e["type"] == "error" and e.get("where") == "data_channel", 5)
         assert "JSON" in bad["message"]
@@ -364,7 +363,7 @@ async def test_peer_that_never_connects_is_released():
 
 
 async def test_session_time_limit_ends_the_call():
-    srv = ServerThread(ServeConfig(max_session_s=1.5, connect_timeout_s=3.0), EchoSession).start()
+    srv = ServerThread(ServeConfig(max_session_minutes=1.5 / 60, connect_timeout_s=3.0), EchoSession).start()
     try:
         client = RTCClient(srv.url)
         await client.connect()
@@ -378,27 +377,27 @@ async def test_session_time_limit_ends_the_call():
 
 
 def test_serve_flags_and_environment(monkeypatch):
-    import argparse
-
-    from rejoinder.agent.serve import add_serve_parser, serve_config_from_args
+    from rejoinder.agent.cli import build_parser
+    from rejoinder.agent.config import from_args
+    from rejoinder.errors import ConfigError
 
     monkeypatch.setenv("REJOINDER_ALLOW_ORIGINS", "https://a.example, https://b.example/")
     monkeypatch.setenv("REJOINDER_MAX_SESSIONS", "5")
     monkeypatch.setenv("REJOINDER_TOKEN", "from-env")
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    cfg = serve_config_from_args(parser.parse_args(["serve", "--port", "9001", "--media-timeout", "7"]))
+    monkeypatch.setenv("REJOINDER_ICE_HOSTS", "127.0.0.1")
+    parser = build_parser()
+    cfg = from_args(parser.parse_args(["serve", "--port", "9001", "--media-timeout", "7"])).serve
     assert (cfg.port, cfg.max_sessions, cfg.token, cfg.media_timeout_s) == (9001, 5, "from-env", 7.0)
     assert cfg.allow_origins == ("https://a.example", "https://b.example")
-    cfg = serve_config_from_args(parser.parse_args(["serve", "--allow-origin", "*", "--max-sessions", "1"]))
-    assert cfg.allow_origins == ("*",) and cfg.max_sessions == 1
-    with pytest.raises(ValueError, match="max-sessions"):
-        serve_config_from_args(parser.parse_args(["serve", "--max-sessions", "0"]))
+    assert cfg.ice_hosts == ("127.0.0.1",)
+    cfg = from_args(parser.parse_args(["serve", "--allow-origin", "*", "--max-sessions", "1", "--max-session-minutes",
+                                       "2"])).serve
+    assert cfg.allow_origins == ("*",) and cfg.max_sessions == 1 and cfg.max_session_s == 120.0
+    with pytest.raises(ConfigError, match="max-sessions"):
+        from_args(parser.parse_args(["serve", "--max-sessions", "0"]))
     monkeypatch.setenv("REJOINDER_PORT", "not-a-port")
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    with pytest.raises(SystemExit):  # reported like a bad flag
-        parser.parse_args(["serve"])
+    with pytest.raises(ConfigError, match="REJOINDER_PORT"):  # named, like a bad flag
+        from_args(parser.parse_args(["serve"]))
 
 
 async def test_a_session_that_cannot_start_gives_500_and_frees_its_slot():
@@ -520,6 +519,12 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
     await client.connect()
     try:
         await wait_greeting(client)
+        # Operator-only commands and bad arguments are refused on the caller's own channel
+        # (agent.control: one table, one validation for every channel).
+        refused = await client.control("tool", {"name": "anything"})
+        assert refused["ok"] is False and "not allowed" in refused["error"]
+        refused = await client.control("say", {"text": 123})
+        assert refused["ok"] is False and "must be a string" in refused["error"]
         text = long_text(60)
         mark = time.monotonic()
         assert (await client.control("say", {"text": text}))["ok"] is True
@@ -609,7 +614,7 @@ async def test_vanished_caller_is_cleaned_up_and_the_next_one_is_served(agent_se
 async def test_served_sessions_are_published_and_steerable_on_mqtt(tmp_path):
     from mqtt_broker import Broker, Recorder, find_mosquitto
 
-    from rejoinder.streaming.mqtt import MQTTBridge, MQTTConfig, control_topic
+    from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig, control_topic
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")

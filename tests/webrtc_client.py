@@ -302,7 +302,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="rejoinder-test-server", daemon=True)
-        self.server = None  # rejoinder.agent.serve.Server
+        self.server = None  # rejoinder.streaming.signalling.Server
         self._runner = None
 
     def _main(self) -> None:
@@ -314,7 +314,7 @@ class ServerThread:
     async def _start(self) -> None:
         from aiohttp import web
 
-        from rejoinder.agent.serve import SERVER_KEY, create_app
+        from rejoinder.streaming.signalling import SERVER_KEY, create_app
 
         app = create_app(self.cfg, self.factory)
         self.server = app[SERVER_KEY]
@@ -356,7 +356,7 @@ class ServerThread:
 def shared_agent() -> tuple[Any, Any]:
     """(Models, AgentConfig) of the embedded models, loaded once for every WebRTC/browser test."""
     from rejoinder.agent.config import AgentConfig
-    from rejoinder.agent.reply import Models
+    from rejoinder.agent.models import Models
 
     cfg = AgentConfig.from_env({})
     return Models(cfg), cfg
@@ -376,11 +376,15 @@ class EchoSession:
         self.session_id = f"echo-{peer_id[:6]}"
         self.controls: list[tuple[str, dict]] = []
 
-    async def control(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.controls.append((command, dict(args or {})))
+    async def on_message(self, msg: dict[str, Any]) -> dict[str, Any]:
+        command = str(msg.get("command"))
+        self.controls.append((command, dict(msg.get("args") or {})))
         if command == "end":
-            await self.transport.close("ended by control")  # audio_in() ends, and so does run()
-        return {"ok": True, "echoed": command}
+            await self.end("ended by control")
+        return {"type": "control_result", "id": msg.get("id"), "command": command, "ok": True, "echoed": command}
+
+    async def end(self, reason: str) -> None:
+        await self.transport.close(reason)  # audio_in() ends, and so does run()
 
     async def run(self) -> None:
         from rejoinder.streaming.frames import AudioFrame, FrameChunker

@@ -8,33 +8,98 @@ written as JSON.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from rejoinder.errors import BadInputError
 from rejoinder.streaming.audio import read_wav, resample, write_wav
 from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.transport import InProcessTransport
 
-from .config import AgentConfig
+from .. import config
+from ..config import AgentConfig
+
+if TYPE_CHECKING:
+    from ..models import Models
+    from ..mqtt import MQTTBridge
+    from ..session import Session
 
 FEED_RATE = 16_000
 FRAME = FEED_RATE // 50
 
 
-async def talk(models: Any, cfg: AgentConfig, samples: np.ndarray, rate: int, *, speed: float = 1.0,
-               greeting: str = "", tail_s: float = 30.0, listeners=()) -> tuple[Any, np.ndarray, InProcessTransport]:
-    """Run one session over `samples`; returns (session, agent audio on the input timeline, transport)."""
-    from .session import Session
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("talk", help="run a full-duplex session over a recorded conversation (real time)")
+    p.add_argument("--in", dest="in_path", required=True, help="the caller's side: a WAV (any common format)")
+    p.add_argument("--out", dest="out_path", required=True, help="the agent's side, on the input's timeline")
+    p.add_argument("--metrics-json", help="write per-turn metrics and barge-ins as JSON here")
+    p.add_argument("--stereo", action="store_true", help="write caller (left) and agent (right) together")
+    p.add_argument("--greeting", help="say this when the session starts (default: nothing)")
+    p.add_argument("--speed", type=float, default=1.0, help="feed faster than real time (latencies then mean little)")
+    config.add_flags(p, ("models", "generation", "turns", "echo", "mqtt"))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """A whole session over a recorded conversation, in real time; per-turn metrics out."""
+    from ..models import Models
+    from ..mqtt import start_bridge
+
+    cfg = config.from_args(args)
+    in_path, out_path = Path(args.in_path), Path(args.out_path)
+    if not in_path.exists():
+        raise BadInputError(f"input file not found: {in_path}")
+    samples, rate = load_input(in_path, cfg)  # bad input fails before any model loads
+    for p in (out_path, Path(args.metrics_json) if args.metrics_json else None):
+        if p is not None and not p.parent.exists():
+            raise BadInputError(f"output folder does not exist: {p.parent}")
+    if not 0.25 <= args.speed <= 8:
+        raise BadInputError("--speed must be within 0.25-8")
+    print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
+    models = Models(cfg)
+
+    async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
+        bridge = await start_bridge(cfg.mqtt)
+        try:
+            return await talk(models, cfg, samples, rate, speed=args.speed, greeting=args.greeting or "",
+                              bridge=bridge)
+        finally:
+            if bridge is not None:
+                await bridge.close()
+
+    try:
+        session, agent, _ = asyncio.run(main())
+    finally:
+        models.close()
+    write_outputs(agent, models.tts.sample_rate, samples, rate, out_path, args.stereo)
+    print_table(session)
+    if args.metrics_json:
+        Path(args.metrics_json).write_text(dumps(metrics_document(session)))
+    print(f"wrote {out_path}" + (f" and {args.metrics_json}" if args.metrics_json else ""), file=sys.stderr)
+    return 0
+
+
+async def talk(models: Models, cfg: AgentConfig, samples: np.ndarray, rate: int, *, speed: float = 1.0,
+               greeting: str = "", tail_s: float = 30.0, bridge: MQTTBridge | None = None,
+               ) -> tuple[Session, np.ndarray, InProcessTransport]:
+    """Run one session over `samples`; returns (session, agent audio on the input timeline, transport).
+
+    With `bridge`, the session's events go out on MQTT and its control topic steers it.
+    """
+    from ..session import Session
 
     x = resample(samples, rate, FEED_RATE).astype(np.float32)
     transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    session = Session(models, cfg, transport, greeting=greeting, listeners=listeners)
+    session = Session(models, cfg, transport, greeting=greeting)
+    detach = bridge.attach(session) if bridge is not None else None
     run = asyncio.create_task(session.run())
     t0 = time.monotonic()
     step = 0.02 / speed
@@ -59,12 +124,16 @@ async def talk(models: Any, cfg: AgentConfig, samples: np.ndarray, rate: int, *,
             await asyncio.sleep(delay)
         push(quiet)
         k += 1
-        idle = session._idle.is_set() and not session.listener.detector.in_speech
+        idle = session.idle
         idle_since = (idle_since or time.monotonic()) if idle else None
         if idle_since is not None and time.monotonic() - idle_since > 1.0:
             break
     transport.end_input()
-    await run
+    try:
+        await run
+    finally:
+        if detach is not None:
+            detach()
     agent = transport.output_audio(origin=t0, sample_rate=models.tts.sample_rate)
     return session, agent, transport
 
@@ -77,7 +146,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q))
 
 
-def summary(session: Any) -> dict[str, Any]:
+def summary(session: Session) -> dict[str, Any]:
     v2v = [t.voice_to_voice_s for t in session.turns if t.voice_to_voice_s is not None]
     react = [b.reaction_s for b in session.barge_ins if b.reaction_s is not None]
     return {
@@ -89,7 +158,7 @@ def summary(session: Any) -> dict[str, Any]:
     }
 
 
-def print_table(session: Any, out: TextIO = sys.stdout) -> None:
+def print_table(session: Session, out: TextIO = sys.stdout) -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:.0f}"
 
@@ -113,7 +182,7 @@ def print_table(session: Any, out: TextIO = sys.stdout) -> None:
           f"({s['turns']} turns)", file=out)
 
 
-def metrics_document(session: Any) -> dict[str, Any]:
+def metrics_document(session: Session) -> dict[str, Any]:
     """{"turns": [...], "barge_ins": [...], "summary": {...}} as --metrics-json writes it."""
     doc = session.metrics_json()
     doc["summary"] = summary(session)
@@ -125,7 +194,7 @@ def write_outputs(agent: np.ndarray, agent_rate: int, caller: np.ndarray, caller
     n_caller = int(round(caller.size * agent_rate / caller_rate))
     length = max(agent.size, n_caller)
     a = np.zeros(length, np.float32)
-    a[: agent.size] = agent.astype(np.float32) / 32768.0
+    a[: agent.size] = AudioFrame(agent, agent_rate).to_float_mono()
     if stereo:
         c = np.zeros(length, np.float32)
         cc = resample(caller, caller_rate, agent_rate)

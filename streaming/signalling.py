@@ -1,4 +1,4 @@
-"""`rejoinder serve`: the web page and WebRTC sessions over HTTP signalling.
+"""The WebRTC signalling server: the web page, offers in (JSON or WHIP), one session per peer.
 
 Routes:
   GET  /                 the web client (static files from web/)
@@ -15,15 +15,17 @@ reaches `max_session_s`. Every path ends in the same cleanup, so a slot is never
 
 Request checks, in order, each with a JSON error: origin (403), token (401), body size (413),
 capacity (503), SDP shape (400). The static page itself needs no token: it is where the user types it.
+
+What runs behind each peer comes from a `SessionFactory` (the agent supplies one; tests supply stand-ins):
+this module never imports `rejoinder.agent`. Data-channel messages other than `ping` go to the
+session's `on_message`, which answers them.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import signal
@@ -38,61 +40,98 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.sdp import SessionDescription
 
-from rejoinder.streaming.transport import Transport
-from rejoinder.streaming.webrtc import WebRTCOptions, WebRTCTransport
+from rejoinder.errors import ConfigError, RejoinderError
 
-log = logging.getLogger("rejoinder.agent.serve")
+from .transport import Transport
+from .webrtc import WebRTCOptions, WebRTCTransport, restrict_ice_hosts
+
+log = logging.getLogger("rejoinder.streaming.signalling")
 
 __all__ = [
     "OfferError",
+    "PeerSession",
     "ServeConfig",
     "SessionFactory",
-    "SessionLike",
-    "add_serve_parser",
-    "agent_session_factory",
     "create_app",
-    "main_serve",
+    "default_web_dir",
     "serve",
+    "validate_offer",
 ]
 
-DEFAULT_WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
-# What a browser may ask of its own session over the data channel. "tool" and "set_persona" are
-# operator powers (MQTT, the CLI), not something a page visitor should reach.
-DEFAULT_CHANNEL_COMMANDS = frozenset({"say", "interrupt", "end", "mute", "unmute", "status"})
+def default_web_dir() -> Path:
+    """The bundled web client: package data of the installed wheel, or the checkout's web/ folder."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("rejoinder.web")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "web"
 
 
-class SessionLike(Protocol):
-    """What the server needs of an agent session (rejoinder.agent.session.Session fits)."""
+class PeerSession(Protocol):
+    """What the server needs of whatever runs behind one peer (the agent's session, a test stand-in)."""
 
     session_id: str
 
     async def run(self) -> Any: ...
 
-    async def control(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]: ...
+    async def end(self, reason: str) -> None: ...
+
+    async def on_message(self, msg: dict[str, Any]) -> Mapping[str, Any] | None:
+        """A JSON object the peer sent on its data channel (not a ping); the reply, if any, is sent back."""
+        ...
 
 
-SessionFactory = Callable[[Transport, str], SessionLike]
+SessionFactory = Callable[[Transport, str], PeerSession]
+
+
+def _m(help: str, **meta: Any) -> dict[str, Any]:
+    return {"help": help, **meta}
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_sessions: int = 2
-    token: str = ""  # empty: no token needed
+    """The server's settings; `agent.config` generates `rejoinder serve`'s flags from these fields."""
+
+    host: str = field(default="127.0.0.1", metadata=_m("address to bind"))
+    port: int = field(default=8080, metadata=_m("TCP port"))
+    max_sessions: int = field(default=2, metadata=_m("concurrent conversations; more get HTTP 503"))
+    token: str = field(default="", metadata=_m(  # empty: no token needed
+        "shared secret clients must send (Bearer or ?token=); prefer the environment variable"))
     # Origins (scheme://host[:port]) a browser page may call the API from, besides the server's own.
     # "*" allows any. Requests without an Origin header (non-browser clients) are not origin-checked.
-    allow_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 64 * 1024  # a real offer is 2-8 KB
-    connect_timeout_s: float = 20.0
-    media_timeout_s: float = 20.0
-    max_session_s: float = 3600.0
-    web_dir: Path = DEFAULT_WEB_DIR
-    channel_commands: frozenset[str] = DEFAULT_CHANNEL_COMMANDS
+    allow_origins: tuple[str, ...] = field(default=(), metadata=_m(
+        "extra origin allowed to call the API, e.g. https://app.example.com ('*': any); repeatable; "
+        "comma-separated in the environment", flag="--allow-origin", metavar="ORIGIN"))
+    max_body_bytes: int = field(default=64 * 1024, metadata=_m("largest accepted request body"))  # offers: 2-8 KB
+    connect_timeout_s: float = field(default=20.0, metadata=_m(
+        "seconds for a peer to connect after the answer", flag="--connect-timeout", env="REJOINDER_CONNECT_TIMEOUT"))
+    media_timeout_s: float = field(default=20.0, metadata=_m(
+        "seconds without audio from a peer before its session ends", flag="--media-timeout",
+        env="REJOINDER_MEDIA_TIMEOUT"))
+    max_session_minutes: float = field(default=60.0, metadata=_m("longest conversation"))
+    web_dir: Path = field(default_factory=default_web_dir, metadata=_m("folder of the web client"))
+    # ICE host candidates: empty offers every interface address (aioice's default, what real
+    # deployments need); tests and benchmarks give 127.0.0.1 to keep media on the loopback.
+    ice_hosts: tuple[str, ...] = field(default=(), metadata=_m(
+        "only offer these addresses as ICE host candidates (default: every interface); repeatable",
+        flag="--ice-host", metavar="ADDRESS"))
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ConfigError("--max-sessions must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("--max-body-bytes must be at least 1024")
+
+    @property
+    def max_session_s(self) -> float:
+        return self.max_session_minutes * 60.0
 
 
-class OfferError(Exception):
+class OfferError(RejoinderError):
     """A request the server refuses, with its HTTP status and a message for the client."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -107,7 +146,7 @@ class Peer:
     id: str
     pc: RTCPeerConnection
     transport: WebRTCTransport
-    session: SessionLike | None = None
+    session: PeerSession | None = None
     task: asyncio.Task[None] | None = None
     created_at: float = field(default_factory=time.monotonic)
     end_reason: str = ""
@@ -240,7 +279,7 @@ class Server:
                 reason = f"session reached its {self.cfg.max_session_s:.0f} s limit"
                 # Ask it to end (so it says goodbye through its events and keeps its history
                 # consistent); cancel only if it does not.
-                await peer.session.control("end", {"reason": "time limit"})
+                await peer.session.end("time limit")
                 done, _ = await asyncio.wait({run}, timeout=5.0)
                 if not done:
                     run.cancel()
@@ -261,21 +300,12 @@ class Server:
             log.info("peer %s: ended (%s) after %.1f s; %d/%d sessions", peer.id, reason,
                      time.monotonic() - peer.created_at, self._admitted, self.cfg.max_sessions)
 
-    async def on_channel_message(self, peer: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
-        kind = msg.get("type")
-        if kind == "ping":
+    async def on_channel_message(self, peer: Peer, msg: dict[str, Any]) -> Mapping[str, Any] | None:
+        if msg.get("type") == "ping":  # round-trip probe: answered here, the session never sees it
             return {"type": "pong", "id": msg.get("id"), "t": msg.get("t")}
-        if kind != "control":
-            return {"type": "error", "where": "data_channel", "message": f"unknown message type {kind!r}"}
-        command = str(msg.get("command", ""))
-        reply: dict[str, Any] = {"type": "control_result", "id": msg.get("id"), "command": command}
-        if command not in self.cfg.channel_commands:
-            return {**reply, "ok": False, "error": f"command {command!r} is not allowed here"}
-        args = msg.get("args") or {}
-        if not isinstance(args, dict) or peer.session is None:
-            return {**reply, "ok": False, "error": "args must be an object"}
-        result = await peer.session.control(command, args)
-        return {**reply, **dict(result)}
+        if peer.session is None:
+            return None
+        return await peer.session.on_message(msg)
 
     async def hang_up(self, peer_id: str) -> bool:
         peer = self.peers.get(peer_id)
@@ -341,6 +371,8 @@ SERVER_KEY: web.AppKey[Server] = web.AppKey("rejoinder_server", Server)
 
 
 def create_app(cfg: ServeConfig, factory: SessionFactory) -> web.Application:
+    if cfg.ice_hosts:
+        restrict_ice_hosts(cfg.ice_hosts)
     server = Server(cfg, factory)
     # aiohttp's own limit backs ours up for bodies read any other way.
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors_middleware])
@@ -446,47 +478,7 @@ def _cors(origin: str | None, *, preflight: bool = False) -> dict[str, str]:
 
 
 def _session_id(peer: Peer) -> str:
-    return str(getattr(peer.session, "session_id", "") or peer.id)
-
-
-# --- the agent behind it ---------------------------------------------------------------------------
-
-
-def agent_session_factory(models: Any, cfg: Any, *, mqtt: Any = None) -> SessionFactory:
-    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given."""
-    from .session import Session  # imported late: serve must import even where the session cannot
-
-    def make(transport: Transport, peer_id: str) -> SessionLike:
-        session = Session(models, cfg, transport)
-        return session if mqtt is None else _OnMQTT(session, mqtt)
-
-    return make
-
-
-class _OnMQTT:
-    """A session published on the MQTT bridge only while it runs.
-
-    Attached in run(), not at creation: a peer that never connects never runs, and would otherwise
-    stay listed in the agent's presence and routable for control forever.
-    """
-
-    def __init__(self, session: Any, bridge: Any) -> None:
-        self.session = session
-        self.bridge = bridge
-
-    @property
-    def session_id(self) -> str:
-        return self.session.session_id
-
-    async def run(self) -> Any:
-        detach = self.bridge.attach(self.session)
-        try:
-            return await self.session.run()
-        finally:
-            detach()
-
-    async def control(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await self.session.control(command, args)
+    return (peer.session.session_id if peer.session is not None else "") or peer.id
 
 
 async def serve(cfg: ServeConfig, factory: SessionFactory, *, ready: Callable[[str], None] | None = None) -> None:
@@ -514,90 +506,3 @@ async def serve(cfg: ServeConfig, factory: SessionFactory, *, ready: Callable[[s
         log.info("stopping: closing %d session(s)", runner.app[SERVER_KEY].active if runner.app else 0)
     finally:
         await runner.cleanup()
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-
-def _env(name: str, default: str = "") -> str:
-    # Returned as text: argparse converts string defaults with the option's type, so a bad value in
-    # the environment is reported like a bad flag, and only by `serve`, not by every subcommand.
-    return os.environ.get(f"REJOINDER_{name}", default)
-
-
-def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .cli import _add_model_flags, _add_mqtt_flags
-
-    p = subparsers.add_parser("serve", help="serve the web page and WebRTC sessions (talk from a browser)")
-    g = p.add_argument_group("server (env REJOINDER_<NAME>)")
-    g.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=_env("PORT", "8080"), help="TCP port (default 8080)")
-    g.add_argument("--max-sessions", type=int, default=_env("MAX_SESSIONS", "2"),
-                   help="concurrent conversations; more get HTTP 503 (default 2)")
-    g.add_argument("--token", default=_env("TOKEN"),
-                   help="shared secret clients must send (Bearer or ?token=); prefer env REJOINDER_TOKEN")
-    g.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
-                   help="extra origin allowed to call the API, e.g. https://app.example.com ('*': any); repeatable; "
-                        "env REJOINDER_ALLOW_ORIGINS (comma-separated)")
-    g.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", "65536"),
-                   help="largest accepted request body (default 65536)")
-    g.add_argument("--connect-timeout", type=float, default=_env("CONNECT_TIMEOUT", "20"),
-                   help="seconds for a peer to connect after the answer (default 20)")
-    g.add_argument("--media-timeout", type=float, default=_env("MEDIA_TIMEOUT", "20"),
-                   help="seconds without audio from a peer before its session ends (default 20)")
-    g.add_argument("--max-session-minutes", type=float, default=_env("MAX_SESSION_MINUTES", "60"),
-                   help="longest conversation (default 60)")
-    g.add_argument("--web-dir", default=_env("WEB_DIR", str(DEFAULT_WEB_DIR)), help="folder of the web client")
-    _add_model_flags(p)
-    _add_mqtt_flags(p)
-    p.set_defaults(func=main_serve)
-    return p
-
-
-def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
-    origins = args.allow_origin if args.allow_origin else [o for o in _env("ALLOW_ORIGINS").split(",")]
-    origins = tuple(o.strip().rstrip("/") for o in origins if o.strip())
-    if args.max_sessions < 1:
-        raise ValueError("--max-sessions must be at least 1")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port} is not a TCP port")
-    return ServeConfig(
-        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token or "",
-        allow_origins=origins, max_body_bytes=args.max_body_bytes, connect_timeout_s=args.connect_timeout,
-        media_timeout_s=args.media_timeout, max_session_s=args.max_session_minutes * 60, web_dir=Path(args.web_dir),
-    )
-
-
-def main_serve(args: argparse.Namespace) -> int:
-    import sys
-
-    from .cli import _config, start_mqtt
-    from .reply import Models
-
-    scfg = serve_config_from_args(args)
-    agent_cfg = _config(args)
-    print("loading the models…", file=sys.stderr)
-    models = Models(agent_cfg)
-
-    def ready(url: str) -> None:
-        print(f"Rejoinder is listening: open {url} in a browser (Ctrl-C stops)", file=sys.stderr)
-        if scfg.host not in ("127.0.0.1", "localhost", "::1"):
-            print("note: browsers only allow the microphone on https:// or http://localhost pages; "
-                  "put a TLS proxy in front for other hosts", file=sys.stderr)
-
-    async def run() -> None:
-        bridge = await start_mqtt(args)  # None unless --mqtt / REJOINDER_MQTT_URL
-        try:
-            await serve(scfg, agent_session_factory(models, agent_cfg, mqtt=bridge), ready=ready)
-        finally:
-            if bridge is not None:
-                await bridge.close()
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        models.close()
-    return 0
-

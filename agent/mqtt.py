@@ -16,18 +16,16 @@ Delivery is at-least-once for QoS 1 events: an event whose PUBACK was lost with 
 sent again after reconnect. Every payload carries a per-session `seq` so a consumer can drop the
 duplicates and see gaps left by dropped events.
 
-This module receives events as JSON-ready dicts (or objects with `to_dict()`) and forwards control
-commands to async callables, so it never imports `rejoinder.agent`.
+Control messages are validated against the one command table (`agent.control`, channel "mqtt")
+before any handler sees them; events are encoded by the one event encoder
+(`streaming.transport.event_json`). The bridge never touches audio.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
-import enum
-import json
 import logging
-import math
 import os
 import random
 import socket
@@ -36,38 +34,41 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Mapping
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from aiomqtt import MqttError, ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
-log = logging.getLogger("rejoinder.streaming.mqtt")
+from rejoinder.errors import ConfigError
+from rejoinder.streaming.transport import event_json
+
+from .control import CommandRefused, ControlCommand, dispatch, parse_command
+
+if TYPE_CHECKING:
+    from .config import MQTTSettings
+    from .session import Session
+
+log = logging.getLogger("rejoinder.agent.mqtt")
 
 __all__ = [
-    "CONTROL_COMMANDS",
     "PAYLOAD_VERSION",
-    "ArgSpec",
-    "ControlCommand",
-    "ControlError",
     "ControlHandler",
     "MQTTBridge",
     "MQTTConfig",
     "MQTTStats",
-    "control_json_schema",
     "control_topic",
     "events_topic",
     "is_interim",
     "is_protocol_refusal",
     "open_client",
-    "parse_control",
+    "start_bridge",
     "status_topic",
 ]
 
 PAYLOAD_VERSION = 1
 TOPIC_ROOT = "rejoinder"
-MAX_CONTROL_BYTES = 64 * 1024
 _SEQ_SESSIONS = 4096  # sessions whose event counter is remembered (least recently used forgotten)
 
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
@@ -91,7 +92,7 @@ def control_topic(agent_id: str, session_id: str = "+") -> str:
 def _topic_level(name: str, what: str) -> str:
     """A string usable as one topic level: wildcards and separators would change what it addresses."""
     if not name or any(c in name for c in "/+#\0"):
-        raise ValueError(f"{what} {name!r} must be non-empty and contain none of / + # NUL")
+        raise ConfigError(f"{what} {name!r} must be non-empty and contain none of / + # NUL")
     return name
 
 
@@ -133,20 +134,20 @@ class MQTTConfig:
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):
-            raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {self.url!r}")
+            raise ConfigError(f"MQTT URL must start with mqtt:// or mqtts://, got {self.url!r}")
         if not parts.hostname:
-            raise ValueError(f"MQTT URL has no host: {self.url!r}")
+            raise ConfigError(f"MQTT URL has no host: {self.url!r}")
         try:
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError:
-            raise ValueError(f"MQTT URL has a bad port: {self.url!r}") from None
+            raise ConfigError(f"MQTT URL has a bad port: {self.url!r}") from None
         _topic_level(self.agent_id, "agent id")
         if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
+            raise ConfigError(f"protocol must be auto, 5 or 3.1.1, got {self.protocol!r}")
         if self.queue_limit < 1 or self.inflight < 1:
-            raise ValueError("queue_limit and inflight must be at least 1")
+            raise ConfigError("queue_limit and inflight must be at least 1")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:
-            raise ValueError("need 0 < backoff_min_s <= backoff_max_s")
+            raise ConfigError("need 0 < backoff_min_s <= backoff_max_s")
         if not self.client_id:
             object.__setattr__(self, "client_id", f"rejoinder-{self.agent_id}-{uuid.uuid4().hex[:8]}")
 
@@ -168,27 +169,23 @@ class MQTTConfig:
         return cls(**values)
 
     @classmethod
-    def from_env(cls, url: str | None = None, *, agent_id: str | None = None,
-                 env: Mapping[str, str] | None = None, **overrides: Any) -> "MQTTConfig | None":
-        """Config from flags, falling back to REJOINDER_MQTT_URL (None: MQTT is off).
+    def from_settings(cls, settings: MQTTSettings, **overrides: Any) -> MQTTConfig | None:
+        """The bridge's config for the agent's MQTT settings (None: MQTT is off).
 
-        Also reads REJOINDER_AGENT_ID, REJOINDER_MQTT_USERNAME, REJOINDER_MQTT_PASSWORD,
-        REJOINDER_MQTT_CA_FILE and REJOINDER_MQTT_INSECURE. The agent id defaults to the host name,
-        so a fleet of machines gets distinct ids without configuration.
+        The agent id defaults to the host name, so a fleet of machines gets distinct ids without
+        configuration.
         """
-        env = os.environ if env is None else env
-        url = url or env.get("REJOINDER_MQTT_URL") or None
-        if url is None:
+        if not settings.url:
             return None
         values: dict[str, Any] = {
-            "username": env.get("REJOINDER_MQTT_USERNAME") or None,
-            "password": env.get("REJOINDER_MQTT_PASSWORD") or None,
-            "ca_file": env.get("REJOINDER_MQTT_CA_FILE") or None,
-            "tls_insecure": (env.get("REJOINDER_MQTT_INSECURE", "").lower() in ("1", "true", "yes", "on")) or None,
+            "username": settings.username or None,
+            "password": settings.password or None,
+            "ca_file": settings.ca_file or None,
+            "tls_insecure": settings.insecure or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
-        aid = agent_id or env.get("REJOINDER_AGENT_ID") or _safe_level(socket.gethostname().split(".")[0] or "rejoinder")
-        return cls.from_url(url, agent_id=aid, **values)
+        aid = settings.agent_id or _safe_level(socket.gethostname().split(".")[0] or "rejoinder")
+        return cls.from_url(settings.url, agent_id=aid, **values)
 
     @property
     def tls(self) -> bool:
@@ -238,7 +235,7 @@ class _DemoteToDebug(logging.Filter):
         return log.isEnabledFor(logging.DEBUG)
 
 
-_paho_log = logging.getLogger("rejoinder.streaming.mqtt.paho")
+_paho_log = logging.getLogger("rejoinder.agent.mqtt.paho")
 _paho_log.addFilter(_DemoteToDebug())
 
 
@@ -264,136 +261,6 @@ def open_client(cfg: MQTTConfig, *, protocol: ProtocolVersion | None = None, wil
     # aiomqtt warns above 10 pending calls; a full in-flight window is normal here.
     client.pending_calls_threshold = cfg.inflight + 16
     return client
-
-
-# --- control commands -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArgSpec:
-    """One argument of a control command (all arguments are strings today)."""
-
-    required: bool = False
-    choices: tuple[str, ...] | None = None
-    default: str | None = None
-    non_empty: bool = False
-    max_len: int = 2000
-
-
-CONTROL_COMMANDS: dict[str, dict[str, ArgSpec]] = {
-    "say": {"text": ArgSpec(required=True, non_empty=True, max_len=2000),
-            "mode": ArgSpec(choices=("interrupt", "queue"), default="interrupt")},
-    "interrupt": {},
-    "end": {"reason": ArgSpec(max_len=500)},
-    "mute": {},
-    "unmute": {},
-    "set_persona": {"persona": ArgSpec(required=True, non_empty=True, max_len=8000)},
-    "status": {},
-}
-
-
-class ControlError(ValueError):
-    """A control message that must not reach the session; `id` is its correlation id when readable."""
-
-    def __init__(self, message: str, id: str | int | None = None, command: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.id = id
-        self.command = command
-
-
-@dataclass(frozen=True)
-class ControlCommand:
-    command: str
-    args: dict[str, Any]
-    id: str | int | None = None
-
-
-def parse_control(payload: bytes | str | bytearray | None) -> ControlCommand:
-    """Validate one control message against CONTROL_COMMANDS; raises ControlError with the reason.
-
-    Strict on purpose: unknown fields and arguments are refused rather than ignored, so a typo
-    ("txt") is reported instead of silently doing something else.
-    """
-    if payload is None:
-        raise ControlError("empty payload")
-    raw = payload if isinstance(payload, (bytes, bytearray)) else str(payload).encode()
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise ControlError(f"payload larger than {MAX_CONTROL_BYTES} bytes")
-    try:
-        msg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ControlError(f"invalid JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise ControlError("payload must be a JSON object")
-    cid = msg.get("id")
-    if cid is not None and (isinstance(cid, bool) or not isinstance(cid, (str, int)) or len(str(cid)) > 200):
-        raise ControlError("id must be a string or integer of at most 200 characters")
-    command = msg.get("command")
-    if not isinstance(command, str) or not command:
-        raise ControlError("missing command", cid)
-    extra = set(msg) - {"command", "args", "id"}
-    if extra:
-        raise ControlError(f"unknown field(s): {', '.join(sorted(extra))}", cid, command)
-    spec = CONTROL_COMMANDS.get(command)
-    if spec is None:
-        raise ControlError(f"unknown command {command!r} (known: {', '.join(CONTROL_COMMANDS)})", cid, command)
-    args = msg.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise ControlError("args must be a JSON object", cid, command)
-    unknown = set(args) - set(spec)
-    if unknown:
-        raise ControlError(f"{command}: unknown argument(s): {', '.join(sorted(unknown))}", cid, command)
-    out: dict[str, Any] = {}
-    for name, a in spec.items():
-        if name not in args:
-            if a.required:
-                raise ControlError(f"{command}: missing argument {name!r}", cid, command)
-            if a.default is not None:
-                out[name] = a.default
-            continue
-        v = args[name]
-        if not isinstance(v, str):
-            raise ControlError(f"{command}: {name} must be a string", cid, command)
-        if a.non_empty and not v.strip():
-            raise ControlError(f"{command}: {name} must not be empty", cid, command)
-        if len(v) > a.max_len:
-            raise ControlError(f"{command}: {name} longer than {a.max_len} characters", cid, command)
-        if a.choices is not None and v not in a.choices:
-            raise ControlError(f"{command}: {name} must be one of {', '.join(a.choices)}", cid, command)
-        out[name] = v
-    return ControlCommand(command, out, cid)
-
-
-def control_json_schema() -> dict[str, Any]:
-    """CONTROL_COMMANDS as a JSON Schema, for the systems that send commands (documentation)."""
-    variants = []
-    for name, spec in CONTROL_COMMANDS.items():
-        props: dict[str, Any] = {}
-        for arg, a in spec.items():
-            p: dict[str, Any] = {"type": "string", "maxLength": a.max_len}
-            if a.non_empty:
-                p["minLength"] = 1
-            if a.choices:
-                p["enum"] = list(a.choices)
-            if a.default is not None:
-                p["default"] = a.default
-            props[arg] = p
-        variants.append({
-            "type": "object",
-            "properties": {
-                "command": {"const": name},
-                "id": {"type": ["string", "integer"]},
-                "args": {"type": "object", "properties": props, "additionalProperties": False,
-                         "required": [k for k, a in spec.items() if a.required]},
-            },
-            "required": ["command"],
-            "additionalProperties": False,
-        })
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "rejoinder control command",
-            "oneOf": variants}
 
 
 # --- outgoing queue ---------------------------------------------------------------------------------
@@ -468,36 +335,8 @@ class _OutQueue:
                 self.stats.dropped_other += 1
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, enum.Enum):
-        return o.value
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if isinstance(o, (set, frozenset)):
-        return list(o)
-    item = getattr(o, "item", None)  # numpy scalars
-    if callable(item):
-        return item()
-    return str(o)
-
-
-def _finite(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
 def _dumps(payload: Mapping[str, Any]) -> bytes:
-    try:
-        return json.dumps(payload, default=_json_default, allow_nan=False, ensure_ascii=False).encode()
-    except ValueError:
-        # NaN/inf are not JSON; a consumer's parser would reject the whole event for one field.
-        return json.dumps(_finite(json.loads(json.dumps(payload, default=_json_default))),
-                          ensure_ascii=False).encode()
+    return event_json(payload).encode()
 
 
 # --- the bridge -------------------------------------------------------------------------------------
@@ -610,11 +449,10 @@ class MQTTBridge:
     def sessions(self) -> list[str]:
         return list(self._handlers)
 
-    def attach(self, session: Any) -> Callable[[], None]:
-        """Wire a session (anything with session_id, add_listener() and control()) to MQTT.
-
-        Its events are published and its control topic routed to `session.control`; when its
-        `session_ended` event passes, it is unregistered. Returns a function that detaches it early.
+    def attach(self, session: Session) -> Callable[[], None]:
+        """Wire a session to MQTT: its events are published and its control topic runs commands on it
+        (`agent.control.dispatch`); when its `session_ended` event passes, it is unregistered.
+        Returns a function that detaches it early.
         """
         sid = str(session.session_id)
         attached = True
@@ -633,7 +471,10 @@ class MQTTBridge:
                 attached = False
                 self.unregister_session(sid)
 
-        self.register_session(sid, session.control)
+        async def control(command: str, args: dict[str, Any]) -> Mapping[str, Any]:
+            return await dispatch(session, ControlCommand(command, args))
+
+        self.register_session(sid, control)
         session.add_listener(listener)
         return detach
 
@@ -825,8 +666,8 @@ class MQTTBridge:
             self._reject(sid, "retained control messages are not accepted; clear the retained message", None)
             return
         try:
-            cmd = parse_control(msg.payload)  # type: ignore[arg-type]
-        except ControlError as exc:
+            cmd = parse_command(msg.payload, "mqtt")  # type: ignore[arg-type]
+        except CommandRefused as exc:
             self._reject(sid, exc.message, exc.id, exc.command)
             return
         handler = self._handlers.get(sid)
@@ -864,3 +705,13 @@ class MQTTBridge:
         log.info("MQTT control for session %s refused: %s", sid, message)
         self.publish_event(sid, {"type": "error", "session_id": sid, "at": time.monotonic(), "where": "control",
                                  "message": message, "fatal": False, "id": cid, "command": command, **extra})
+
+
+async def start_bridge(settings: MQTTSettings) -> MQTTBridge | None:
+    """The bridge the settings ask for, started (it connects in the background), or None when MQTT is off."""
+    cfg = MQTTConfig.from_settings(settings)
+    if cfg is None:
+        return None
+    bridge = MQTTBridge(cfg)
+    await bridge.start()
+    return bridge

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -19,17 +19,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
+from rejoinder.errors import ConfigError
+
+from ..config import load as load_config
+
 if TYPE_CHECKING:
     from rich.console import Group
 
-    from rejoinder.streaming.mqtt import MQTTConfig
+    from rejoinder.agent.mqtt import MQTTConfig
 
 # rich and the MQTT client are imported where used: `rejoinder --help` builds this parser and
 # should not pay for them.
 
 log = logging.getLogger("rejoinder.monitor")
 
-__all__ = ["AgentView", "MonitorState", "SessionView", "add_monitor_parser", "main_monitor", "run_monitor"]
+__all__ = ["AgentView", "MonitorState", "SessionView", "add_parser", "run", "run_monitor"]
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 KEEP_ENDED = 10  # ended sessions kept on screen, newest first, so a supervisor sees how calls finished
@@ -239,7 +243,7 @@ async def run_monitor(cfg: "MQTTConfig", agent_id: str, on_message: Callable[[st
     """
     from aiomqtt import ProtocolVersion
 
-    from rejoinder.streaming.mqtt import is_protocol_refusal, open_client
+    from rejoinder.agent.mqtt import is_protocol_refusal, open_client
 
     protocol = None
     delay = cfg.backoff_min_s
@@ -289,11 +293,11 @@ async def _pump(client: Any, on_message: Callable[[str, bytes], None]) -> None:
 async def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     from rich.console import Console
 
-    from rejoinder.streaming.mqtt import MQTTConfig
+    from rejoinder.agent.mqtt import MQTTConfig
 
-    # from_env: the same REJOINDER_MQTT_* credentials and TLS settings as the agents use.
-    cfg = MQTTConfig.from_env(args.broker or DEFAULT_BROKER, agent_id="monitor", ca_file=args.ca_file,
-                              tls_insecure=args.insecure or None)
+    # The same REJOINDER_MQTT_* credentials and TLS settings as the agents use.
+    settings = dataclasses.replace(load_config().mqtt, url=args.broker or DEFAULT_BROKER, agent_id="monitor")
+    cfg = MQTTConfig.from_settings(settings, ca_file=args.ca_file, tls_insecure=args.insecure or None)
     assert cfg is not None  # a URL was given
     state = MonitorState()
     stop = asyncio.Event()
@@ -337,36 +341,28 @@ async def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def add_monitor_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("monitor", help="watch live sessions, transcripts and latencies over MQTT")
-    p.add_argument("--broker", default=os.environ.get("REJOINDER_MQTT_URL") or DEFAULT_BROKER,
-                   help="mqtt://[user:pass@]host:port or mqtts://… (env REJOINDER_MQTT_URL; "
-                        f"default {DEFAULT_BROKER})")
+    p.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://… (env REJOINDER_MQTT_URL; "
+                   f"default {DEFAULT_BROKER})")
     p.add_argument("--agent-id", default="+", help="the agent to watch (default +: all agents)")
     p.add_argument("--plain", action="store_true", help="print one line per event instead of a live table")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--ca-file", help="TLS: trust this CA certificate")
     p.add_argument("--insecure", action="store_true", help="TLS: do not verify the broker's certificate")
-    p.set_defaults(func=main_monitor)
+    p.set_defaults(func=run)
     return p
 
 
-def main_monitor(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.agent_id != "+" and (not args.agent_id or any(c in args.agent_id for c in "/#+")):
-        raise ValueError(f"--agent-id must be one agent id or +, got {args.agent_id!r}")
+        raise ConfigError(f"--agent-id must be one agent id or +, got {args.agent_id!r}")
+    if not args.broker:
+        args.broker = load_config().mqtt.url or DEFAULT_BROKER
     try:
         return asyncio.run(_monitor(args, out or sys.stdout))
     except KeyboardInterrupt:
         return 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rejoinder")
-    add_monitor_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["monitor", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

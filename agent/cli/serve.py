@@ -1,0 +1,52 @@
+"""`rejoinder serve`: the web page and WebRTC sessions (talk from a browser); the server is
+`rejoinder.streaming.signalling`, the agent behind each peer `rejoinder.agent.serving`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from .. import config
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve the web page and WebRTC sessions (talk from a browser)")
+    config.add_flags(p, ("serve", "models", "generation", "turns", "echo", "mqtt"))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rejoinder.streaming.signalling import serve
+
+    from ..models import Models
+    from ..mqtt import start_bridge
+    from ..serving import agent_session_factory
+
+    cfg = config.from_args(args)
+    scfg = cfg.serve
+    print("loading the models…", file=sys.stderr)
+    models = Models(cfg)
+
+    def ready(url: str) -> None:
+        print(f"Rejoinder is listening: open {url} in a browser (Ctrl-C stops)", file=sys.stderr)
+        if scfg.host not in ("127.0.0.1", "localhost", "::1"):
+            print("note: browsers only allow the microphone on https:// or http://localhost pages; "
+                  "put a TLS proxy in front for other hosts", file=sys.stderr)
+
+    async def main() -> None:
+        bridge = await start_bridge(cfg.mqtt)  # None unless --mqtt / REJOINDER_MQTT_URL
+        try:
+            await serve(scfg, agent_session_factory(models, cfg, mqtt=bridge), ready=ready)
+        finally:
+            if bridge is not None:
+                await bridge.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        models.close()
+    return 0

@@ -1,0 +1,78 @@
+"""A caller's session behind a server: one agent `Session` per WebRTC peer or LiveKit participant.
+
+The signalling server (`streaming.signalling`) and the LiveKit worker only know transports; this
+module puts the agent behind them:
+
+- `agent_session_factory(models, cfg, mqtt=...)` makes, for each peer, a `Session` on its transport,
+  published on the MQTT bridge while it runs (attached in `run()`, not at creation: a peer that never
+  connects never runs, and would otherwise stay listed in the agent's presence and routable for
+  control forever).
+- In-call control: `{"type": "control", "command", "args", "id"}` on the WebRTC data channel, and
+  `{"command", "args", "id"}` on a LiveKit room's `rejoinder.control` topic, are validated and run
+  through the one command table (`agent.control`) with that channel's permissions, and answered with
+  `{"type": "control_result", "id", "command", "ok", ...}`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from rejoinder.streaming.signalling import PeerSession, SessionFactory
+from rejoinder.streaming.transport import Transport
+
+from .config import AgentConfig
+from .control import Channel, CommandRefused, dispatch, parse_command
+from .models import Models
+from .mqtt import MQTTBridge
+from .session import Session
+
+log = logging.getLogger("rejoinder.agent.serving")
+
+__all__ = ["AgentPeer", "agent_session_factory", "answer_control"]
+
+
+async def answer_control(session: Session, msg: Mapping[str, Any] | bytes | str, channel: Channel) -> dict[str, Any]:
+    """Validate and run one in-call control message (an object, or its JSON); the `control_result` reply."""
+    try:
+        cmd = parse_command(msg, channel, extra_fields=frozenset({"type"}))
+    except CommandRefused as exc:
+        return {"type": "control_result", "id": exc.id, "command": exc.command, "ok": False, "error": exc.message}
+    result = await dispatch(session, cmd)
+    return {"type": "control_result", "id": cmd.id, "command": cmd.command, **result}
+
+
+class AgentPeer:
+    """The agent's session behind one WebRTC peer (a `streaming.signalling.PeerSession`)."""
+
+    def __init__(self, session: Session, mqtt: MQTTBridge | None = None) -> None:
+        self.session = session
+        self.mqtt = mqtt
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    async def run(self) -> None:
+        detach = self.mqtt.attach(self.session) if self.mqtt is not None else None
+        try:
+            await self.session.run()
+        finally:
+            if detach is not None:
+                detach()
+
+    async def end(self, reason: str) -> None:
+        await self.session.end(reason)
+
+    async def on_message(self, msg: dict[str, Any]) -> Mapping[str, Any] | None:
+        if msg.get("type") != "control":
+            return {"type": "error", "where": "data_channel", "message": f"unknown message type {msg.get('type')!r}"}
+        return await answer_control(self.session, msg, "data_channel")
+
+
+def agent_session_factory(models: Models, cfg: AgentConfig, *, mqtt: MQTTBridge | None = None) -> SessionFactory:
+    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given."""
+
+    def make(transport: Transport, peer_id: str) -> PeerSession:
+        return AgentPeer(Session(models, cfg, transport), mqtt)
+
+    return make

@@ -1,0 +1,263 @@
+"""What is playing? The agent's side of the floor: answers released, played, finished, cut short.
+
+One answer at a time reaches the speaker (`answer`): its chunks go to the playout buffer, which paces
+them out to the transport in 20 ms frames and knows which words were heard. When an answer has been
+made and played to the end its exchange is closed (history, `agent_text`/`agent_speech` events, the
+turn's metrics); a tool call in it is run and a follow-up answer generated with the result; an
+interrupted one keeps only the words that were played. `say` speaks given text without the LLM
+(greeting, operator), cutting the agent off or queued after what it is saying.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from rejoinder.engine import SamplingParams
+from rejoinder.streaming.frames import AudioFrame
+from rejoinder.streaming.playout import PlayoutBuffer
+from rejoinder.streaming.resample import StreamResampler
+from rejoinder.streaming.streamed_tts import SpeechChunk
+from rejoinder.streaming.transport import TransportClosed
+
+from .answer import Answer, AnswerSpec
+from .events import AgentSpeech, AgentText, SessionError, SessionState, ToolCalled, TurnMetrics
+from .tools import ToolCall, ToolError
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("rejoinder.agent.speaker")
+
+_NO_SAMPLING = SamplingParams(max_new_tokens=1)  # answers that only speak given text
+TOOL_RETRY_TEXT = "Sorry, I could not do that."
+
+
+class Speaker:
+    def __init__(self, session: Session, sample_rate: int) -> None:
+        self.s = session
+        self.playout = PlayoutBuffer(self._send_frame, sample_rate=sample_rate)
+        self.answer: Answer | None = None  # the answer the playout is (or will be) playing
+        self.last_frame_at = 0.0
+        self.forced_tool: str | None = None  # the next answer must begin with a call of this tool
+        self.ends_after_answer = False  # a tool asked to hang up once its follow-up has been spoken
+        self._say_queue: list[str] = []
+        self._out_resampler: StreamResampler | None = None
+        self._played_text_sent = ""
+
+    # --- making answers ------------------------------------------------------------------------
+
+    def new_answer(self, user_text: str, turn: int, *, held_user: bool = False, after_tool: bool = False,
+                   preemptive: bool = False) -> Answer:
+        """An answer of the LLM to the conversation so far (plus `user_text` when it is not in history yet)."""
+        s = self.s
+        extra = [{"role": "user", "content": user_text}] if held_user else []
+        forced = ""
+        if self.forced_tool is not None and self.forced_tool in s.tools and not after_tool:
+            forced = s.tools.forced_prefix(self.forced_tool)
+        spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), s.cfg.sampling_params(),
+                          turn, user_text=user_text, forced_text=forced, filter_tools=bool(s.tools))
+        return self._answer(spec, preemptive=preemptive)
+
+    def _answer(self, spec: AnswerSpec, *, preemptive: bool = False) -> Answer:
+        return Answer(self.s.engine, self.s.models.tts, spec, on_chunk=self._on_chunk, preemptive=preemptive)
+
+    def _spoken(self, text: str, turn: int) -> Answer:
+        return self._answer(AnswerSpec([], _NO_SAMPLING, turn, generate=False, pending_text=text, filter_tools=False))
+
+    # --- playing them --------------------------------------------------------------------------
+
+    def release(self, answer: Answer) -> None:
+        """Let `answer` play: what it has made goes to the playout now, the rest as it comes."""
+        if self.answer is not None and self.answer is not answer:
+            self.answer.cancel()
+        self.playout.reset()
+        self._played_text_sent = ""
+        self.answer = answer
+        answer.released = True
+        for chunk in answer.chunks:
+            self.playout.push(chunk)
+        self.s.spawn(self._watch(answer), "watch")
+
+    def _play(self, answer: Answer) -> None:
+        """Continue the exchange with `answer` (a continuation or follow-up), without resetting playout."""
+        self.answer = answer
+        answer.released = True
+        answer.start()
+        self.s.spawn(self._watch(answer), "watch")
+
+    def _on_chunk(self, answer: Answer, chunk: SpeechChunk) -> None:
+        # Only the current, released answer may reach the speaker: a stale one never plays over a
+        # newer turn.
+        if answer is self.answer and answer.released and not answer.cancelled:
+            self.playout.push(chunk)
+
+    def drop_answer(self, reason: str) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None:
+            answer.cancel()
+        self.playout.flush()
+        log.debug("[%s] answer dropped: %s", self.s.session_id, reason)
+
+    def resume(self, answer: Answer) -> None:
+        """A false interruption: go on with `answer` where it stopped."""
+        spec = answer.continuation() if not answer.complete else None
+        if spec is not None:
+            cont = self._answer(spec, preemptive=answer.preemptive)
+            cont.first_sent_at = answer.first_sent_at
+            cont.first_token_at = answer.first_token_at
+            cont.origin = answer.origin
+            self._play(cont)
+        else:
+            self.answer = answer
+            self.s.spawn(self._watch(answer), "watch")
+        self.playout.resume()
+        self.s.set_state(SessionState.SPEAKING if self.playout.is_playing else SessionState.THINKING, "resumed")
+
+    async def _watch(self, answer: Answer) -> None:
+        """When `answer` has been made and played to the end, close the exchange."""
+        await answer.wait()
+        if answer is not self.answer or answer.cancelled:
+            return
+        await self.playout.wait_idle()
+        if answer is not self.answer or answer.cancelled or self.s.barge_in.candidate is not None:
+            return
+        if answer.error is not None:
+            self.s.emit(SessionError(self.s.session_id, where="answer",
+                                     message=f"{type(answer.error).__name__}: {answer.error}"))
+        call = answer.tool_call
+        if call is not None:
+            await self._run_tool_call(answer, call)
+            return
+        self.finish(answer, interrupted=False, played=self.playout.played_text())
+
+    def finish(self, answer: Answer, *, interrupted: bool, played: str) -> None:
+        """Close the exchange: history, events, metrics; then whatever comes next."""
+        s = self.s
+        if self.answer is answer:
+            self.answer = None
+        origin = answer.origin
+        played = played.strip()
+        if played:
+            s.conversation.add_assistant(played)
+        s.emit(AgentText(s.session_id, turn=answer.turn, text=played, final=True, interrupted=interrupted))
+        s.emit(AgentSpeech(s.session_id, turn=answer.turn, started=False, text=played, interrupted=interrupted))
+        turn = origin.user_turn
+        if answer.turn > 0 or turn is not None:
+            tm = origin.tts_metrics
+            s.emit(TurnMetrics(
+                s.session_id, turn=answer.turn, user_text=turn.text if turn else answer.user_text, agent_text=played,
+                interrupted=interrupted, preemptive=origin.preemptive,
+                end_of_turn_prob=turn.eot_prob if turn else None,
+                user_speech_end_at=turn.speech_end_at if turn else None,
+                asr_final_at=turn.asr_final_at if turn else None,
+                end_of_turn_at=turn.ended_at if turn else None,
+                llm_first_token_at=origin.first_token_at,
+                first_clause_at=tm.first_segment_at if tm else None,
+                first_tts_audio_at=tm.first_audio_at if tm else None,
+                first_audio_sent_at=answer.first_sent_at or origin.first_sent_at,
+                llm_tokens=len(origin.token_ids),
+                tool_calls=tuple(origin.tool_names),
+            ))
+        if s.turn_taker.current is turn:
+            s.turn_taker.current = None
+        if interrupted:
+            return  # the interrupting user turn is already under way
+        if self._say_queue:
+            self.say(self._say_queue.pop(0), interrupt=False)
+            return
+        if self.ends_after_answer:
+            s.spawn(s.end("end_call"), "end")
+            return
+        if s.state != SessionState.USER_SPEAKING:
+            s.set_state(SessionState.LISTENING, "answer done")
+        s.update_idle()
+
+    async def _run_tool_call(self, answer: Answer, call: ToolCall) -> None:
+        s = self.s
+        self.forced_tool = None
+        origin = answer.origin
+        first_round = not origin.tool_names
+        origin.tool_names.append(call.name)
+        result: Any = None
+        error: str | None = None
+        try:
+            result = await s.tools.run(call)
+        except ToolError as exc:
+            error = str(exc)
+        s.emit(ToolCalled(s.session_id, turn=answer.turn, name=call.name, arguments=call.arguments,
+                          result=result, error=error))
+        s.conversation.add_assistant(call.text())
+        s.conversation.add("tool", json.dumps({"name": call.name, "result": result} if error is None
+                                              else {"name": call.name, "error": error}, default=str))
+        tool = s.tools.tools.get(call.name)
+        if tool is not None and tool.ends_call and error is None:
+            self.ends_after_answer = True
+        if answer is not self.answer:
+            return
+        if first_round:
+            follow = self.new_answer(answer.user_text, answer.turn, after_tool=True)
+        else:  # one tool round per turn: a model that calls again must still say something
+            follow = self._spoken(TOOL_RETRY_TEXT, answer.turn)
+        follow.origin = origin
+        follow.first_sent_at = answer.first_sent_at
+        self._play(follow)
+
+    def say(self, text: str, *, interrupt: bool) -> None:
+        """Speak `text` as the agent (greeting, operator `say`), without the LLM."""
+        s = self.s
+        if interrupt and self.answer is not None:
+            answer = self.answer
+            played = self.playout.played_text()
+            self.playout.flush()
+            answer.cancel()
+            self.finish(answer, interrupted=True, played=played)
+        turn = s.turn_taker.current.index if s.turn_taker.current is not None and self.answer is None else 0
+        answer = self._spoken(text, turn)
+        answer.start()
+        self.release(answer)
+        if s.state == SessionState.LISTENING:
+            s.set_state(SessionState.THINKING, "say")
+
+    def queue_say(self, text: str) -> None:
+        """Speak `text` after the current answer (at once when nothing is being said)."""
+        if self.answer is not None:
+            self._say_queue.append(text)
+        else:
+            self.say(text, interrupt=True)
+
+    async def close(self) -> None:
+        if self.answer is not None:
+            self.answer.cancel()
+        self.playout.flush()
+        await self.playout.aclose()
+
+    # --- frames out ----------------------------------------------------------------------------
+
+    async def _send_frame(self, frame: AudioFrame) -> None:
+        """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard."""
+        s = self.s
+        now = self.last_frame_at = time.monotonic()
+        answer = self.answer
+        if answer is not None and answer.first_sent_at is None:
+            answer.first_sent_at = now
+            s.emit(AgentSpeech(s.session_id, turn=answer.turn, started=True))
+        if s.state in (SessionState.THINKING, SessionState.LISTENING) and s.barge_in.candidate is None:
+            s.set_state(SessionState.SPEAKING, "audio out")
+        s.echo_guard.add_reference(frame, now)
+        out = frame
+        rate = s.transport.output_sample_rate
+        if rate != frame.sample_rate:
+            if self._out_resampler is None or self._out_resampler.from_rate != frame.sample_rate:
+                self._out_resampler = StreamResampler(frame.sample_rate, rate)
+            out = AudioFrame.from_float(self._out_resampler.process(frame.to_float_mono()), rate, frame.timestamp)
+        try:
+            await s.transport.send_audio(out)
+        except TransportClosed:
+            await s.end("transport closed")
+            return
+        started = self.playout.started_text()
+        if answer is not None and started != self._played_text_sent:
+            self._played_text_sent = started
+            s.emit(AgentText(s.session_id, turn=answer.turn, text=started, final=False))
