@@ -6,8 +6,8 @@
         print(ev.text, end="")
 """
 from .config import ModelConfig
-from .engine import ContextOverflow, Engine, EngineOptions, GenerationStats, TokenEvent, TokenStream
-from .errors import ModelFileError
+from .engine import Engine, EngineOptions, GenerationStats, TokenEvent, TokenStream
+from .errors import ContextOverflow, ModelFileError
 from .sampling import SamplingParams
 from .tokenizer import ChatTokenizer
 

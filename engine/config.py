@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ModelFileError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -36,4 +38,4 @@ class ModelConfig:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ModelFileError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")

@@ -15,10 +15,12 @@ memory traffic than fp32, dequantised in registers); every other matrix is read 
 from __future__ import annotations
 
 import ctypes
+from typing import Sequence
 
 import torch
 
-from ..kernels.cpu_native import GGMLWeight, RjLayer, RjModel, RjWeight, load_library
+from ..kernels.cpu_native import RjLayer, RjModel, RjWeight, load_library
+from ..kernels.ggml import GGMLWeight
 from .model import Transformer
 
 _LAYER_WEIGHTS = {
@@ -41,8 +43,9 @@ PREFILL_MAX = 16  # past this many new tokens the eager GEMM is faster (module d
 
 
 class NativeDecoder:
-    """Decode steps for a `Transformer` (fp32, CPU, cache set up) in compiled C."""
+    """Decode steps for a `Transformer` (fp32, CPU, cache set up) in compiled C (a `Decoder`)."""
 
+    name = "native"  # what Engine.backend reports
     prefill_max = PREFILL_MAX  # the engine prefills prompts up to this many new tokens here
 
     def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1):
@@ -115,10 +118,6 @@ class NativeDecoder:
         self._mref = ctypes.byref(self.m)
         self._prefill_work = torch.empty(self.lib.rj_prefill_floats(self._mref, PREFILL_CHUNK), dtype=torch.float32)
 
-    @property
-    def threads(self) -> int:
-        return self.m.threads
-
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Run `token` at position `pos` (the cache holds 0..pos-1); returns logits [V] fp32.
 
@@ -128,7 +127,7 @@ class NativeDecoder:
             raise ValueError(f"token {token} or position {pos} out of range (vocab {self.m.vocab}, cache {self.m.max_seq})")
         return self._logits
 
-    def prefill(self, tokens: list[int], pos: int) -> torch.Tensor:
+    def prefill(self, tokens: Sequence[int], pos: int) -> torch.Tensor:
         """Run `tokens` at positions pos.. (the cache holds 0..pos-1); returns the last one's logits [V].
 
         Reused buffer, as for `step`."""

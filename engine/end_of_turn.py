@@ -15,7 +15,7 @@ with the reply prompt, so the KV cache it fills is reused when the answer is gen
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -49,12 +49,11 @@ class EndOfTurnScorer:
 
     @classmethod
     def shared(cls, engine: Engine) -> "EndOfTurnScorer":
-        """One scorer per engine (building the end-token set walks the whole vocabulary)."""
-        scorer = getattr(engine, "_end_of_turn_scorer", None)
-        if scorer is None:
-            scorer = cls(engine)
-            engine._end_of_turn_scorer = scorer  # type: ignore[attr-defined]
-        return scorer
+        """One scorer per engine (building the end-token set walks the whole vocabulary), kept in
+        the slot the engine declares for it, so it lives exactly as long as the engine."""
+        if engine._end_of_turn_scorer is None:
+            engine._end_of_turn_scorer = cls(engine)
+        return cast(EndOfTurnScorer, engine._end_of_turn_scorer)
 
     def prompt_ids(self, history: Sequence[Message], user_text: str) -> list[int]:
         """The chat rendered up to the end of `user_text`, the user message left open."""

@@ -2,7 +2,9 @@
 
 One Engine owns one model and one KV cache, so calls are serialised on a single worker thread; the
 asyncio side (`stream`) never blocks the event loop. The cache remembers which token ids it holds;
-a new prompt that starts with them (the conversation so far) only prefills what is new.
+a new prompt that starts with them (the conversation so far) only prefills what is new. Decode
+steps and short prompts run on the engine's `Decoder` (decoder.py: native C on CPU, Triton on
+CUDA, or the eager model itself); longer prompts on the eager model.
 """
 from __future__ import annotations
 
@@ -18,9 +20,14 @@ from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ..kernels.cpu_native import GGMLWeight, NativeKernelsUnavailable
+from rejoinder.errors import BadInputError, ConfigError
+
+from ..kernels import pack_q4_0_blocks, pack_q4_1_blocks, pack_q8_0_blocks
+from ..kernels.cpu_native import NativeKernelsUnavailable
+from ..kernels.ggml import Q4_0, Q4_1, Q8_0, GGMLWeight
 from .config import ModelConfig
-from .errors import ModelFileError
+from .decoder import Decoder, EagerDecoder
+from .errors import ContextOverflow, ModelFileError
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .tokenizer import ChatTokenizer, Message, tokenizer_from_folder, tokenizer_from_gguf
@@ -44,7 +51,10 @@ class EngineOptions:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if self.dtype not in dtypes:
+            raise ConfigError(f"unknown engine dtype {self.dtype!r}; one of auto, {', '.join(dtypes)}")
+        return dtypes[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -76,10 +86,6 @@ class GenerationStats:
         return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
-class ContextOverflow(ValueError):
-    pass
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -105,33 +111,36 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_seq_len = min(options.max_seq_len, model.cfg.max_position)
         model.setup_cache(self.max_seq_len)
-        self.decoder = self._decoder(options, blocks)
+        self._eager = EagerDecoder(model)  # prefills long prompts whatever runs the steps
+        self.decoder: Decoder = self._decoder(options, blocks)
         self._cached_ids: list[int] = []
+        # EndOfTurnScorer.shared keeps this engine's one scorer here (building it walks the vocabulary)
+        self._end_of_turn_scorer: object | None = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rejoinder-engine")
         self.last_stats = GenerationStats()
 
-    def _decoder(self, options: EngineOptions, blocks: dict[str, GGMLWeight] | None):
-        """The fast decode-step runner for this model and device, or None for eager steps."""
+    def _decoder(self, options: EngineOptions, blocks: dict[str, GGMLWeight] | None) -> Decoder:
+        """What runs decode steps for this model, device and backend option."""
         if options.backend not in BACKENDS:
-            raise ValueError(f"unknown engine backend {options.backend!r}; one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"unknown engine backend {options.backend!r}; one of {', '.join(BACKENDS)}")
         if self.device.type == "cuda":
             if options.backend == "native":
-                raise ValueError("backend 'native' is the float32 CPU path")
+                raise ConfigError("backend 'native' is the float32 CPU path")
             if options.backend == "eager":
-                return None
+                return self._eager
             from .triton_decoder import TritonDecoder
 
             decoder = TritonDecoder(self.model, _packed_for_triton(blocks or {}))
             decoder.capture()
             return decoder
         if options.backend == "triton":
-            raise ValueError("backend 'triton' needs a CUDA device")
+            raise ConfigError("backend 'triton' needs a CUDA device")
         native_fits = self.device.type == "cpu" and next(self.model.parameters()).dtype == torch.float32
         if options.backend == "eager" or (options.backend == "auto" and not native_fits):
-            return None
+            return self._eager
         if not native_fits:
-            raise ValueError("backend 'native' is the float32 CPU path")
+            raise ConfigError("backend 'native' is the float32 CPU path")
         from .cpu_decoder import NativeDecoder
 
         threads = options.threads if options.threads > 0 else torch.get_num_threads()
@@ -141,12 +150,12 @@ class Engine:
             if options.backend == "native":
                 raise
             warnings.warn(f"{exc}; decode steps run in eager torch (several times slower)", stacklevel=3)
-            return None
+            return self._eager
 
     @property
     def backend(self) -> str:
         """What runs decode steps: "native", "triton" or "eager"."""
-        return "eager" if self.decoder is None else getattr(self.decoder, "name", "native")
+        return self.decoder.name
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -184,27 +193,24 @@ class Engine:
         with self._lock:
             self._cached_ids = []
 
-    @property
-    def cached_ids(self) -> list[int]:
-        return list(self._cached_ids)
-
     # --- core decoding (runs on the engine thread) -----------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
-        if len(ids) == 1 and self.decoder is not None:
-            return self.decoder.step(ids[0], start)[None].clone()  # the step reuses its buffer
-        if self.decoder is not None and len(ids) <= getattr(self.decoder, "prefill_max", 0):
-            return self.decoder.prefill(list(ids), start)[None].clone()
-        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        return self.model(tokens, start, last_only=True)[:, -1]
+        """Logits [1, V] after `ids` at positions start..: the one speed seam. Decode steps and short
+        prompts go to the decoder, longer prompts to the eager model's GEMMs."""
+        if len(ids) == 1:
+            return self.decoder.step(ids[0], start)[None].clone()  # decoders reuse their buffer
+        if len(ids) <= self.decoder.prefill_max:
+            return self.decoder.prefill(ids, start)[None].clone()
+        return self._eager.prefill(ids, start)[None]
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `ids` and return the next-token logits [V] (float32)."""
         ids = list(ids)
         if not ids:
-            raise ValueError("empty prompt")
+            raise BadInputError("empty prompt")
         if len(ids) >= self.max_seq_len:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit a context of {self.max_seq_len}")
         common = _common_prefix(self._cached_ids, ids)
@@ -358,10 +364,7 @@ class TokenStream:
 
 def _packed_for_triton(blocks: dict[str, GGMLWeight]) -> dict:
     """GGUF blocks -> the Triton GEMV's packed weights (lossless; moved to the GPU by the decoder)."""
-    from ..kernels import pack_q4_0_blocks, pack_q4_1_blocks, pack_q8_0_blocks
-    from ..kernels.cpu_native import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0
-
-    pack = {GGML_Q4_0: pack_q4_0_blocks, GGML_Q4_1: pack_q4_1_blocks, GGML_Q8_0: pack_q8_0_blocks}
+    pack = {Q4_0: pack_q4_0_blocks, Q4_1: pack_q4_1_blocks, Q8_0: pack_q8_0_blocks}
     # the embedding is looked up, not multiplied: only the (possibly tied) output head needs packing
     return {
         n: pack[w.type](w.data, (w.rows, w.cols))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..kernels.cpu_native import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGMLWeight
+from ..kernels.ggml import BLOCK_BYTES, GGMLWeight
 from .config import ModelConfig
 from .errors import ModelFileError
 
@@ -44,7 +44,6 @@ class GGUFContents:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
-    tensor_types: dict[str, str]
     # HF-layout name -> raw ggml blocks, for the matrices stored as Q4_0 / Q4_1 / Q8_0 (keep_blocks)
     blocks: dict[str, GGMLWeight] = field(default_factory=dict)
 
@@ -52,7 +51,7 @@ class GGUFContents:
 def _raw_blocks(tensor) -> GGMLWeight | None:
     """The tensor's bytes as [rows, row_bytes] blocks, when it is a Q4_0 / Q4_1 / Q8_0 matrix."""
     kind = int(tensor.tensor_type)
-    if kind not in (GGML_Q4_0, GGML_Q4_1, GGML_Q8_0) or len(tensor.shape) != 2:
+    if kind not in BLOCK_BYTES or len(tensor.shape) != 2:
         return None
     cols, rows = (int(d) for d in tensor.shape)
     raw = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(rows, -1)
@@ -165,7 +164,6 @@ def load_gguf(
     names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, names)
     state: dict[str, torch.Tensor] = {}
-    types: dict[str, str] = {}
     blocks: dict[str, GGMLWeight] = {}
     rope_freqs = None
     total = len(reader.tensors)
@@ -175,7 +173,6 @@ def load_gguf(
         except Exception as exc:
             raise ModelFileError(f"cannot decode tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
         t = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))  # the reader memory-maps read-only
-        types[tensor.name] = tensor.tensor_type.name
         name = tensor.name
         raw = _raw_blocks(tensor) if keep_blocks else None
         if name == "token_embd.weight":
@@ -214,7 +211,7 @@ def load_gguf(
         if "embed.weight" in blocks:
             blocks["output.weight"] = blocks["embed.weight"]
     _check_shapes(cfg, state, Path(path).name)
-    return GGUFContents(cfg, state, meta, types, blocks)
+    return GGUFContents(cfg, state, meta, blocks)
 
 
 def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], name: str) -> None:

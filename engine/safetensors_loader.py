@@ -38,6 +38,15 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     archs = set(raw.get("architectures") or [])
     if not archs & _SUPPORTED:
         raise ModelFileError(f"unsupported architecture {sorted(archs)}; Rejoinder runs {sorted(_SUPPORTED)}")
+    try:
+        return _config(raw, archs), raw
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a field missing, or not a number
+        raise ModelFileError(f"{path} lacks or garbles a field the model needs ({type(exc).__name__}: {exc})") from None
+
+
+def _config(raw: dict[str, Any], archs: set[str]) -> ModelConfig:
     scaling = None
     # transformers >= 5 writes `rope_parameters` (theta included); older configs `rope_scaling` + `rope_theta`
     rs = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
@@ -53,7 +62,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ModelFileError(f"RoPE scaling {rs} is not supported")
     n_heads = int(raw["num_attention_heads"])
     is_qwen = "Qwen2ForCausalLM" in archs
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=int(raw["vocab_size"]),
         dim=int(raw["hidden_size"]),
         n_layers=int(raw["num_hidden_layers"]),
@@ -69,7 +78,6 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
         rope_scaling=scaling,
         architecture="qwen2" if is_qwen else "llama",
     )
-    return cfg, raw
 
 
 def generation_eos_ids(folder: Path, raw_config: dict[str, Any]) -> list[int]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rejoinder.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,7 +19,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"invalid sampling parameters: {self}")
+            raise ConfigError(f"invalid sampling parameters: {self}")
 
     @property
     def greedy(self) -> bool:

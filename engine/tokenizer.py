@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from rejoinder.errors import BadInputError
+
 from .errors import ModelFileError
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
@@ -60,8 +62,8 @@ class ChatTokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
-            def raise_exception(msg: str) -> None:
-                raise ValueError(f"chat template: {msg}")
+            def raise_exception(msg: str) -> None:  # the template refuses these messages
+                raise BadInputError(f"chat template: {msg}")
 
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -145,7 +147,10 @@ def tokenizer_from_folder(folder: Path, generation_eos: Sequence[int] = ()) -> C
     except Exception as exc:
         raise ModelFileError(f"{path} is not a valid tokenizer.json: {exc}") from None
     cfg_path = folder / "tokenizer_config.json"
-    cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except ValueError as exc:
+        raise ModelFileError(f"{cfg_path} is not valid JSON: {exc}") from None
 
     def tok_str(v: Any) -> str:
         return v.get("content", "") if isinstance(v, dict) else (v or "")

@@ -131,7 +131,7 @@ class _Layer:
 
 
 class TritonDecoder:
-    """Decode one token with the fused kernels, into the KV cache the eager model also uses.
+    """Decode one token with the fused kernels, into the KV cache the eager model also uses (a `Decoder`).
 
     `model.setup_cache(max_seq)` must have been called; calling it again reallocates the cache, so
     build a new decoder afterwards. `packed` optionally maps HF-layout weight names
@@ -143,9 +143,8 @@ class TritonDecoder:
     twins elsewhere; tests force "triton" to run the kernels on the CPU interpreter.
     """
 
-    prefill_max = 0  # prompts go to the eager model (cuBLAS GEMMs)
-
     name = "triton"  # what Engine.backend reports
+    prefill_max = 0  # prompts go to the eager model (cuBLAS GEMMs)
 
     def __init__(
         self,
@@ -213,6 +212,13 @@ class TritonDecoder:
             self.graph.replay()
         else:
             self._run()
+        return self.logits
+
+    def prefill(self, tokens: Sequence[int], pos: int) -> Tensor:
+        """Run `tokens` at positions pos.., one decode step each; the last one's logits [V] (the
+        static buffer, as for `step`). The engine leaves prompts to the eager model (`prefill_max`)."""
+        for i, token in enumerate(tokens):
+            self.step(token, pos + i)
         return self.logits
 
     @torch.inference_mode()

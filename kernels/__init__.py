@@ -57,6 +57,10 @@ Sampling (:mod:`.sampling`)
     tensors or scalars; temperature <= 0 is greedy; top_k 0 / top_p >= 1 disable the filters;
     ``uniform`` are U[0,1) draws on the device, so no host round trip and graph-capturable.
 
+Beside them (not re-exported here): :mod:`.ggml`, the GGML block types (type ids, block sizes,
+``GGMLWeight``) that GGUF weights arrive in, and :mod:`.cpu_native`, the native C decode step for
+CPUs (compiled on first use, driven through ctypes).
+
 Compile check: ``TRITON_INTERPRET=0 python -m rejoinder.kernels._aot_check --arch 90`` compiles
 every kernel at decode shapes for sm_90 with Triton's bundled ptxas -- no GPU needed -- and
 prints registers / spills per kernel (the interpreter alone never compiles anything).

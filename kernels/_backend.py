@@ -16,10 +16,16 @@ from typing import Literal
 
 import torch
 
+from rejoinder.errors import ConfigError, EngineError
+
 Backend = Literal["auto", "triton", "torch"]
 
 #: Environment variable that overrides the default backend ("auto", "triton" or "torch").
 BACKEND_ENV = "REJOINDER_KERNEL_BACKEND"
+
+
+class TritonUnavailable(EngineError, RuntimeError):
+    """Triton kernels were asked for (``backend="triton"``) where they cannot run."""
 
 
 @functools.cache
@@ -50,14 +56,14 @@ def use_triton(*tensors: torch.Tensor, backend: Backend | None = None) -> bool:
         return False
     if choice == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not installed")
+            raise TritonUnavailable("backend='triton' requested but triton is not installed")
         if not interpreter_enabled() and not all(t.is_cuda for t in tensors):
-            raise RuntimeError(
+            raise TritonUnavailable(
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )
         return True
     if choice != "auto":
-        raise ValueError(f"unknown kernel backend {choice!r}; expected 'auto', 'triton' or 'torch'")
+        raise ConfigError(f"unknown kernel backend {choice!r}; expected 'auto', 'triton' or 'torch'")
     return triton_available() and all(t.is_cuda for t in tensors)
 
 

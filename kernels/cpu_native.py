@@ -6,7 +6,7 @@ then loaded with ctypes: no build step at install time, no Python extension ABI,
 the first time and nothing after. OpenMP is used when the compiler has it (row-parallel matvecs);
 without it the kernels run on one thread.
 
-Weights are handed over as :class:`GGMLWeight`: rows of ggml blocks exactly as the GGUF file
+Weights are handed over as :class:`~.ggml.GGMLWeight`: rows of ggml blocks exactly as the GGUF file
 stores them (Q4_0 / Q4_1 / Q8_0), or plain fp32. Their reference twin is
 :func:`ggml_weight_dequantize` + ``x @ W.T`` -- the same numbers the torch engine multiplies.
 """
@@ -21,67 +21,28 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rejoinder.errors import EngineError
+
+from .ggml import F32, Q4_0, Q4_1, Q8_0, GGMLWeight
 from .quant_matmul import pack_q4_0_blocks, pack_q4_1_blocks, pack_q8_0_blocks
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 CACHE_ENV = "REJOINDER_KERNEL_CACHE"
-GGML_F32, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 0, 2, 3, 8
-_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
-QK = 32
 
 
-class NativeKernelsUnavailable(RuntimeError):
+class NativeKernelsUnavailable(EngineError, RuntimeError):
     """No C compiler, or the kernels failed to build; the message says which and how to fix it."""
-
-
-@dataclass(frozen=True)
-class GGMLWeight:
-    """A linear weight [rows, cols] (out x in) in a ggml layout: ``data`` is uint8
-    [rows, row_bytes] for Q4_0 / Q4_1 / Q8_0 blocks, or float32 [rows, cols] for F32."""
-
-    data: torch.Tensor
-    type: int
-    rows: int
-    cols: int
-
-    def __post_init__(self) -> None:
-        if self.type == GGML_F32:
-            ok = self.data.dtype == torch.float32 and tuple(self.data.shape) == (self.rows, self.cols)
-        elif self.type in _BLOCK_BYTES:
-            ok = (
-                self.cols % QK == 0
-                and self.data.dtype == torch.uint8
-                and tuple(self.data.shape) == (self.rows, self.cols // QK * _BLOCK_BYTES[self.type])
-            )
-        else:
-            raise ValueError(f"unsupported ggml type {self.type}")
-        if not ok:
-            raise ValueError(
-                f"GGMLWeight data {tuple(self.data.shape)} {self.data.dtype} does not hold a "
-                f"[{self.rows}, {self.cols}] weight of ggml type {self.type}"
-            )
-        if not self.data.is_contiguous() or self.data.device.type != "cpu":
-            raise ValueError("GGMLWeight data must be a contiguous CPU tensor")
-
-    @classmethod
-    def dense(cls, w: torch.Tensor) -> "GGMLWeight":
-        w = w.detach().float().contiguous()
-        return cls(w, GGML_F32, w.shape[0], w.shape[1])
-
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
 
 
 def ggml_weight_dequantize(w: GGMLWeight) -> torch.Tensor:
     """The torch twin: the fp32 [rows, cols] weight these blocks stand for."""
-    if w.type == GGML_F32:
+    if w.type == F32:
         return w.data.clone()
-    pack = {GGML_Q4_0: pack_q4_0_blocks, GGML_Q4_1: pack_q4_1_blocks, GGML_Q8_0: pack_q8_0_blocks}[w.type]
+    pack = {Q4_0: pack_q4_0_blocks, Q4_1: pack_q4_1_blocks, Q8_0: pack_q8_0_blocks}[w.type]
     return pack(w.data.reshape(-1), (w.rows, w.cols)).dequantize(torch.float32)
 
 
@@ -208,14 +169,6 @@ def load_library() -> ctypes.CDLL:
         lib.rj_matvec.restype = None
         _lib = lib
         return lib
-
-
-def native_available() -> bool:
-    try:
-        load_library()
-        return True
-    except NativeKernelsUnavailable:
-        return False
 
 
 def matvec(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:

@@ -18,16 +18,10 @@ Packed format (:class:`QuantizedWeight`), W logically [N, K] (N = out_features):
 meets zeros in x, so it never contributes). ``scales``/``mins`` are fp16 (GGUF's own precision)
 or fp32. All arithmetic is fp32.
 
-GGUF block semantics (ggml), 32 weights per block, blocks row-major along K:
-
-* Q8_0 (34 bytes): fp16 ``d``, 32 x int8 ``q``; value ``d * q``.
-* Q4_0 (18 bytes): fp16 ``d``, 16 bytes of nibbles; value ``d * (q - 8)``.
-* Q4_1 (20 bytes): fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; value ``d * q + m``.
-  In the 16 nibble bytes, byte j's low nibble is element j and its high nibble element j + 16.
-
-All three map losslessly: Q8_0 -> bits 8, G 32; Q4_1 -> bits 4 with (scale, min) = (d, m);
-Q4_0 -> bits 4 with (scale, min) = (d, -8 d), exact in fp32 arithmetic (-8 d is exact in fp16
-unless it overflows, in which case the converter stores fp32 scales).
+GGUF's Q8_0 / Q4_0 / Q4_1 blocks (their layout: :mod:`.ggml`) map losslessly: Q8_0 -> bits 8,
+G 32; Q4_1 -> bits 4 with (scale, min) = (d, m); Q4_0 -> bits 4 with (scale, min) = (d, -8 d),
+exact in fp32 arithmetic (-8 d is exact in fp16 unless it overflows, in which case the converter
+stores fp32 scales).
 """
 
 from __future__ import annotations
@@ -39,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import Backend, gpu_config, sm_count, use_triton
+from .ggml import BLOCK_BYTES, Q4_0, Q4_1, Q8_0, QK
 
 __all__ = [
     "QuantizedWeight",
@@ -55,8 +50,6 @@ __all__ = [
 
 #: Inputs with more rows than this use dequantise + cuBLAS matmul (prefill) instead of the GEMV.
 GEMV_MAX_ROWS = 8
-
-QK = 32  # GGUF block size for Q4_0 / Q4_1 / Q8_0
 
 
 @dataclass(frozen=True)
@@ -196,21 +189,21 @@ def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
 
 def pack_q8_0_blocks(raw: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> QuantizedWeight:
     """GGUF Q8_0 data (uint8, N*K/32 blocks of 34 bytes) of a torch-order [N, K] weight."""
-    b = _blocks(raw, shape, 34)
+    b = _blocks(raw, shape, BLOCK_BYTES[Q8_0])
     q = b[..., 2:34].contiguous().view(torch.int8).reshape(shape[0], shape[1])
     return QuantizedWeight(q, _f16(b, 0), None, 8, QK, shape[1])
 
 
 def pack_q4_1_blocks(raw: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> QuantizedWeight:
     """GGUF Q4_1 data (uint8, N*K/32 blocks of 20 bytes) of a torch-order [N, K] weight."""
-    b = _blocks(raw, shape, 20)
+    b = _blocks(raw, shape, BLOCK_BYTES[Q4_1])
     qs = b[..., 4:20].reshape(shape[0], shape[1] // 2).contiguous()
     return QuantizedWeight(qs, _f16(b, 0), _f16(b, 2), 4, QK, shape[1])
 
 
 def pack_q4_0_blocks(raw: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> QuantizedWeight:
     """GGUF Q4_0 data (uint8, N*K/32 blocks of 18 bytes) of a torch-order [N, K] weight."""
-    b = _blocks(raw, shape, 18)
+    b = _blocks(raw, shape, BLOCK_BYTES[Q4_0])
     qs = b[..., 2:18].reshape(shape[0], shape[1] // 2).contiguous()
     d = _f16(b, 0)
     mins = d * -8.0  # exact in fp16 unless it overflows

@@ -1,7 +1,6 @@
 """KV-cache decoding, prefix reuse, cancellation, sampling and bad model files."""
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from rejoinder.engine import Engine, ModelFileError, SamplingParams
 from rejoinder.engine.sampling import filtered_probs
+from rejoinder.errors import ConfigError, EngineError, ModelAssetError
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -144,8 +144,14 @@ def test_generation_stops_on_end_of_turn(engine):
 def test_context_overflow_is_a_clear_error(engine):
     from rejoinder.engine import ContextOverflow
 
-    with pytest.raises(ContextOverflow, match="does not fit"):
+    with pytest.raises(ContextOverflow, match="does not fit") as err:
         list(engine.generate([1] * (engine.max_seq_len + 5)))
+    assert isinstance(err.value, EngineError) and isinstance(err.value, ValueError)
+
+
+def test_bad_sampling_parameters_are_a_config_error():
+    with pytest.raises(ConfigError, match="invalid sampling parameters"):
+        SamplingParams(temperature=-1.0)
 
 
 @pytest.mark.parametrize(
@@ -163,12 +169,19 @@ def test_bad_gguf_files_raise_model_file_error(tmp_path, llm_path, content, matc
             bad.write_bytes(f.read(3_000_000))
     else:
         bad.write_bytes(content)
-    with pytest.raises(ModelFileError, match=match):
+    with pytest.raises(ModelFileError, match=match) as err:
         Engine.load(bad)
+    assert isinstance(err.value, ModelAssetError) and isinstance(err.value, ValueError)
 
 
 def test_missing_model_path_is_clear(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         Engine.load(tmp_path / "nope.gguf")
     with pytest.raises(ModelFileError, match="config.json"):
+        Engine.load(tmp_path)
+
+
+def test_config_json_without_a_needed_field_is_a_model_file_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
+    with pytest.raises(ModelFileError, match="lacks or garbles a field.*num_attention_heads"):
         Engine.load(tmp_path)

@@ -17,28 +17,31 @@ import torch
 from rejoinder.engine import Engine, EngineOptions, SamplingParams
 from rejoinder.engine.config import ModelConfig
 from rejoinder.engine.cpu_decoder import NativeDecoder
+from rejoinder.engine.decoder import Decoder, EagerDecoder
 from rejoinder.engine.model import Transformer
+from rejoinder.engine.tokenizer import ChatTokenizer
+from rejoinder.errors import ConfigError
 from rejoinder.kernels import cpu_native as C
+from rejoinder.kernels import ggml
+from rejoinder.kernels.ggml import GGMLWeight
 
-BLOCK_BYTES = {C.GGML_Q4_0: 18, C.GGML_Q4_1: 20, C.GGML_Q8_0: 34}
 
-
-def random_blocks(kind: int, rows: int, cols: int, rng: np.random.Generator) -> C.GGMLWeight:
+def random_blocks(kind: int, rows: int, cols: int, rng: np.random.Generator) -> GGMLWeight:
     """Random but well-formed ggml blocks (fp16 scales of a realistic size)."""
     nb = cols // 32
-    raw = rng.integers(0, 256, (rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    raw = rng.integers(0, 256, (rows, nb, ggml.BLOCK_BYTES[kind]), dtype=np.uint8)
     d = (rng.random((rows, nb)) * 0.02 + 1e-3).astype(np.float16)
     raw[..., 0:2] = d.view(np.uint8).reshape(rows, nb, 2)
-    if kind == C.GGML_Q4_1:
+    if kind == ggml.Q4_1:
         m = (-rng.random((rows, nb)) * 0.1).astype(np.float16)
         raw[..., 2:4] = m.view(np.uint8).reshape(rows, nb, 2)
-    return C.GGMLWeight(torch.from_numpy(raw.reshape(rows, -1).copy()), kind, rows, cols)
+    return GGMLWeight(torch.from_numpy(raw.reshape(rows, -1).copy()), kind, rows, cols)
 
 
 # ------------------------------------------------------------------------------------------ matvec
 
 
-@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+@pytest.mark.parametrize("kind", [ggml.Q4_0, ggml.Q4_1, ggml.Q8_0])
 @pytest.mark.parametrize("rows,cols", [(1, 32), (7, 96), (130, 576), (33, 1536)])
 def test_block_matvec_equals_dequantised_twin(kind, rows, cols):
     rng = np.random.default_rng(rows * cols + kind)
@@ -51,17 +54,13 @@ def test_block_matvec_equals_dequantised_twin(kind, rows, cols):
 
 @pytest.mark.parametrize("rows,cols", [(5, 1), (17, 33), (64, 577)])
 def test_dense_matvec_any_width(rows, cols):
-    w = C.GGMLWeight.dense(torch.randn(rows, cols))
+    w = GGMLWeight.dense(torch.randn(rows, cols))
     x = torch.randn(cols)
     torch.testing.assert_close(C.matvec(x, w), w.data @ x, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_weights_and_inputs_are_clear_errors():
-    with pytest.raises(ValueError, match="does not hold"):
-        C.GGMLWeight(torch.zeros(4, 17, dtype=torch.uint8), C.GGML_Q4_1, 4, 64)
-    with pytest.raises(ValueError, match="unsupported ggml type"):
-        C.GGMLWeight(torch.zeros(4, 64, dtype=torch.uint8), 12, 4, 64)
-    w = C.GGMLWeight.dense(torch.randn(3, 8))
+def test_bad_matvec_input_is_a_clear_error():
+    w = GGMLWeight.dense(torch.randn(3, 8))
     with pytest.raises(ValueError, match="float32 CPU vector of 8"):
         C.matvec(torch.randn(9), w)
 
@@ -83,7 +82,7 @@ def tiny_model(n_heads: int, n_kv: int, dim: int, bias: bool = False, max_seq: i
     return model.eval()
 
 
-def quantise_in_place(model: Transformer, kind: int) -> dict[str, C.GGMLWeight]:
+def quantise_in_place(model: Transformer, kind: int) -> dict[str, GGMLWeight]:
     """Give every matrix random ggml blocks, and the eager model their exact dequantised values."""
     rng = np.random.default_rng(kind)
     blocks = {}
@@ -111,7 +110,7 @@ def test_step_equals_eager_fp32_weights(n_heads, n_kv, dim):
     assert_steps_match_eager(model, NativeDecoder(model, threads=2), prompt_len=5, steps=12)
 
 
-@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+@pytest.mark.parametrize("kind", [ggml.Q4_0, ggml.Q4_1, ggml.Q8_0])
 def test_step_equals_eager_quantised_weights(kind):
     model = tiny_model(6, 2, 96)
     blocks = quantise_in_place(model, kind)
@@ -129,7 +128,7 @@ def test_step_with_qkv_bias_and_from_position_zero():
 
 def test_one_thread_and_two_threads_agree_exactly():
     model = tiny_model(6, 2, 96)
-    blocks = quantise_in_place(model, C.GGML_Q4_1)
+    blocks = quantise_in_place(model, ggml.Q4_1)
     one, two = NativeDecoder(model, blocks, threads=1), NativeDecoder(model, blocks, threads=2)
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), 0)
@@ -155,6 +154,82 @@ def test_refuses_models_it_cannot_run():
     bare = Transformer(tiny_model(4, 2, 64).cfg)
     with pytest.raises(ValueError, match="setup_cache"):
         NativeDecoder(bare)
+
+
+# ------------------------------------------------------------------------ one Decoder protocol
+
+
+def test_eager_decoder_equals_the_models_forward():
+    model = tiny_model(6, 2, 96)
+    decoder = EagerDecoder(model)
+    assert isinstance(decoder, Decoder) and (decoder.name, decoder.prefill_max) == ("eager", 0)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(ids, 0)[0]  # every position at once, for the steps below
+        want = model(ids[:, :9], 0, last_only=True)[0, -1]
+        assert torch.equal(decoder.prefill(ids[0, :9].tolist(), 0), want)  # the model's own forward, bit for bit
+        for pos in range(9, 12):  # steps continue from the cache the prefill wrote
+            got = decoder.step(int(ids[0, pos]), pos)
+            assert torch.equal(got, model(ids[:, pos : pos + 1], pos, last_only=True)[0, -1])
+            torch.testing.assert_close(got, full[pos], atol=2e-4, rtol=2e-4)
+
+
+def test_native_decoder_is_a_decoder():
+    decoder = NativeDecoder(tiny_model(4, 2, 64), threads=1)
+    assert isinstance(decoder, Decoder)
+    assert (decoder.name, decoder.prefill_max) == ("native", 16)
+
+
+def _tiny_engine(backend: str, dtype: torch.dtype = torch.float32) -> Engine:
+    from tokenizers import Tokenizer, models
+
+    model = tiny_model(4, 2, 64).to(dtype)  # the engine sizes the cache itself
+    return Engine(model, ChatTokenizer(Tokenizer(models.BPE()), None), EngineOptions(max_seq_len=32, backend=backend))
+
+
+@pytest.mark.parametrize("backend,kind", [("auto", NativeDecoder), ("native", NativeDecoder), ("eager", EagerDecoder)])
+def test_engine_picks_the_decoder_of_its_backend_option(backend, kind):
+    engine = _tiny_engine(backend)
+    try:
+        assert type(engine.decoder) is kind and isinstance(engine.decoder, Decoder)
+        assert engine.backend == engine.decoder.name == ("eager" if kind is EagerDecoder else "native")
+        ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+        with torch.inference_mode():
+            want = engine.model(torch.tensor([ids]), 0)[0]  # every position, no cache involved
+        # a long prompt (the eager model), a short one after the reused prefix (the decoder), two steps
+        for n in (18, 22, 23, 24):
+            torch.testing.assert_close(engine.prefill(ids[:n]), want[n - 1], atol=2e-4, rtol=2e-4)
+    finally:
+        engine.close()
+
+
+def test_engine_refuses_backends_that_cannot_run_here():
+    with pytest.raises(ConfigError, match="unknown engine backend 'fast'"):
+        _tiny_engine("fast")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        _tiny_engine("triton")
+    with pytest.raises(ConfigError, match="float32 CPU path"):
+        _tiny_engine("native", torch.float64)
+    engine = _tiny_engine("auto", torch.float64)  # auto: what fits, here the eager model
+    assert isinstance(engine.decoder, EagerDecoder)
+    engine.close()
+
+
+def test_one_end_of_turn_scorer_per_engine_living_as_long_as_it():
+    import gc
+    import weakref
+
+    from rejoinder.engine.end_of_turn import EndOfTurnScorer
+
+    engine = _tiny_engine("eager")
+    scorer = EndOfTurnScorer.shared(engine)
+    assert EndOfTurnScorer.shared(engine) is scorer and scorer.engine is engine
+    assert EndOfTurnScorer.shared(_tiny_engine("eager")) is not scorer
+    alive = weakref.ref(engine)
+    engine.close()
+    del engine, scorer
+    gc.collect()
+    assert alive() is None  # nothing outside the engine holds it (or its model) through the scorer
 
 
 # ------------------------------------------------------------------------ native prefill
@@ -192,7 +267,7 @@ def test_prefill_equals_eager_fp32_weights(n_heads, n_kv, dim, start, n):
     assert_prefill_matches_eager(model, NativeDecoder(model, threads=2), start, n)
 
 
-@pytest.mark.parametrize("kind", [C.GGML_Q4_0, C.GGML_Q4_1, C.GGML_Q8_0])
+@pytest.mark.parametrize("kind", [ggml.Q4_0, ggml.Q4_1, ggml.Q8_0])
 def test_prefill_equals_eager_quantised_weights_across_chunks(kind):
     # 70 new tokens: two calls into C (chunks of 64), the second with a partial tile of 6.
     model = tiny_model(6, 2, 96, bias=True, max_seq=96)
@@ -202,7 +277,7 @@ def test_prefill_equals_eager_quantised_weights_across_chunks(kind):
 
 def test_prefill_then_steps_continue_like_eager():
     model = tiny_model(6, 2, 96)
-    blocks = quantise_in_place(model, C.GGML_Q4_1)
+    blocks = quantise_in_place(model, ggml.Q4_1)
     decoder = NativeDecoder(model, blocks, threads=2)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -215,7 +290,7 @@ def test_prefill_then_steps_continue_like_eager():
 
 def test_prefill_one_thread_and_two_threads_agree_exactly():
     model = tiny_model(6, 2, 96)
-    blocks = quantise_in_place(model, C.GGML_Q8_0)
+    blocks = quantise_in_place(model, ggml.Q8_0)
     one, two = NativeDecoder(model, blocks, threads=1), NativeDecoder(model, blocks, threads=2)
     a = one.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 0).clone()
     b = two.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 0).clone()
@@ -276,6 +351,12 @@ CONVERSATIONS = [
 ]
 
 
+def test_embedded_engines_hold_their_decoders(native_engine, eager_engine):
+    assert isinstance(native_engine.decoder, NativeDecoder) and isinstance(native_engine.decoder, Decoder)
+    assert isinstance(eager_engine.decoder, EagerDecoder) and isinstance(eager_engine.decoder, Decoder)
+    assert (native_engine.backend, eager_engine.backend) == ("native", "eager")
+
+
 def test_native_engine_uses_quantised_blocks(native_engine):
     assert native_engine.backend == "native"
     # every matrix of the Q4_1 file (plus the Q8_0 embedding) stays in its blocks: ~4.5 bits/weight
@@ -330,6 +411,8 @@ def test_without_a_compiler_auto_falls_back_to_eager_with_a_warning(tmp_path, ll
         "try:\n"
         f"    Engine.load({str(llm_path)!r}, EngineOptions(max_seq_len=64, backend='native'))\n"
         "except NativeKernelsUnavailable as e:\n"
+        "    from rejoinder.errors import EngineError\n"
+        "    assert isinstance(e, EngineError) and isinstance(e, RuntimeError)\n"
         "    print('refused:', e)\n"
     )
     env = dict(os.environ, PATH=str(tmp_path), CC="", REJOINDER_KERNEL_CACHE=str(tmp_path / "cache"))

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from rejoinder import kernels as K  # noqa: E402
 from rejoinder.engine.config import ModelConfig  # noqa: E402
+from rejoinder.engine.decoder import Decoder  # noqa: E402
 from rejoinder.engine.model import Transformer  # noqa: E402
 from rejoinder.engine.sampling import SamplingParams  # noqa: E402
 from rejoinder.engine.triton_decoder import TritonDecoder, sample_on_device  # noqa: E402
@@ -121,6 +122,15 @@ def test_greedy_decoding_matches_eager(quant: bool) -> None:
     assert got == expected
 
 
+@pytest.mark.parametrize("quant", [False, True], ids=["dense", "int4"])
+def test_is_a_decoder_and_prefills_token_by_token(quant: bool) -> None:
+    _, ref, dec = build(SHAPES[2], quant, BACKENDS[0])
+    assert isinstance(dec, Decoder)
+    assert (dec.name, dec.prefill_max) == ("triton", 0)  # the engine prefills prompts with the eager model
+    close(dec.prefill([5, 17, 96], 7), eager_logits(ref, [5, 17, 96], 7))
+    close(dec.step(40, 10), eager_logits(ref, [40], 10))  # the prefill's cache rows are the eager ones
+
+
 def test_sample_on_device() -> None:
     logits = torch.randn(VOCAB, device=DEV)
     greedy = sample_on_device(logits, SamplingParams(), backend=BACKENDS[0])
@@ -171,3 +181,30 @@ def test_cuda_graph_bf16() -> None:
     for pos, tok in zip(range(5, 9), (4, 8, 15, 16)):
         # bf16 roundings differ between fused and unfused code; the logits are O(1).
         close(dec.step(tok, pos).clone(), eager_logits(ref, [tok], pos), tol=5e-2)
+
+
+@gpu
+@pytest.mark.gpu
+def test_engine_on_cuda_steps_with_the_captured_triton_decoder() -> None:
+    from tokenizers import Tokenizer, models
+
+    from rejoinder.engine import Engine, EngineOptions
+    from rejoinder.engine.decoder import EagerDecoder
+    from rejoinder.engine.tokenizer import ChatTokenizer
+    from rejoinder.errors import ConfigError
+
+    tok = ChatTokenizer(Tokenizer(models.BPE()), None)
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    engine = Engine(model, tok, EngineOptions(max_seq_len=MAX_SEQ, device="cuda"))
+    assert isinstance(engine.decoder, TritonDecoder) and engine.decoder.graph is not None
+    assert engine.backend == "triton"
+    ids = torch.randint(0, VOCAB, (14,), generator=torch.Generator().manual_seed(2)).tolist()
+    for n in (10, 11, 12, 14):  # a prompt (eager model), two graph steps, a 2-token prefill (eager again)
+        close(engine.prefill(ids[:n]), eager_logits(ref, ids[:n], 0))
+    engine.close()
+    eager = Engine(copy.deepcopy(ref), tok, EngineOptions(max_seq_len=MAX_SEQ, device="cuda", backend="eager"))
+    assert isinstance(eager.decoder, EagerDecoder) and eager.backend == "eager"
+    eager.close()
+    with pytest.raises(ConfigError, match="float32 CPU path"):
+        Engine(copy.deepcopy(ref), tok, EngineOptions(max_seq_len=MAX_SEQ, device="cuda", backend="native"))

@@ -23,7 +23,8 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from rejoinder import kernels as K  # noqa: E402
-from rejoinder.kernels import _backend  # noqa: E402
+from rejoinder.errors import ConfigError  # noqa: E402
+from rejoinder.kernels import _backend, ggml  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 CAN_RUN_TRITON = _backend.triton_available() and (HAS_CUDA or _backend.interpreter_enabled())
@@ -70,8 +71,9 @@ def test_backend_selection() -> None:
     cpu = torch.zeros(1)
     assert not K.use_triton(cpu)  # auto never sends CPU tensors to the (slow) interpreter
     assert not K.use_triton(cpu, backend="torch")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as err:
         K.use_triton(cpu, backend="fast")  # type: ignore[arg-type]
+    assert isinstance(err.value, ConfigError)  # a setting (REJOINDER_KERNEL_BACKEND) a user can get wrong
     if HAS_CUDA and K.triton_available():
         assert K.use_triton(torch.zeros(1, device="cuda"))
 
@@ -288,6 +290,44 @@ def test_gguf_blocks_lossless(name: str) -> None:
     assert qw.shape == (n, k)
     assert torch.equal(qw.dequantize(), expected)  # bit-exact, not merely close
     assert torch.equal(pack(raw, (n, k)).qweight, qw.qweight)  # numpy input too
+
+
+def test_ggml_block_types_agree_with_the_gguf_package() -> None:
+    pytest.importorskip("gguf")
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name in ("F32", "Q4_0", "Q4_1", "Q8_0"):
+        assert getattr(ggml, name) == int(GGMLQuantizationType[name])
+    for kind, nbytes in ggml.BLOCK_BYTES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(kind)] == (ggml.QK, nbytes)
+
+
+def test_ggml_weight_validation() -> None:
+    blocks = torch.zeros(4, 2 * ggml.BLOCK_BYTES[ggml.Q4_1], dtype=torch.uint8)
+    w = ggml.GGMLWeight(blocks, ggml.Q4_1, 4, 64)  # 2 blocks of 32 per row
+    assert w.nbytes() == blocks.numel()
+    with pytest.raises(ValueError, match="does not hold"):  # row bytes of another type
+        ggml.GGMLWeight(blocks, ggml.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="does not hold"):  # not whole blocks
+        ggml.GGMLWeight(torch.zeros(4, 17, dtype=torch.uint8), ggml.Q4_1, 4, 64)
+    with pytest.raises(ValueError, match="does not hold"):  # cols not a multiple of QK
+        ggml.GGMLWeight(torch.zeros(4, 40, dtype=torch.uint8), ggml.Q4_1, 4, 48)
+    with pytest.raises(ValueError, match="does not hold"):  # blocks are bytes
+        ggml.GGMLWeight(blocks.float(), ggml.Q4_1, 4, 64)
+    with pytest.raises(ValueError, match="does not hold"):  # F32 is [rows, cols] float32
+        ggml.GGMLWeight(torch.zeros(4, 8, dtype=torch.float64), ggml.F32, 4, 8)
+    with pytest.raises(ValueError, match="unsupported ggml type 12"):
+        ggml.GGMLWeight(torch.zeros(4, 64, dtype=torch.uint8), 12, 4, 64)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        ggml.GGMLWeight(torch.zeros(8, 4).t(), ggml.F32, 4, 8)
+
+
+def test_ggml_dense_weight() -> None:
+    w64 = torch.randn(3, 5, dtype=torch.float64)
+    w = ggml.GGMLWeight.dense(w64.t())  # any float matrix: a contiguous float32 copy
+    assert (w.type, w.rows, w.cols, w.data.dtype) == (ggml.F32, 5, 3, torch.float32)
+    assert w.data.is_contiguous() and torch.equal(w.data, w64.t().float())
+    assert w.nbytes() == 5 * 3 * 4
 
 
 def test_gguf_quantised_float_weight_roundtrip() -> None:
