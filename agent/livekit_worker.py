@@ -137,7 +137,7 @@ async def entrypoint(ctx: Any) -> None:
     from livekit import rtc
     from livekit.agents import AutoSubscribe
 
-    from rejoinder.streaming.livekit_plugins import LiveKitTransport
+    from rejoinder.streaming.livekit import LiveKitTransport
 
     from .config import AgentConfig
     from .session import Session  # imported here: the session module is heavy and LiveKit-agnostic
