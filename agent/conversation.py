@@ -4,7 +4,8 @@ History is text (compact, and the engine reuses the KV cache of the unchanged pr
 turn prefills only its new tokens). When the prompt outgrows the budget, the oldest exchanges are
 dropped — never the system prompt — and not one at a time: the history is cut down to
 `keep_fraction` of the budget, so the prefix (and its cache) then stays stable for many turns
-instead of shifting, and being re-prefilled, on every turn.
+instead of shifting, and being re-prefilled, on every turn. The rule itself is
+`rejoinder.engine.history.trim_history`, shared with the LiveKit plugin.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from rejoinder.engine import ChatTokenizer
+from rejoinder.engine.history import trim_history
 
 log = logging.getLogger("rejoinder.agent.conversation")
 
@@ -65,18 +67,17 @@ class Conversation:
         ids = self.tokenizer.encode_chat(self.messages(extra, with_tools), add_generation_prompt=True)
         if len(ids) <= self.budget_tokens:
             return ids
-        self.trim(self.keep_fraction * self.budget_tokens, extra)
+        self.trim(self.keep_fraction * self.budget_tokens, extra, with_tools)
         return self.tokenizer.encode_chat(self.messages(extra, with_tools), add_generation_prompt=True)
 
-    def trim(self, target_tokens: float, extra: Sequence[Message] = ()) -> None:
+    def trim(self, target_tokens: float, extra: Sequence[Message] = (), with_tools: bool = True) -> None:
         """Drop the oldest exchanges until the prompt fits `target_tokens` (or only the last turn is left)."""
         before = len(self.turns)
-        while len(self.turns) > 1:
-            # Drop up to and including the next assistant message, so history never starts mid-exchange.
-            cut = next((i + 1 for i, m in enumerate(self.turns[:-1]) if m["role"] != "user"), 1)
-            self.turns = self.turns[cut:]
-            n = len(self.tokenizer.encode_chat(self.messages(extra), add_generation_prompt=True))
-            if n <= target_tokens:
-                break
+
+        def count(messages: Sequence[Message]) -> int:
+            return len(self.tokenizer.encode_chat([*messages, *extra], add_generation_prompt=True))
+
+        system = self.system_message(with_tools)
+        self.turns = trim_history([system, *self.turns], count, target_tokens)[1:]
         self.dropped_messages += before - len(self.turns)
         log.info("history over budget: dropped %d oldest message(s), %d kept", before - len(self.turns), len(self.turns))

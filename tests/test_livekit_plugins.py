@@ -1,9 +1,10 @@
-"""The livekit-agents plugins and the LiveKit transport, on real models and real audio.
+"""The livekit-agents plugins (`livekit.plugins.rejoinder`) and the `rejoinder livekit` worker, on real
+models and real audio.
 
 No LiveKit server is available here, so everything below runs without one: the plugins are driven
-the way `AgentSession` drives them, the transport's audio goes through real `rtc.AudioSource` ->
-`LocalAudioTrack` -> `AudioStream` loops inside the LiveKit SDK. The one room-level test runs only
-when LIVEKIT_URL points at a server (e.g. `livekit-server --dev`).
+the way `AgentSession` drives them. The one room-level test runs only when LIVEKIT_URL points at a
+server (e.g. `livekit-server --dev`). The transport's own tests are in test_livekit_transport.py,
+the tool-call format's in test_tool_format.py.
 """
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ from livekit.agents import Agent, AgentSession, LanguageCode, Plugin, llm, metri
 from livekit.agents.voice.agent import ModelSettings  # noqa: E402
 from livekit.agents.voice.turn import _StreamingTurnDetector, _StreamingTurnDetectorStream  # noqa: E402
 
-from rejoinder.streaming import livekit_plugins as lkp  # noqa: E402
+import livekit.plugins.rejoinder as lkp  # noqa: E402
+from livekit_audio import frames_to_float, rtc_frames  # noqa: E402
 from rejoinder.streaming.audio import resample  # noqa: E402
-from rejoinder.streaming.frames import AudioFrame  # noqa: E402
 from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
-from rejoinder.streaming.transport import TransportClosed  # noqa: E402
 from speech import RATE, long_text, piper_say, shared_whisper, silence, trim  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -64,21 +64,6 @@ def lk_stt(whisper):
 @pytest.fixture(scope="module")
 def lk_llm(engine):
     return lkp.LLM(engine=engine)
-
-
-def pcm16(x: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype(np.int16)
-
-
-def rtc_frames(samples_16k: np.ndarray, rate: int = 48_000, frame_ms: int = 10) -> list[rtc.AudioFrame]:
-    x = pcm16(resample(np.asarray(samples_16k, np.float32), RATE, rate))
-    n = rate * frame_ms // 1000
-    return [rtc.AudioFrame(x[i : i + n].tobytes(), rate, 1, len(x[i : i + n])) for i in range(0, x.size - n + 1, n)]
-
-
-def frames_to_float(frames: list[rtc.AudioFrame]) -> tuple[np.ndarray, int]:
-    f = rtc.combine_audio_frames(frames)
-    return np.frombuffer(f.data, np.int16).astype(np.float32) / 32768.0, f.sample_rate
 
 
 def transcribe(whisper, x: np.ndarray, rate: int) -> str:
@@ -272,6 +257,33 @@ async def test_llm_honours_temperature(engine):
     assert cold == a  # per-request override back to greedy
 
 
+def test_llm_prompt_fits_the_context_dropping_the_oldest_exchanges(engine):
+    from livekit.plugins.rejoinder.chat import fit, render
+
+    from rejoinder.engine import ContextOverflow
+
+    def tokens(msgs: list[dict]) -> int:
+        return len(engine.tokenizer.encode(render(engine, msgs)))
+
+    system = {"role": "system", "content": INSTRUCTIONS}
+    msgs = [system]
+    for i in range(80):
+        msgs += [{"role": "user", "content": f"Tell me fact number {i} about the sea."},
+                 {"role": "assistant", "content": f"Fact {i}: the sea is deep, wide and full of fish."}]
+    msgs.append({"role": "user", "content": "And one more?"})
+    room = 160
+    assert tokens(msgs) + room >= engine.max_seq_len
+    kept = fit(engine, msgs, room)
+    assert tokens(kept) + room < engine.max_seq_len
+    assert kept[0] == system and kept[1]["role"] == "user" and kept[-1] == msgs[-1]
+    assert kept[1:] == msgs[len(msgs) - len(kept) + 1 :]  # the newest exchanges, whole
+    longer = [system, *msgs[len(msgs) - len(kept) + 1 - 2 :]]  # one exchange more would not have fitted
+    assert tokens(longer) + room >= engine.max_seq_len
+    assert fit(engine, msgs[-5:], room) == msgs[-5:]  # what fits is left alone
+    with pytest.raises(ContextOverflow):
+        fit(engine, [system, {"role": "user", "content": "word " * 3000}], room)
+
+
 @llm.function_tool
 async def get_weather(city: str) -> dict:
     """Get the current weather in a city.
@@ -322,18 +334,6 @@ async def test_llm_required_tool_choice_picks_among_several_tools(lk_llm):
         assert isinstance(args["hour"], int)
     else:
         assert isinstance(args["city"], str)
-
-
-def test_tool_call_parser():
-    text = 'Sure.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b", "arguments": "{\\"y\\": \\"z\\"}"}</tool_call> done'
-    plain, calls = lkp.parse_tool_calls(text)
-    assert calls == [("a", '{"x": 1}'), ("b", '{"y": "z"}')]
-    assert plain.split() == ["Sure.", "done"]
-    # Broken JSON stays visible as text instead of vanishing; an unclosed but complete call counts.
-    plain, calls = lkp.parse_tool_calls("<tool_call>{oops}</tool_call>")
-    assert calls == [] and "{oops}" in plain
-    assert lkp.parse_tool_calls('<tool_call>\n{"name": "c", "arguments": {}}')[1] == [("c", "{}")]
-    assert lkp._held_back("Hello <tool_") == len("<tool_") and lkp._held_back("Hello <b>") == 0
 
 
 # --- turn detector -----------------------------------------------------------------------------
@@ -404,180 +404,61 @@ async def test_agent_session_tool_round_trip(engine, lk_stt, voice):
 
 
 def test_importable_as_livekit_plugin_and_registered():
-    import livekit.plugins.rejoinder as plugin
+    from livekit.plugins import rejoinder as plugin
+    from livekit.plugins.rejoinder import llm as llm_mod, stt as stt_mod, tts as tts_mod, vad as vad_mod
+    from livekit.plugins.rejoinder.turn_detector import TurnDetector
+    from rejoinder.streaming.livekit import LiveKitTransport
 
-    assert plugin.STT is lkp.STT and plugin.LLM is lkp.LLM and plugin.TTS is lkp.TTS
-    assert plugin.VAD is lkp.VAD and plugin.TurnDetector is lkp.TurnDetector
+    # One module per plugin, as livekit-agents' own plugin packages; the package exports them all.
+    assert plugin.STT is stt_mod.STT and plugin.LLM is llm_mod.LLM and plugin.TTS is tts_mod.TTS
+    assert plugin.VAD is vad_mod.VAD and plugin.TurnDetector is TurnDetector
+    assert plugin.LiveKitTransport is LiveKitTransport  # the transport lives in streaming, re-exported
+    assert set(plugin.__all__) <= set(dir(plugin))
     ours = [p for p in Plugin.registered_plugins if isinstance(p, lkp.RejoinderPlugin)]
     assert len(ours) == 1 and ours[0].package == "rejoinder" and ours[0].title == "livekit.plugins.rejoinder"
-
-
-# --- the LiveKit transport -----------------------------------------------------------------------
-
-
-async def test_transport_audio_in_through_a_livekit_track(whisper):
-    # A real LiveKit track: what is captured into `mic` comes out of an AudioStream at 16 kHz.
-    mic = rtc.AudioSource(48_000, 1, queue_size_ms=200)
-    stream = rtc.AudioStream(rtc.LocalAudioTrack.create_audio_track("mic", mic), sample_rate=16_000, num_channels=1)
-    out = rtc.AudioSource(48_000, 1)
-    transport = lkp.LiveKitTransport(source=out, audio=stream)
-    speech = np.concatenate([piper_say(UTTERANCE), silence(0.3)])
-    received: list[AudioFrame] = []
-
-    async def listen() -> None:
-        async for frame in transport.audio_in():
-            received.append(frame)
-
-    reader = asyncio.create_task(listen())
-    for f in rtc_frames(speech):
-        await mic.capture_frame(f)
-    await mic.wait_for_playout()
-    await asyncio.sleep(0.3)
-    await transport.close()
-    await asyncio.wait_for(reader, 5)  # closing ends audio_in()
-    assert received and all(f.sample_rate == 16_000 and f.samples.dtype == np.int16 for f in received)
-    heard = np.concatenate([f.to_float_mono() for f in received])
-    assert heard.size / RATE >= speech.size / RATE - 0.1
-    assert word_error_rate(UTTERANCE, whisper.transcribe(heard).text) <= WER_BOUND
-    with pytest.raises(TransportClosed):
-        await transport.send_audio(AudioFrame(np.zeros(441, np.int16), 22_050))
-
-
-async def test_transport_audio_out_reaches_the_agent_track():
-    out = rtc.AudioSource(48_000, 1, queue_size_ms=200)
-    track = rtc.LocalAudioTrack.create_audio_track("agent", out)
-    played = rtc.AudioStream(track, sample_rate=48_000, num_channels=1)
-    transport = lkp.LiveKitTransport(source=out, audio=_never())
-    assert transport.output_sample_rate == 48_000
-    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(22_050) / 22_050)).astype(np.float32)  # 1 s at 22.05 kHz
-    got: list[np.ndarray] = []
-
-    async def listen() -> None:
-        async for ev in played:
-            got.append(np.frombuffer(ev.frame.data, np.int16).astype(np.float32) / 32768)
-
-    reader = asyncio.create_task(listen())
-    for i in range(0, tone.size, 441):  # 20 ms float frames at the TTS rate: the transport resamples
-        await transport.send_audio(AudioFrame(tone[i : i + 441], 22_050))
-    await out.wait_for_playout()
-    await asyncio.sleep(0.2)
-    reader.cancel()
-    await played.aclose()
-    await transport.close()
-    y = np.concatenate(got)
-    loud = np.flatnonzero(np.abs(y) > 0.05)
-    assert loud.size, "nothing audible came out of the track"
-    y = y[loud[0] : loud[-1] + 1]
-    assert abs(y.size / 48_000 - 1.0) < 0.05
-    spectrum = np.abs(np.fft.rfft(y))
-    assert abs(np.argmax(spectrum) * 48_000 / y.size - 440) < 5  # the same tone, at the right pitch
-    assert np.sqrt(np.mean(y**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
-
-
-async def _never():
-    await asyncio.Event().wait()
-    yield  # pragma: no cover
-
-
-class RecordingLink:
-    """The agent's side of a room as the transport sees it (no server here): records what is published."""
-
-    def __init__(self) -> None:
-        self.data: list[tuple[str, dict]] = []
-        self.texts: list[tuple[str, str, dict, str | None]] = []
-        self.attributes: list[dict] = []
-
-    async def publish_data(self, payload, *, reliable=True, topic=""):
-        self.data.append((topic, json.loads(payload)))
-
-    async def stream_text(self, *, topic="", attributes=None, sender_identity=None):
-        link = self
-
-        class Writer:
-            text = ""
-
-            async def write(self, text):
-                self.text += text
-
-            async def aclose(self):
-                link.texts.append((topic, self.text, dict(attributes or {}), sender_identity))
-
-        return Writer()
-
-    async def set_attributes(self, attributes):
-        self.attributes.append(dict(attributes))
-
-
-async def test_transport_publishes_events_transcriptions_and_state():
-    out = rtc.AudioSource(48_000, 1, queue_size_ms=1000)
-    link = RecordingLink()
-    transport = lkp.LiveKitTransport(
-        source=out, audio=_never(), link=link, user_identity="caller", user_track_sid=lambda: "TR_user",
-        agent_track_sid="TR_agent",
-    )
-    events = [
-        {"type": "state", "old": "listening", "new": "user_speaking"},
-        {"type": "transcript", "text": "what time", "final": False, "utterance_id": 1},
-        {"type": "transcript", "text": "What time is it?", "final": True, "utterance_id": 1},
-        {"type": "state", "old": "user_speaking", "new": "thinking"},
-        {"type": "agent_text", "turn": 1, "text": "It is noon.", "final": True, "interrupted": False},
-        {"type": "metrics", "turn": 1, "voice_to_voice_s": 0.5},
-    ]
-    for ev in events:
-        await transport.send_event(ev)
-    await transport.close()  # flushes what is queued for publishing
-    assert [d for topic, d in link.data if topic == "rejoinder.events"] == events
-    user = [t for t in link.texts if t[2]["lk.segment_id"] == "user-1"]
-    assert [(t[1], t[2]["lk.transcription_final"]) for t in user] == [("what time", "false"), ("What time is it?", "true")]
-    assert all(t[0] == "lk.transcription" and t[2]["lk.transcribed_track_id"] == "TR_user" and t[3] == "caller" for t in user)
-    agent = [t for t in link.texts if t[2]["lk.segment_id"] == "agent-1"]
-    assert agent == [("lk.transcription", "It is noon.", {
-        "lk.segment_id": "agent-1", "lk.transcription_final": "true", "lk.transcribed_track_id": "TR_agent"}, None)]
-    assert link.attributes == [{"lk.agent.state": "listening"}, {"lk.agent.state": "thinking"}]
-
-
-async def test_transport_interruption_drops_audio_queued_in_livekit():
-    out = rtc.AudioSource(48_000, 1, queue_size_ms=1000)
-    transport = lkp.LiveKitTransport(source=out, audio=_never())
-    for _ in range(25):  # 500 ms handed to LiveKit faster than it plays
-        await transport.send_audio(AudioFrame(np.full(960, 1000, np.int16), 48_000))
-    assert out.queued_duration > 0.3
-    await transport.send_event({"type": "agent_speech", "turn": 1, "started": False, "interrupted": False})
-    assert out.queued_duration > 0.3  # an answer that ended normally plays out
-    await transport.send_event({"type": "barge_in", "turn": 1, "outcome": "interruption"})
-    assert out.queued_duration == 0.0
-    await transport.close()
+    assert ours[0].version == plugin.__version__ and ours[0].logger.name.startswith("rejoinder.")
 
 
 # --- the worker ----------------------------------------------------------------------------------
 
 
-def test_worker_cli_and_entrypoint(monkeypatch, capsys):
-    import argparse
+def test_worker_cli_and_entrypoint(monkeypatch):
+    from rejoinder.agent.cli import build_parser
+    from rejoinder.agent.cli import livekit as worker
+    from rejoinder.agent.config import from_args
+    from rejoinder.errors import ConfigError
 
-    from rejoinder.agent import livekit_worker as worker
-
-    parser = argparse.ArgumentParser(prog="rejoinder")
-    sub = parser.add_subparsers(dest="command")
-    worker.add_livekit_parser(sub, add_model_flags=lambda p: p.add_argument("--temperature", type=float))
+    parser = build_parser()
     for var in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
         monkeypatch.delenv(var, raising=False)
     args = parser.parse_args(["livekit", "dev"])
-    assert args.func is worker.main_livekit
-    assert worker._credentials(args) == (worker.DEV_URL, worker.DEV_KEY, worker.DEV_SECRET)
+    assert args.func is worker.run
+    assert worker.credentials(from_args(args), dev=True) == (worker.DEV_URL, worker.DEV_KEY, worker.DEV_SECRET)
     args = parser.parse_args(["livekit", "start", "--url", "wss://example.invalid"])
-    assert worker.main_livekit(args) == 2
-    assert "LIVEKIT_API_KEY" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="LIVEKIT_API_KEY"):
+        worker.run(args)
     monkeypatch.setenv("LIVEKIT_API_KEY", "k")
     monkeypatch.setenv("LIVEKIT_API_SECRET", "s")
     monkeypatch.delenv("REJOINDER_TEMPERATURE", raising=False)
-    args = parser.parse_args(["livekit", "start", "--url", "wss://example.invalid", "--temperature", "0.3"])
-    assert worker._credentials(args) == ("wss://example.invalid", "k", "s")
-    worker._export_config(args)
-    assert os.environ["REJOINDER_TEMPERATURE"] == "0.3"  # how job processes learn the flags
+    monkeypatch.delenv("REJOINDER_MQTT_URL", raising=False)
+    args = parser.parse_args(["livekit", "start", "--url", "wss://example.invalid", "--temperature", "0.3",
+                              "--mqtt", "mqtt://127.0.0.1:1883", "--hangover-s", "0.25"])
+    cfg = from_args(args)
+    assert worker.credentials(cfg, dev=False) == ("wss://example.invalid", "k", "s")
+    worker.export_config(cfg)
+    # How job processes learn the flags: the same loader reads them back there.
+    assert os.environ["REJOINDER_TEMPERATURE"] == "0.3"
+    from rejoinder.agent.config import load
+
+    back = load()
+    assert (back.temperature, back.mqtt.url, back.turns.hangover_s) == (0.3, "mqtt://127.0.0.1:1883", 0.25)
     # Job processes receive the entrypoint by reference: it must pickle as an importable name.
     assert pickle.loads(pickle.dumps(worker.entrypoint)) is worker.entrypoint
     assert pickle.loads(pickle.dumps(worker.prewarm)) is worker.prewarm
+    # Public livekit-agents API only.
+    import inspect
+
+    assert "_run_worker" not in inspect.getsource(worker)
 
 
 # --- a real room (only with a LiveKit server) ----------------------------------------------------
@@ -594,7 +475,7 @@ async def test_worker_answers_a_participant_in_a_room(whisper):
     secret = os.environ.get("LIVEKIT_API_SECRET", "secret")
     env = {**os.environ, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "rejoinder.agent.livekit_worker", "start", "--idle-processes", "1"],
+        [sys.executable, "-m", "rejoinder.agent.cli", "livekit", "start", "--idle-processes", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     room = rtc.Room()
