@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from rejoinder.engine import Engine, SamplingParams, TokenStream
 from rejoinder.streaming.streamed_tts import SpeechChunk, StreamedTTS, Synthesizer
@@ -66,7 +67,6 @@ class Answer:
         self.turn = spec.turn
         self.user_text = spec.user_text
         self.token_ids: list[int] = []  # generated (forced tokens included), in the engine's cache order
-        self.raw_text = ""  # everything generated, tool-call markup included
         self.chunks: list[SpeechChunk] = []
         self.filter = ToolCallFilter() if spec.filter_tools else None
         self.generation_done = not spec.generate  # the model stopped by itself (not cancelled)
@@ -90,7 +90,7 @@ class Answer:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> "Answer":
+    def start(self) -> Answer:
         self._task = asyncio.get_running_loop().create_task(self._produce(), name=f"rejoinder-answer-{self.turn}")
         return self
 
@@ -162,7 +162,6 @@ class Answer:
             forced = self.engine.tokenizer.encode(spec.forced_text)
             prompt += forced
             self.token_ids += forced
-            self.raw_text += spec.forced_text
             out = self._filtered(spec.forced_text)
             if out:
                 yield out
@@ -175,7 +174,6 @@ class Answer:
                 if self.first_token_at is None:
                     self.first_token_at = ev.t
                 self.token_ids.append(ev.token_id)
-                self.raw_text += ev.text
                 out = self._filtered(ev.text)
                 if out:
                     yield out

@@ -19,9 +19,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from rejoinder.errors import ConfigError
 from rejoinder.streaming.echo import EchoGuardConfig

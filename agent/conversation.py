@@ -10,8 +10,8 @@ instead of shifting, and being re-prefilled, on every turn. The rule itself is
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from rejoinder.engine import ChatTokenizer
 from rejoinder.engine.history import trim_history

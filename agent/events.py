@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, ClassVar, Protocol
+from typing import Any, ClassVar
 
 
 class SessionState(str, enum.Enum):
@@ -203,23 +204,3 @@ class SessionEnded(SessionEvent):
 
 
 EventListener = Callable[[SessionEvent], "Awaitable[None] | None"]
-
-
-class SessionControl(Protocol):
-    """What remote control (MQTT, a data channel) may ask of a running session.
-
-    `control(command, args)` returns a JSON-ready dict: {"ok": True, ...} or {"ok": False, "error"}.
-    Unknown commands and bad arguments change nothing. Commands:
-      "say" {"text", "mode": "interrupt"|"queue"}  speak text now (no LLM), cutting the agent off or
-                                                  after what it is saying; added to history
-      "interrupt" {}                 stop speaking (as a barge-in would)
-      "end" {"reason"?}              hang up: the session ends cleanly
-      "mute" {} / "unmute" {}        stop / resume acting on the caller's audio (a supervisor talks)
-      "set_persona" {"persona"}      replace the system prompt from the next answer on
-      "tool" {"name", "arguments"}   run a registered tool
-      "status" {}                    {"state", "turns", "session_id", "muted"}
-    """
-
-    session_id: str
-
-    async def control(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]: ...

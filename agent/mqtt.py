@@ -33,8 +33,9 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -152,7 +153,7 @@ class MQTTConfig:
             object.__setattr__(self, "client_id", f"rejoinder-{self.agent_id}-{uuid.uuid4().hex[:8]}")
 
     @classmethod
-    def from_url(cls, url: str, *, agent_id: str | None = None, **overrides: Any) -> "MQTTConfig":
+    def from_url(cls, url: str, *, agent_id: str | None = None, **overrides: Any) -> MQTTConfig:
         """Config from a URL; `mqtt://user:password@host:port` carries credentials too.
 
         Explicit keyword arguments win over what the URL says.
@@ -423,7 +424,7 @@ class MQTTBridge:
         if left:
             log.info("MQTT bridge closed with %d event(s) unpublished", left)
 
-    async def __aenter__(self) -> "MQTTBridge":
+    async def __aenter__(self) -> MQTTBridge:
         await self.start()
         return self
 

@@ -15,7 +15,8 @@ module puts the agent behind them:
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rejoinder.streaming.signalling import PeerSession, SessionFactory
 from rejoinder.streaming.transport import Transport

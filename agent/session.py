@@ -27,7 +27,8 @@ import itertools
 import logging
 import time
 import uuid
-from typing import Any, Coroutine, Literal, Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, Literal
 
 import numpy as np
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from rejoinder.engine.tool_format import (
     TOOL_CLOSE,

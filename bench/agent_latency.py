@@ -67,7 +67,7 @@ def asr_window(models: Models, full: bool):
 async def ours(models: Models, cfg: AgentConfig, rounds: int, label: str = "ours",
                questions_only: bool = False) -> tuple[list[float], list[float], list[dict]]:
     v2v, react, rows = [], [], []
-    for r in range(rounds):
+    for _r in range(rounds):
         for q in QUESTIONS + ([] if questions_only else INTERRUPTIONS):
             transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
             mic = Mic(transport)

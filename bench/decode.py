@@ -55,7 +55,7 @@ class Result:
     new_tokens: int
     load_s: float = 0.0  # model load, including compilation for ours
 
-    def better(self, other: "Result | None") -> "Result":
+    def better(self, other: Result | None) -> Result:
         return self if other is None or self.decode_tok_s > other.decode_tok_s else other
 
 
@@ -236,7 +236,7 @@ SWEEP = (2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_PREFIX = 32
 
 
-def prefill_sweep(ours: Engine, llama: "LlamaCppPeer | None", ids: list[int], repeat: int) -> list[dict]:
+def prefill_sweep(ours: Engine, llama: LlamaCppPeer | None, ids: list[int], repeat: int) -> list[dict]:
     """Time prefilling n new tokens after a cached SWEEP_PREFIX-token prefix (a conversation turn):
     the native prefill, the eager fp32 model and llama.cpp, for each n in SWEEP (best of `repeat`)."""
     prefix, rows = ids[:SWEEP_PREFIX], []

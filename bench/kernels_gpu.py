@@ -28,7 +28,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                 record(op, f"{name} {n}x{kdim}", "triton", lambda: K.quant_linear_triton(xx, qw), nbytes)
             else:
                 record(op, f"{name} {n}x{kdim}", "torch", lambda: K.quant_linear_ref(xx, qw), nbytes)
-        del w_f
 
     # Sampling over the full vocabulary.
     logits = torch.randn(1, VOCAB, device=dev, dtype=dt) * 3

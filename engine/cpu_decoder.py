@@ -15,7 +15,7 @@ memory traffic than fp32, dequantised in registers); every other matrix is read 
 from __future__ import annotations
 
 import ctypes
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

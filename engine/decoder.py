@@ -11,7 +11,8 @@ interleave freely with the eager model (which prefills the long prompts) and pre
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 

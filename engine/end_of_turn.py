@@ -15,7 +15,8 @@ with the reply prompt, so the KV cache it fills is reused when the answer is gen
 from __future__ import annotations
 
 import re
-from typing import Sequence, cast
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -48,7 +49,7 @@ class EndOfTurnScorer:
         self.end_ids = torch.tensor(sorted(ends), dtype=torch.long)
 
     @classmethod
-    def shared(cls, engine: Engine) -> "EndOfTurnScorer":
+    def shared(cls, engine: Engine) -> EndOfTurnScorer:
         """One scorer per engine (building the end-token set walks the whole vocabulary), kept in
         the slot the engine declares for it, so it lives exactly as long as the engine."""
         if engine._end_of_turn_scorer is None:

@@ -13,10 +13,11 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -165,7 +166,7 @@ class Engine:
         path: str | os.PathLike,
         options: EngineOptions = EngineOptions(),
         progress: Callable[[int, int], None] | None = None,
-    ) -> "Engine":
+    ) -> Engine:
         """Load a GGUF file or an HF-style safetensors folder (config.json + tokenizer.json)."""
         path = Path(path)
         blocks = None
@@ -289,7 +290,7 @@ class Engine:
             with torch.inference_mode():
                 return torch.softmax(self.prefill(ids).float(), dim=-1)
 
-    async def run_async(self, fn: Callable[..., "T"], *args: object) -> "T":
+    async def run_async(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` on the engine thread, after any generation queued before it."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -300,7 +301,7 @@ class Engine:
         out = [ev.token_id for ev in self.generate(self.chat_ids(messages), params)]
         return self.tokenizer.decode(out)
 
-    def stream(self, prompt: Sequence[Message] | Sequence[int], params: SamplingParams = SamplingParams()) -> "TokenStream":
+    def stream(self, prompt: Sequence[Message] | Sequence[int], params: SamplingParams = SamplingParams()) -> TokenStream:
         """Start generating on the engine thread; iterate the result with `async for`."""
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)  # type: ignore[arg-type]
         return TokenStream(self, ids, params)

@@ -10,9 +10,10 @@ permuted the same way), for the native CPU decode step, which multiplies them wi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ caller appends after these messages), so this module needs no tokenizer of its o
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .tokenizer import Message
 

@@ -6,10 +6,11 @@ Built either from GGUF metadata (vocabulary, merges, token types, pre-tokenizer 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rejoinder.errors import BadInputError
 

@@ -26,8 +26,9 @@ It knows nothing of tool execution (that is `rejoinder.agent.tools`) nor of any 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "TOOL_CLOSE",

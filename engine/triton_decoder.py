@@ -17,7 +17,8 @@ CUDA (CPU twins, or Triton's interpreter in tests) the same code runs eagerly.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F

@@ -67,6 +67,7 @@ prints registers / spills per kernel (the interpreter alone never compiles anyth
 """
 
 from ._backend import BACKEND_ENV, interpreter_enabled, triton_available, use_triton
+from .activations import swiglu, swiglu_fused, swiglu_ref, swiglu_triton
 from .attention import decode_attention, decode_attention_ref, decode_attention_triton
 from .quant_matmul import (
     GEMV_MAX_ROWS,
@@ -90,7 +91,6 @@ from .rmsnorm import (
 )
 from .rope import apply_rope_ref, rope_kv_write, rope_kv_write_ref, rope_kv_write_triton, rope_tables
 from .sampling import logit_keys, sample, sample_ref, sample_triton
-from .activations import swiglu, swiglu_fused, swiglu_ref, swiglu_triton
 
 __all__ = [
     "BACKEND_ENV",

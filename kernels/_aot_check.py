@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -35,7 +36,14 @@ Launch = tuple[Any, tuple[Any, ...], dict[str, Any]]
 
 
 def _modules() -> list[Any]:
-    from . import _attention_triton, _quant_matmul_triton, _rmsnorm_triton, _rope_triton, _sampling_triton, _swiglu_triton
+    from . import (
+        _attention_triton,
+        _quant_matmul_triton,
+        _rmsnorm_triton,
+        _rope_triton,
+        _sampling_triton,
+        _swiglu_triton,
+    )
 
     return [_rmsnorm_triton, _rope_triton, _attention_triton, _swiglu_triton, _quant_matmul_triton, _sampling_triton]
 

@@ -54,7 +54,7 @@ class RjWeight(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32)]
 
     @classmethod
-    def of(cls, w: GGMLWeight) -> "RjWeight":
+    def of(cls, w: GGMLWeight) -> RjWeight:
         return cls(w.data.data_ptr(), w.type, w.rows, w.cols)
 
 

@@ -55,7 +55,7 @@ class GGMLWeight:
             raise ValueError("GGMLWeight data must be a contiguous CPU tensor")
 
     @classmethod
-    def dense(cls, w: torch.Tensor) -> "GGMLWeight":
+    def dense(cls, w: torch.Tensor) -> GGMLWeight:
         """An fp32 matrix as an F32 weight (a contiguous float32 copy when it is not one already)."""
         w = w.detach().float().contiguous()
         return cls(w, F32, w.shape[0], w.shape[1])

@@ -101,7 +101,7 @@ class QuantizedWeight:
         extra = self.mins.numel() * self.mins.element_size() if self.mins is not None else 0
         return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size() + extra
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         return replace(
             self,
             qweight=self.qweight.to(device),

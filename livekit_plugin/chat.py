@@ -8,7 +8,8 @@ prompt leaves room for the answer. Used by the LLM and the turn detector.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from livekit.agents import llm
 

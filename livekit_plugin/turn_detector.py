@@ -6,7 +6,7 @@ The score (`rejoinder.engine.end_of_turn`) is computed on the LLM's own engine, 
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from livekit.agents import llm
 from livekit.agents.language import LanguageCode

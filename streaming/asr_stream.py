@@ -23,8 +23,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -57,10 +58,6 @@ class ASREvent:
     # Whisper tends to finish the sentence with a guess ("book a table for [it.]"); whoever judges
     # whether the user has finished should not take that guess at its word.
     unsure_tail: str = ""
-
-    @property
-    def tentative_text(self) -> str:
-        return self.text[len(self.committed_text) :].strip()
 
     @property
     def sure_text(self) -> str:

@@ -17,7 +17,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import AsyncIterator, Union
+from collections.abc import AsyncIterator
+from typing import Union
 
 import numpy as np
 

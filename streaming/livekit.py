@@ -18,7 +18,8 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Mapping, Protocol
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 from livekit import rtc

@@ -24,8 +24,8 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -167,10 +167,6 @@ class PlayoutBuffer:
         return self._played / self._rate if self._rate else 0.0
 
     @property
-    def queued_seconds(self) -> float:
-        return self._queued / self._rate if self._rate else 0.0
-
-    @property
     def is_playing(self) -> bool:
         """Audio is queued and not paused: frames are going out."""
         return self._queued > 0 and not self._paused
@@ -178,10 +174,6 @@ class PlayoutBuffer:
     @property
     def paused(self) -> bool:
         return self._paused
-
-    @property
-    def answer_done(self) -> bool:
-        return self._answer_done
 
     # --- feeding ---------------------------------------------------------------------------------
 

@@ -16,10 +16,11 @@ import logging
 import re
 import threading
 import time
-from contextlib import aclosing
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator, Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -74,14 +75,6 @@ class TTSMetrics:
     audio_seconds: float = 0.0
     synth_seconds: float = 0.0  # worker time spent in Piper (for the real-time factor)
     segment_texts: list[str] = field(default_factory=list)
-
-    @property
-    def first_audio_latency(self) -> float | None:
-        """From the first token to the first audio chunk: what TTS adds to voice-to-voice latency."""
-        if self.first_token_at is None or self.first_audio_at is None:
-            return None
-        return self.first_audio_at - self.first_token_at
-
 
 # --- text clean-up, length-preserving so chunk texts map back to the answer by offset -------------
 

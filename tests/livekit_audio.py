@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 from livekit import rtc
+from speech import RATE
 
 from rejoinder.streaming.audio import resample
-from speech import RATE
 
 
 def pcm16(x: np.ndarray) -> np.ndarray:

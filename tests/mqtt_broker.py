@@ -11,16 +11,17 @@ import asyncio
 import getpass
 import json
 import os
-import ssl
-import threading
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -84,7 +85,7 @@ class Broker:
         )
         return conf
 
-    def start(self, timeout: float = 5.0) -> "Broker":
+    def start(self, timeout: float = 5.0) -> Broker:
         if self.running:
             return self
         conf = self._write_config()
@@ -111,7 +112,7 @@ class Broker:
             self.proc.wait(timeout=5)
         self.proc = None
 
-    def restart(self) -> "Broker":
+    def restart(self) -> Broker:
         self.kill()
         return self.start()
 
@@ -121,7 +122,7 @@ class Broker:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -160,7 +161,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._client: paho.Client | None = None
 
-    def connect(self, timeout: float = 5.0) -> "Recorder":
+    def connect(self, timeout: float = 5.0) -> Recorder:
         self.close()
         c = paho.Client(CallbackAPIVersion.VERSION2, protocol=self.protocol, reconnect_on_failure=False)
         if self.ca_file:
@@ -215,7 +216,7 @@ class Recorder:
             c.disconnect()
             c.loop_stop()
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:

@@ -40,7 +40,7 @@ def piper_voice():
     return PiperVoice.load(resolve("tts"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def piper_say(text: str, rate: int = RATE, length_scale: float | None = None, natural: bool = False) -> np.ndarray:
     """`text` spoken by Piper, float32 mono at `rate` (leading/trailing silence as Piper makes it).
 
@@ -64,7 +64,7 @@ def have_espeak() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def espeak_say(text: str, rate: int = RATE, words_per_minute: int = 150, voice: str = "en-us") -> np.ndarray:
     """`text` spoken by espeak-ng (skips the calling test when the CLI is missing)."""
     exe = shutil.which("espeak-ng")

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from speech import espeak_say, have_espeak, piper_say
 
-from speech import piper_say, espeak_say, have_espeak
-from rejoinder.agent.config import DEFAULT_PERSONA
+from rejoinder.agent.barge_in import is_backchannel, is_echo_text
+from rejoinder.agent.config import DEFAULT_PERSONA, TurnTakingConfig
 from rejoinder.agent.conversation import Conversation
 from rejoinder.agent.tools import Tool, ToolCall, ToolCallFilter, ToolRegistry, parse_tool_call
-from rejoinder.agent.barge_in import is_backchannel, is_echo_text
-from rejoinder.agent.config import TurnTakingConfig
 from rejoinder.engine import Engine
 from rejoinder.engine.end_of_turn import EndOfTurnScorer, strip_trailing_punctuation
 from rejoinder.streaming.assets import resolve
@@ -161,8 +160,8 @@ def test_echo_guard_recognises_the_agents_voice_not_the_users():
 
 def test_config_precedence_flag_over_environment_over_default(monkeypatch):
     from rejoinder.agent.cli import build_parser
-    from rejoinder.agent.config import from_args as _config
     from rejoinder.agent.config import AgentConfig
+    from rejoinder.agent.config import from_args as _config
 
     assert AgentConfig.from_env({}).asr_full_window is False
     env = {"REJOINDER_ASR_FULL_WINDOW": "1", "REJOINDER_LLM_BACKEND": "eager", "REJOINDER_THREADS": "1"}

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from rejoinder.streaming.assets import AssetError
-from rejoinder.streaming.asr import Transcript, WhisperASR, looks_degenerate
-from rejoinder.streaming.text_metrics import normalize_text, word_error_rate
 from speech import espeak_say, piper_say, shared_whisper, silence, trim
+
+from rejoinder.streaming.asr import Transcript, WhisperASR, looks_degenerate
+from rejoinder.streaming.assets import AssetError
+from rejoinder.streaming.text_metrics import normalize_text, word_error_rate
 
 # Whisper base on clean synthetic speech: Piper is near perfect; espeak-ng's formant voice is harder.
 WER_BOUND_PIPER = 0.15
@@ -102,7 +102,7 @@ def test_short_context_hears_what_the_full_window_hears(asr, monkeypatch):
     expected_context = {ref: asr.context_for(a.size / 16_000) for ref, a in clips.items()}
     monkeypatch.setattr(asr, "context_pad_s", None)
     full = {ref: asr.transcribe(a) for ref, a in clips.items()}
-    for ref, audio in clips.items():
+    for ref, _audio in clips.items():
         s, f = short[ref], full[ref]
         assert s.context_s == pytest.approx(expected_context[ref])
         assert s.context_s < 30.0 and not s.retried_full_context

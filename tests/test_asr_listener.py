@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from speech import RATE, dialogue, espeak_say, piper_say, shared_whisper
 
 from rejoinder.streaming.asr_stream import ASREvent
 from rejoinder.streaming.audio import resample
@@ -9,7 +10,6 @@ from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.listener import Listener
 from rejoinder.streaming.text_metrics import word_error_rate
 from rejoinder.streaming.vad import VADEvent
-from speech import RATE, dialogue, espeak_say, piper_say, shared_whisper
 
 WER_BOUND = 0.25
 

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from speech import RATE, espeak_say, long_text, piper_say, shared_whisper, silence
 
 from rejoinder.streaming.asr import Word
 from rejoinder.streaming.asr_stream import ASREvent, StreamingASR, StreamingASRConfig, _unsure_tail
 from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.text_metrics import word_error_rate
-from speech import RATE, espeak_say, long_text, piper_say, shared_whisper, silence
 
 WER_BOUND = 0.15  # Piper voice, streaming final
 WER_BOUND_ESPEAK = 0.3
@@ -235,7 +235,7 @@ async def test_decode_failures_do_not_end_the_turn(caplog):
     fake = Flaky()
     s = StreamingASR(fake, StreamingASRConfig(interim_interval_s=0.4))  # type: ignore[arg-type]
     with caplog.at_level(logging.ERROR, logger="rejoinder"):
-        for i in range(0, 3 * RATE, 1600):
+        for _i in range(0, 3 * RATE, 1600):
             await s.feed(np.zeros(1600, np.float32))
             await s.settle()
         last = [e for e in iter(s.get_nowait, None)][-1]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from speech import espeak_say, have_espeak, piper_say, shared_whisper
+
 from rejoinder.streaming.audio import read_wav, resample
 from rejoinder.streaming.text_metrics import word_error_rate
 

@@ -4,7 +4,7 @@ Most tests count words (a count anyone can check by eye); one counts the real ch
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rejoinder.engine.history import trim_history
 

@@ -27,12 +27,12 @@ from livekit import rtc  # noqa: E402
 from livekit.agents import Agent, AgentSession, LanguageCode, Plugin, llm, metrics, stt, vad  # noqa: E402
 from livekit.agents.voice.agent import ModelSettings  # noqa: E402
 from livekit.agents.voice.turn import _StreamingTurnDetector, _StreamingTurnDetectorStream  # noqa: E402
+from livekit_audio import frames_to_float, rtc_frames  # noqa: E402
+from speech import RATE, long_text, piper_say, shared_whisper, silence, trim  # noqa: E402
 
 import livekit.plugins.rejoinder as lkp  # noqa: E402
-from livekit_audio import frames_to_float, rtc_frames  # noqa: E402
 from rejoinder.streaming.audio import resample  # noqa: E402
 from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
-from speech import RATE, long_text, piper_say, shared_whisper, silence, trim  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -259,7 +259,6 @@ async def test_llm_honours_temperature(engine):
 
 def test_llm_prompt_fits_the_context_dropping_the_oldest_exchanges(engine):
     from livekit.plugins.rejoinder.chat import fit, render
-
     from rejoinder.engine import ContextOverflow
 
     def tokens(msgs: list[dict]) -> int:
@@ -405,7 +404,11 @@ async def test_agent_session_tool_round_trip(engine, lk_stt, voice):
 
 def test_importable_as_livekit_plugin_and_registered():
     from livekit.plugins import rejoinder as plugin
-    from livekit.plugins.rejoinder import llm as llm_mod, stt as stt_mod, tts as tts_mod, vad as vad_mod
+
+    from livekit.plugins.rejoinder import llm as llm_mod
+    from livekit.plugins.rejoinder import stt as stt_mod
+    from livekit.plugins.rejoinder import tts as tts_mod
+    from livekit.plugins.rejoinder import vad as vad_mod
     from livekit.plugins.rejoinder.turn_detector import TurnDetector
     from rejoinder.streaming.livekit import LiveKitTransport
 
@@ -440,7 +443,8 @@ def test_worker_cli_and_entrypoint(monkeypatch):
     monkeypatch.setenv("LIVEKIT_API_KEY", "k")
     monkeypatch.setenv("LIVEKIT_API_SECRET", "s")
     monkeypatch.delenv("REJOINDER_TEMPERATURE", raising=False)
-    monkeypatch.delenv("REJOINDER_MQTT_URL", raising=False)
+    monkeypatch.delenv("REJOINDER_MQTT_URL", raising=False)  # monkeypatch restores what export_config sets
+    monkeypatch.delenv("REJOINDER_HANGOVER_S", raising=False)
     args = parser.parse_args(["livekit", "start", "--url", "wss://example.invalid", "--temperature", "0.3",
                               "--mqtt", "mqtt://127.0.0.1:1883", "--hangover-s", "0.25"])
     cfg = from_args(args)

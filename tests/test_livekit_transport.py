@@ -18,13 +18,13 @@ import pytest
 pytest.importorskip("livekit.rtc")
 
 from livekit import rtc  # noqa: E402
-
 from livekit_audio import rtc_frames  # noqa: E402
+from speech import RATE, piper_say, shared_whisper, silence  # noqa: E402
+
 from rejoinder.streaming import livekit as lkt  # noqa: E402
 from rejoinder.streaming.frames import AudioFrame  # noqa: E402
 from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
 from rejoinder.streaming.transport import Transport, TransportClosed  # noqa: E402
-from speech import RATE, piper_say, shared_whisper, silence  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mqtt_broker import Broker, Received, Recorder, find_mosquitto
-from rejoinder.agent.events import (AgentText, BargeIn, SessionEnded, SessionStarted, SessionState, StateChanged,
-                                    TurnMetrics, UserSpeech, UserTranscript)
+
 from rejoinder.agent.config import MQTTSettings
-from rejoinder.agent.control import CommandRefused as ControlError, control_json_schema, parse_command
+from rejoinder.agent.control import CommandRefused as ControlError
+from rejoinder.agent.control import control_json_schema, parse_command
+from rejoinder.agent.events import (
+    AgentText,
+    BargeIn,
+    SessionEnded,
+    SessionStarted,
+    SessionState,
+    StateChanged,
+    TurnMetrics,
+    UserSpeech,
+    UserTranscript,
+)
 from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig, control_topic, events_topic, status_topic
 
 
@@ -624,11 +634,12 @@ async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(broker, recorder
 
 
 def _self_signed(dirpath: Path) -> tuple[Path, Path]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -797,10 +808,11 @@ async def test_whole_conversation_over_mqtt_survives_a_broker_crash(own_broker, 
     The broker dies in the middle of the second question; the conversation must not notice, and
     every final event must reach MQTT, in order, once the broker is back.
     """
+    from speech import RATE, piper_say, silence
+
     from rejoinder.agent.session import Session
     from rejoinder.streaming.audio import resample
     from rejoinder.streaming.transport import InProcessTransport
-    from speech import RATE, piper_say, silence
 
     cfg, models = agent_models
     agent = "desk-7"

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import pytest
-
 from agent_harness import Mic, frames_sent_between, wait_for
 from speech import espeak_say, have_espeak, shared_whisper
+
 from rejoinder.agent.config import AgentConfig
 from rejoinder.agent.events import SessionState
 from rejoinder.agent.models import Models

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from speech import espeak_say, have_espeak, silence
+
 from rejoinder.streaming.audio import read_wav, resample, write_wav
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from speech import RATE, dialogue, espeak_say, piper_say, silence
 
 from rejoinder.streaming.vad import (
     VAD,
@@ -13,7 +14,6 @@ from rejoinder.streaming.vad import (
     make_vad,
     speech_segments,
 )
-from speech import RATE, dialogue, espeak_say, piper_say, silence
 
 BOUNDARY_TOL_S = 0.3
 

@@ -5,10 +5,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from speech import RATE, dialogue, espeak_say, piper_say, silence
 
 from rejoinder.streaming.frames import AudioFrame, FrameChunker
 from rejoinder.streaming.vad import SileroVAD, SpeechDetector, VADConfig
-from speech import RATE, dialogue, espeak_say, piper_say, silence
 
 TOL_S = 0.3
 

@@ -24,13 +24,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-
-from rejoinder.agent.serving import agent_session_factory
-from rejoinder.streaming.signalling import ServeConfig
-from rejoinder.streaming.audio import resample, write_wav
-from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 from speech import piper_say, trim
 from webrtc_client import EchoSession, ServerThread, shared_agent
+
+from rejoinder.agent.serving import agent_session_factory
+from rejoinder.streaming.audio import resample, write_wav
+from rejoinder.streaming.signalling import ServeConfig
+from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")

@@ -28,14 +28,14 @@ import av
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
-
-from rejoinder.agent.serving import agent_session_factory
-from rejoinder.streaming.signalling import OfferError, ServeConfig, validate_offer
-from rejoinder.streaming.audio import resample, write_wav
-from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
-from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
 from speech import long_text, piper_say, shared_whisper, trim
 from webrtc_client import EchoSession, RTCClient, ServerThread, SignallingError, shared_agent
+
+from rejoinder.agent.serving import agent_session_factory
+from rejoinder.streaming.audio import resample, write_wav
+from rejoinder.streaming.signalling import OfferError, ServeConfig, validate_offer
+from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
+from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"

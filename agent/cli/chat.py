@@ -18,6 +18,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from rejoinder.engine import Engine, EngineOptions
+    from rejoinder.engine.history import trim_history
     from rejoinder.streaming.assets import resolve
 
     cfg = config.from_args(args)
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
                 history = history[:1]
                 continue
             history.append({"role": "user", "content": line})
+            # Oldest whole exchanges go first, never the persona (the rule every history follows).
+            history = trim_history(history, lambda m: len(engine.chat_ids(list(m))),
+                                   engine.max_seq_len - params.max_new_tokens - 1)
             ids = engine.chat_ids(history)
-            if len(ids) + params.max_new_tokens >= engine.max_seq_len and len(history) > 3:
-                history = [history[0]] + history[3:]  # drop the oldest exchange, never the persona
-                ids = engine.chat_ids(history)
             print("rejoinder> " if interactive else "", end="", flush=True)
             out = []
             for ev in engine.generate(ids, params):

@@ -16,8 +16,9 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rejoinder.errors import ConfigError
 
@@ -190,7 +191,7 @@ class MonitorState:
         ended = sorted((s for s in self.sessions.values() if not s.live), key=lambda s: -(s.ended_at or 0))
         return live + ended[:KEEP_ENDED]
 
-    def render(self) -> "Group":
+    def render(self) -> Group:
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
@@ -235,7 +236,7 @@ def topics_for(agent_id: str) -> list[str]:
     return [f"rejoinder/{agent_id}/status", f"rejoinder/{agent_id}/sessions/+/events/#"]
 
 
-async def run_monitor(cfg: "MQTTConfig", agent_id: str, on_message: Callable[[str, bytes], None],
+async def run_monitor(cfg: MQTTConfig, agent_id: str, on_message: Callable[[str, bytes], None],
                       stop: asyncio.Event, on_connect: Callable[[bool, str | None], None] | None = None) -> None:
     """Subscribe and feed `on_message(topic, payload)` until `stop`, reconnecting with backoff.
 
