@@ -32,6 +32,40 @@ from rejoinder.streaming.audio import resample, write_wav
 from rejoinder.streaming.signalling import ServeConfig
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 
+# DESIGN.md, "Network in tests": Chromium gathers loopback candidates only with this flag, and the
+# script below (run in every page before its own code) keeps every other address out of the offer,
+# so the server (which offers 127.0.0.1 alone) and the browser meet on the loopback.
+LOOPBACK_ONLY_JS = r"""
+(() => {
+  const Native = window.RTCPeerConnection;
+  const loopback = (sdp) => sdp.split('\r\n').filter(
+    (l) => !l.startsWith('a=candidate:') || l.split(' ')[4] === '127.0.0.1').join('\r\n');
+  const local = Object.getOwnPropertyDescriptor(Native.prototype, 'localDescription');
+  Object.defineProperty(Native.prototype, 'localDescription', {
+    get() {
+      const d = local.get.call(this);
+      return d && new RTCSessionDescription({ type: d.type, sdp: loopback(d.sdp) });
+    },
+  });
+  window.__peerConnections = [];
+  window.RTCPeerConnection = function (...args) {
+    const pc = new Native(...args);
+    window.__peerConnections.push(pc);
+    return pc;
+  };
+  window.RTCPeerConnection.prototype = Native.prototype;
+})();
+"""
+SELECTED_PAIR_JS = """(async () => {
+  const pc = window.__peerConnections[window.__peerConnections.length - 1];
+  const stats = await pc.getStats();
+  let pair = null;
+  stats.forEach((r) => { if (r.type === 'transport' && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId); });
+  if (!pair) return null;
+  const l = stats.get(pair.localCandidateId), r = stats.get(pair.remoteCandidateId);
+  return [l.address || l.ip, r.address || r.ip];
+})()"""
+
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
@@ -113,7 +147,8 @@ class Browser:
             "--no-first-run", "--no-default-browser-check", "--mute-audio", "--window-size=1280,860",
             "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
-            "--use-fake-device-for-media-stream",
+            "--use-fake-device-for-media-stream", "--allow-loopback-in-peer-connection",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
         ]
         if self.grant_mic:
             args.append("--use-fake-ui-for-media-stream")  # auto-accept the permission prompt
@@ -137,6 +172,7 @@ class Browser:
         cdp = self.cdp = CDP(ws)
         await cdp.send("Runtime.enable")
         await cdp.send("Page.enable")
+        await cdp.send("Page.addScriptToEvaluateOnNewDocument", source=LOOPBACK_ONLY_JS)
         # A fixed viewport, so screenshots are comparable from run to run.
         await cdp.send("Emulation.setDeviceMetricsOverride", width=1280, height=800, deviceScaleFactor=1, mobile=False)
         if not self.grant_mic:
@@ -197,6 +233,9 @@ async def test_page_talks_to_the_agent_in_chromium(tmp_path):
             await page.wait_for(f"{VIEW}.phase === 'live'", 30, "the call to connect")
             assert await page.eval("document.getElementById('connect-label').textContent") == "Hang up"
             assert srv.active() == 1
+            # The media path is loopback to loopback, on the browser's side as on the server's.
+            pair = await page.wait_for(SELECTED_PAIR_JS, 10, "a selected ICE candidate pair")
+            assert pair == ["127.0.0.1", "127.0.0.1"], pair
 
             user = await page.wait_for(
                 "(window.rejoinder.transcript.find(e => e.role === 'user' && e.final) || {}).text", 90,

@@ -181,6 +181,34 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         await client.close()
 
 
+def candidate_hosts(sdp: str) -> set[str]:
+    return {line.split()[4] for line in sdp.splitlines() if line.startswith("a=candidate:")}
+
+
+async def test_ice_stays_on_the_loopback_when_configured(echo_server):
+    """DESIGN.md, "Network in tests": media between local peers never uses another interface address."""
+    client = RTCClient(echo_server.url)
+    await client.connect()
+    try:
+        assert candidate_hosts(client.answer_sdp) == {"127.0.0.1"}, client.answer_sdp
+        assert candidate_hosts(client.offer_sdp) == {"127.0.0.1"}, client.offer_sdp
+        assert client.media_pairs() and all(p == ("127.0.0.1", "127.0.0.1") for p in client.media_pairs())
+    finally:
+        await client.close()
+    # Without the setting, aioice offers the machine's other addresses (and never 127.0.0.1): the
+    # restriction is what keeps the tests on the loopback, not luck.
+    import aioice.ice
+
+    from rejoinder.streaming.webrtc import restrict_ice_hosts
+
+    restrict_ice_hosts(None)
+    try:
+        assert "127.0.0.1" not in aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+    finally:
+        restrict_ice_hosts(("127.0.0.1",))
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1"]
+
+
 async def test_whip_offer_answer_and_delete(echo_server):
     client = RTCClient(echo_server.url, use_whip=True)
     await client.connect()

@@ -37,6 +37,7 @@ from aiortc.mediastreams import MediaStreamError
 
 RATE = 48_000
 FRAME = 960  # 20 ms
+LOOPBACK = ("127.0.0.1",)
 
 
 class MicTrack(MediaStreamTrack):
@@ -125,14 +126,20 @@ class RTCClient:
     origin: str | None = None
     frames: list[Received] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    ice_hosts: tuple[str, ...] = LOOPBACK  # the ICE host candidates this caller offers
 
     def __post_init__(self) -> None:
+        from rejoinder.streaming.webrtc import restrict_ice_hosts
+
+        restrict_ice_hosts(self.ice_hosts)  # aioice's setting is per process: the server's is the same
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.mic = MicTrack()
         self.channel = None
         self.session_id: str | None = None
         self.resource: str | None = None
         self.connected_at: float | None = None
+        self.offer_sdp = ""
+        self.answer_sdp = ""
         self._reader: asyncio.Task | None = None
         self._waiters: list[tuple[Callable[[dict], bool], asyncio.Future]] = []
         self._channel_open = asyncio.Event()
@@ -161,6 +168,7 @@ class RTCClient:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription
+        self.offer_sdp = offer.sdp
         async with aiohttp.ClientSession() as http:
             if self.use_whip:
                 async with http.post(f"{self.base_url}/whip", data=offer.sdp,
@@ -180,6 +188,7 @@ class RTCClient:
                     self.session_id = body["session_id"]
                     self.resource = body.get("resource")
                     answer = RTCSessionDescription(sdp=body["sdp"], type=body["type"])
+        self.answer_sdp = answer.sdp
         await self.pc.setRemoteDescription(answer)
         deadline = time.monotonic() + timeout
         while self.pc.connectionState != "connected":
@@ -281,6 +290,14 @@ class RTCClient:
         self.channel.send(json.dumps({"type": "control", "id": self._next_id, "command": command, "args": args or {}}))
         return await asyncio.wait_for(fut, timeout)
 
+    def media_pairs(self) -> list[tuple[str, str]]:
+        """(local, remote) addresses of the ICE pairs in use (aioice's nominated pairs)."""
+        out = []
+        for t in self.pc.getTransceivers():
+            conn = t.receiver.transport.transport._connection  # aioice.Connection: no public accessor
+            out += [(p.local_candidate.host, p.remote_candidate.host) for p in conn._nominated.values()]
+        return out
+
     def send_raw(self, text: str) -> None:
         self.channel.send(text)
 
@@ -297,7 +314,9 @@ class ServerThread:
         import dataclasses
         import threading
 
-        self.cfg = dataclasses.replace(cfg, host="127.0.0.1", port=_free_port())
+        # Loopback only: the port, and the ICE host candidates the server offers (DESIGN.md,
+        # "Network in tests"); a config that names other ICE hosts keeps them (the test asked).
+        self.cfg = dataclasses.replace(cfg, host="127.0.0.1", port=_free_port(), ice_hosts=cfg.ice_hosts or LOOPBACK)
         self.factory = factory
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.loop = asyncio.new_event_loop()
