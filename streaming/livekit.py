@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -24,9 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 from livekit import rtc
 
-from .frames import AudioFrame
+from .frames import AudioFrame, to_pcm16
 from .resample import StreamResampler
-from .transport import TransportClosed
+from .transport import TransportClosed, event_json
 
 log = logging.getLogger("rejoinder.streaming.livekit")
 
@@ -53,9 +52,7 @@ def from_rtc_frame(frame: rtc.AudioFrame, timestamp: float | None = None) -> Aud
 
 def to_rtc_frame(frame: AudioFrame) -> rtc.AudioFrame:
     """Our AudioFrame (int16 or float in [-1, 1], mono or (n, channels)) as a LiveKit int16 frame."""
-    x = np.asarray(frame.samples)
-    if x.dtype != np.int16:
-        x = (np.clip(x.astype(np.float32), -1.0, 1.0) * 32767.0).astype(np.int16)
+    x = to_pcm16(frame.samples)
     n = int(x.shape[0]) if x.ndim else 0
     return rtc.AudioFrame(
         data=np.ascontiguousarray(x).reshape(-1).tobytes(),
@@ -255,7 +252,7 @@ class LiveKitTransport:
 
     async def _publish_one(self, link: RoomLink, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
-        await link.publish_data(json.dumps(ev, default=str).encode(), reliable=True, topic=TOPIC_EVENTS)
+        await link.publish_data(event_json(ev).encode(), reliable=True, topic=TOPIC_EVENTS)
         if kind == "transcript":
             sid = self._user_track_sid() if callable(self._user_track_sid) else self._user_track_sid
             await self._transcription(

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .frames import to_pcm16
 from .text_segmenter import Segment, SegmenterConfig, TextSegmenter
 from .tts import SynthesisCancel, TTSChunk
 
@@ -131,7 +132,7 @@ def _next_step(it: Iterator[TTSChunk]) -> _Step | None:
     chunk = next(it, None)
     if chunk is None:
         return None
-    pcm = np.clip(chunk.audio * 32767.0, -32767, 32767).astype(np.int16)
+    pcm = to_pcm16(chunk.audio)
     return _Step(chunk, pcm, time.monotonic() - t0)
 
 

@@ -21,7 +21,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from .assets import resolve
-from .frames import AudioFrame
+from .frames import AudioFrame, to_pcm16
 
 log = logging.getLogger("rejoinder.streaming.vad")
 
@@ -105,7 +105,7 @@ class WebRTCVAD:
     def speech_prob(self, window: np.ndarray) -> float:
         if window.shape != (self.window_samples,):
             raise ValueError(f"WebRTCVAD takes {self.window_samples} samples, got {window.shape}")
-        pcm = (np.clip(window, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        pcm = to_pcm16(window).astype("<i2").tobytes()
         return 1.0 if self._vad.is_speech(pcm, self.sample_rate) else 0.0
 
 

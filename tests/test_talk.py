@@ -60,3 +60,55 @@ def test_talk_rejects_bad_input_before_loading_models(tmp_path):
     assert r.returncode == 2 and "rejoinder: error:" in r.stderr and "loading models" not in r.stderr
     r = rejoinder("talk", "--in", str(tmp_path / "missing.wav"), "--out", str(tmp_path / "o.wav"), timeout=60)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+@pytest.mark.timeout(300)
+async def test_talk_takes_control_over_mqtt(tmp_path):
+    """`talk --mqtt`: events out and control in, as in `serve` and `livekit` (one control surface)."""
+    import asyncio
+
+    from mqtt_broker import Broker, Recorder, find_mosquitto
+    from speech import shared_whisper
+
+    from rejoinder.agent.mqtt import control_topic
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (CI installs it: .ci/run)")
+    conv = tmp_path / "quiet.wav"
+    write_wav(conv, silence(16.0), 16_000)  # a caller who says nothing: only the operator's say speaks
+    out, metrics = tmp_path / "agent.wav", tmp_path / "metrics.json"
+    agent = "desk-talk"
+    said = "Please hold while I check your order."
+    with Broker(tmp_path / "broker").start() as broker:
+        rec = Recorder(broker.port, topics=(f"rejoinder/{agent}/#",)).connect()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rejoinder.agent.cli", "talk", "--in", str(conv), "--out", str(out),
+            "--metrics-json", str(metrics), "--mqtt", broker.url, "--agent-id", agent,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            online = (await rec.wait_for(lambda m: m.topic == f"rejoinder/{agent}/status"
+                                         and m.json.get("state") == "online" and m.json.get("sessions"),
+                                         timeout=120))[0].json
+            (sid,) = online["sessions"]
+            rec.publish(control_topic(agent, sid), {"command": "say", "args": {"text": said}, "id": "op-1"})
+            ack = (await rec.wait_for(lambda m: m.topic.endswith("/events/ack") and m.json.get("id") == "op-1",
+                                      timeout=20))[0].json
+            assert ack["result"]["ok"] is True and ack["command"] == "say"
+            spoken = (await rec.wait_for(lambda m: m.topic.endswith("/events/agent_text") and m.json.get("final"),
+                                         timeout=30))[0].json
+            assert spoken["text"] == said and spoken["session_id"] == sid
+            # A command the operator channel does not have is refused with the reason, over MQTT too.
+            rec.publish(control_topic(agent, sid), {"command": "tool", "args": {"name": "x"}, "id": "op-2"})
+            err = (await rec.wait_for(lambda m: m.topic.endswith("/events/error") and m.json.get("id") == "op-2",
+                                      timeout=20))[0].json
+            assert "not allowed" in err["message"]
+            _, stderr = await asyncio.wait_for(proc.communicate(), 120)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            rec.close()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    audio, rate = read_wav(out, max_seconds=None)
+    heard = shared_whisper().transcribe(resample(audio, rate, 16_000)).text.lower()
+    assert "hold" in heard and "order" in heard, heard

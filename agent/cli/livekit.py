@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -211,11 +210,13 @@ async def entrypoint(ctx: Any) -> None:
 
 async def _answer_control(room: Any, session: Any, packet: Any) -> None:
     """A command sent as JSON {"command", "args", "id"} on rejoinder.control (agent.control, channel "livekit")."""
+    from rejoinder.streaming.transport import event_json
+
     from ..serving import answer_control
 
     result = await answer_control(session, bytes(packet.data), "livekit")
     sender = packet.participant.identity if packet.participant is not None else None
     await room.local_participant.publish_data(
-        json.dumps(result, default=str).encode(), reliable=True, topic=CONTROL_REPLY_TOPIC,
+        event_json(result).encode(), reliable=True, topic=CONTROL_REPLY_TOPIC,
         destination_identities=[sender] if sender else [],
     )
