@@ -112,7 +112,8 @@ class LiveKitSettings:
                            "choices": ("", "DEBUG", "INFO", "WARNING", "ERROR"),
                            "help": "worker log level (default: DEBUG in dev, INFO in start)"})
     idle_processes: int = field(default=-1, metadata={"flag": "--idle-processes", "env": None,
-                                "help": "job processes kept warm with the models loaded (default: 0 in dev, 1 in start)"})
+                                "help": "job processes kept warm with the models loaded "
+                                        "(default: 0 in dev, 1 in start)"})
 
 
 @dataclass(frozen=True)

@@ -80,4 +80,5 @@ class Conversation:
         system = self.system_message(with_tools)
         self.turns = trim_history([system, *self.turns], count, target_tokens)[1:]
         self.dropped_messages += before - len(self.turns)
-        log.info("history over budget: dropped %d oldest message(s), %d kept", before - len(self.turns), len(self.turns))
+        log.info("history over budget: dropped %d oldest message(s), %d kept",
+                 before - len(self.turns), len(self.turns))

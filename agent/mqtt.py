@@ -687,13 +687,15 @@ class MQTTBridge:
             try:
                 result = await asyncio.wait_for(handler(cmd.command, dict(cmd.args)), self.cfg.control_timeout_s)
             except asyncio.TimeoutError:
-                self._reject(sid, f"{cmd.command}: no answer within {self.cfg.control_timeout_s:g} s", cmd.id, cmd.command)
+                self._reject(sid, f"{cmd.command}: no answer within {self.cfg.control_timeout_s:g} s",
+                             cmd.id, cmd.command)
                 return
             except Exception as exc:  # noqa: BLE001
                 self._reject(sid, f"{cmd.command} failed: {type(exc).__name__}: {exc}", cmd.id, cmd.command)
                 return
         if not isinstance(result, Mapping):
-            self._reject(sid, f"{cmd.command}: handler returned {type(result).__name__}, not a dict", cmd.id, cmd.command)
+            self._reject(sid, f"{cmd.command}: handler returned {type(result).__name__}, not a dict",
+                         cmd.id, cmd.command)
         elif result.get("ok"):
             self.publish_event(sid, {"type": "ack", "session_id": sid, "at": time.monotonic(),
                                      "command": cmd.command, "id": cmd.id, "result": dict(result)})

@@ -76,7 +76,8 @@ async def ours(models: Models, cfg: AgentConfig, rounds: int, label: str = "ours
             mic.start()
             if q in INTERRUPTIONS:
                 await mic.speak(espeak_say(LONG))
-                await wait_for(lambda: session.state == SessionState.SPEAKING and session.playout.played_seconds > 1.0, 30)
+                await wait_for(lambda: session.state == SessionState.SPEAKING
+                               and session.playout.played_seconds > 1.0, 30)
                 await mic.speak(espeak_say(q))
                 await wait_for(lambda: any(b.outcome == "interruption" for b in session.barge_ins), 10)
             else:

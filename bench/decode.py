@@ -219,7 +219,8 @@ def plot(results: dict[str, Result], title: str, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    metrics = [("decode_tok_s", "decode tokens/s"), ("prefill_tok_s", "prefill tokens/s"), ("ttft_s", "time to first token (s)")]
+    metrics = [("decode_tok_s", "decode tokens/s"), ("prefill_tok_s", "prefill tokens/s"),
+               ("ttft_s", "time to first token (s)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, metrics):
         values = [getattr(results[n], key) for n in names]
@@ -315,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(args.repeat):
         for name, peer in peers.items():
             best[name] = peer.run(ids, args.new_tokens).better(best[name])
-            print(f"  run {r + 1}/{args.repeat} {name:10s} decode {best[name].decode_tok_s:7.1f} tok/s (best so far)", flush=True)
+            print(f"  run {r + 1}/{args.repeat} {name:10s} decode {best[name].decode_tok_s:7.1f} tok/s (best so far)",
+                  flush=True)
     results: dict[str, Result] = {k: v for k, v in best.items() if v is not None}
 
     print(f"\n{'peer':10s} {'prefill tok/s':>14s} {'TTFT ms':>9s} {'decode tok/s':>13s}")

@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             if not math.isnan(peak):
                 row["pct_peak"] = round(100 * row["gbps"] / peak, 1)
         rows.append(row)
-        extra = f" {row['gbps']:8.1f} GB/s" + (f" ({row['pct_peak']:.0f}% of peak)" if "pct_peak" in row else "") if nbytes else ""
+        extra = (f" {row['gbps']:8.1f} GB/s" + (f" ({row['pct_peak']:.0f}% of peak)" if "pct_peak" in row else "")
+                 if nbytes else "")
         print(f"{op:18s} {shape:26s} {impl:10s} {us:9.2f} us{extra}", flush=True)
 
-    def triple(op: str, shape: str, tri: Callable[[], Any], ref: Callable[[], Any], ref_c: Callable[[], Any] | None, nbytes: int | None) -> None:
+    def triple(op: str, shape: str, tri: Callable[[], Any], ref: Callable[[], Any], ref_c: Callable[[], Any] | None,
+               nbytes: int | None) -> None:
         if on_gpu:
             record(op, shape, "triton", tri, nbytes)
         record(op, shape, "torch", ref, nbytes)
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.randn(1, INTER, device=dev, dtype=dt)
     u = torch.randn_like(g)
     c_swiglu = compiled(K.swiglu_ref)
-    triple("swiglu", f"[1,{INTER}]", lambda: K.swiglu_triton(g, u), lambda: K.swiglu_ref(g, u), lambda: c_swiglu(g, u), 3 * INTER * esz)
+    triple("swiglu", f"[1,{INTER}]", lambda: K.swiglu_triton(g, u), lambda: K.swiglu_ref(g, u), lambda: c_swiglu(g, u),
+           3 * INTER * esz)
 
     # Weight-only quantised GEMV, every linear of a Llama-3.2-1B layer plus the LM head.
     shapes = {"q/o_proj": (HIDDEN, HIDDEN), "k/v_proj": (HKV * HEAD_DIM, HIDDEN), "gate/up_proj": (INTER, HIDDEN),
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         w_f = torch.randn(n, kdim, device=dev, dtype=dt) * 0.02
         xx = torch.randn(1, kdim, device=dev, dtype=dt)
         if on_gpu:
-            record("linear", f"{name} {n}x{kdim}", "cublas-bf16", lambda: F.linear(xx, w_f), (n * kdim + kdim + n) * esz)
+            record("linear", f"{name} {n}x{kdim}", "cublas-bf16", lambda: F.linear(xx, w_f),
+                   (n * kdim + kdim + n) * esz)
         for bits in (4, 8):
             qw = (K.quantize_int4(w_f, 32) if bits == 4 else K.quantize_int8(w_f, 32)).to(dev)
             nbytes = qw.nbytes() + (kdim + n) * esz
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     # Sampling over the full vocabulary.
     logits = torch.randn(1, VOCAB, device=dev, dtype=dt) * 3
     uu = torch.rand(1, device=dev)
-    for label, (t, tk, tp) in {"greedy": (0.0, 0, 1.0), "t0.7 k50 p0.9": (0.7, 50, 0.9), "t0.7 p0.9": (0.7, 0, 0.9)}.items():
+    for label, (t, tk, tp) in {"greedy": (0.0, 0, 1.0), "t0.7 k50 p0.9": (0.7, 50, 0.9),
+                               "t0.7 p0.9": (0.7, 0, 0.9)}.items():
         temp = torch.full((1,), t, device=dev)
         topk = torch.full((1,), tk, device=dev, dtype=torch.int32)
         topp = torch.full((1,), tp, device=dev)

@@ -124,7 +124,8 @@ class NativeDecoder:
         The returned tensor is reused by the next step: copy it to keep it."""
         self._check_cache()
         if self.lib.rj_decode_step(self._mref, token, pos, self._logits.data_ptr()) != 0:
-            raise ValueError(f"token {token} or position {pos} out of range (vocab {self.m.vocab}, cache {self.m.max_seq})")
+            raise ValueError(f"token {token} or position {pos} out of range "
+                             f"(vocab {self.m.vocab}, cache {self.m.max_seq})")
         return self._logits
 
     def prefill(self, tokens: Sequence[int], pos: int) -> torch.Tensor:

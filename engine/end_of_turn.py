@@ -59,7 +59,8 @@ class EndOfTurnScorer:
     def prompt_ids(self, history: Sequence[Message], user_text: str) -> list[int]:
         """The chat rendered up to the end of `user_text`, the user message left open."""
         tok = self.engine.tokenizer
-        rendered = tok.render_chat(list(history) + [{"role": "user", "content": _SENTINEL}], add_generation_prompt=False)
+        rendered = tok.render_chat(list(history) + [{"role": "user", "content": _SENTINEL}],
+                                   add_generation_prompt=False)
         cut = rendered.index(_SENTINEL)
         return tok.encode(rendered[:cut] + strip_trailing_punctuation(user_text))
 

@@ -301,7 +301,11 @@ class Engine:
         out = [ev.token_id for ev in self.generate(self.chat_ids(messages), params)]
         return self.tokenizer.decode(out)
 
-    def stream(self, prompt: Sequence[Message] | Sequence[int], params: SamplingParams = SamplingParams()) -> TokenStream:
+    def stream(
+        self,
+        prompt: Sequence[Message] | Sequence[int],
+        params: SamplingParams = SamplingParams(),
+    ) -> TokenStream:
         """Start generating on the engine thread; iterate the result with `async for`."""
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)  # type: ignore[arg-type]
         return TokenStream(self, ids, params)

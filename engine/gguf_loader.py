@@ -115,7 +115,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
     dim = int(key("embedding_length"))
     n_kv = key("attention.head_count_kv", n_heads)
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or dim // n_heads)
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                   or dim // n_heads)
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         raise ModelFileError("linear RoPE scaling GGUFs are not supported")

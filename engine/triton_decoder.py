@@ -189,7 +189,8 @@ class TritonDecoder:
             q = qkv[:, :nq].view(1, 1, cfg.n_heads, hd)
             k = qkv[:, nq : nq + nkv].view(1, 1, cfg.n_kv_heads, hd)
             v = qkv[:, nq + nkv :].view(1, 1, cfg.n_kv_heads, hd)
-            q = K.rope_kv_write(q, k, v, self.rope_cos, self.rope_sin, self.pos, layer.k_cache, layer.v_cache, backend=be)
+            q = K.rope_kv_write(q, k, v, self.rope_cos, self.rope_sin, self.pos, layer.k_cache, layer.v_cache,
+                                backend=be)
             y = K.decode_attention(q.view(1, cfg.n_heads, hd), layer.k_cache, layer.v_cache, seq_lens, backend=be)
             x, h = K.add_rms_norm(layer.wo(y.view(1, nq)), h, layer.ffn_norm, eps, backend=be)
             delta = layer.down(K.swiglu_fused(layer.gate_up(x), backend=be))

@@ -83,7 +83,11 @@ def recording(sm_count: int) -> Iterator[list[Launch]]:
             setattr(mod, name, obj)
 
 
-def _signature(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
+def _signature(
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
     names = fn.arg_names
     cexpr = {names[i] for i in fn.constexprs}
     bound = dict(zip(names, args))
@@ -135,7 +139,9 @@ def drive(quick: bool = False) -> None:
                         e(n, k // 32, dtype=torch.float16), 4, 32, k,
                     )
                 else:
-                    qw = quant_matmul.QuantizedWeight(e(n, k, dtype=torch.int8), e(n, k // 32, dtype=torch.float16), None, 8, 32, k)
+                    qw = quant_matmul.QuantizedWeight(
+                        e(n, k, dtype=torch.int8), e(n, k // 32, dtype=torch.float16), None, 8, 32, k,
+                    )
                 quant_matmul.quant_linear_triton(e(1, k, dtype=dt), qw)
         if not quick:
             rmsnorm.rms_norm_triton(x, e(hidden, dtype=dt))
@@ -177,7 +183,8 @@ def compile_all(arch: int = 90, quick: bool = False) -> list[dict[str, Any]]:
             continue
         seen.add(key)
         t0 = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
         entry = {
             "kernel": fn.__name__,
             "dtypes": sorted({v for v in sig.values() if v.startswith("*")}),
@@ -199,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     results = compile_all(ns.arch, ns.quick)
     for r in results:
-        print(f"{r['kernel']:28s} {','.join(r['dtypes']):32s} regs={r['registers']:4d} spill={r['spill_store_bytes']:5d}B "
-              f"smem={r['shared_bytes']:6d}B {r['compile_s']:.1f}s")
+        print(f"{r['kernel']:28s} {','.join(r['dtypes']):32s} regs={r['registers']:4d} "
+              f"spill={r['spill_store_bytes']:5d}B smem={r['shared_bytes']:6d}B {r['compile_s']:.1f}s")
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump({"arch": f"sm_{ns.arch}", "triton": __import__("triton").__version__, "kernels": results}, f, indent=1, default=str)
+            json.dump({"arch": f"sm_{ns.arch}", "triton": __import__("triton").__version__, "kernels": results}, f,
+                      indent=1, default=str)
     return 0
 
 

@@ -38,7 +38,8 @@ def decode_attn_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        kt = tl.load(k_base + n[None, :].to(tl.int64) * sks + d[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0)
+        kt = tl.load(k_base + n[None, :].to(tl.int64) * sks + d[:, None], mask=dmask[:, None] & nmask[None, :],
+                     other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale_log2  # [BLOCK_G, BLOCK_N], log2 domain
         s = tl.where(nmask[None, :], s, float("-inf"))
         # Each iteration has >= 1 valid column, so m_new is finite and exp2 never sees inf - inf.
@@ -46,7 +47,8 @@ def decode_attn_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None].to(tl.int64) * svs + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * svs + d[None, :], mask=nmask[:, None] & dmask[None, :],
+                    other=0.0)
         # Probabilities go to V's dtype for the tensor-core product, as flash attention does.
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new

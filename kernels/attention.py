@@ -49,7 +49,14 @@ def decode_attention_ref(
     return out.reshape(b, hq, d).to(q.dtype)
 
 
-def _plan(batch: int, hkv: int, max_seq: int, block_n: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
+def _plan(
+    batch: int,
+    hkv: int,
+    max_seq: int,
+    block_n: int,
+    device: torch.device,
+    num_splits: int | None,
+) -> tuple[int, int]:
     """(num_splits, chunk): static split of [0, max_seq) into chunks that are multiples of block_n."""
     n_blocks = -(-max_seq // block_n)
     if num_splits is None:

@@ -99,7 +99,8 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         """Bytes a GEMV reads for the weight (codes + scales + mins)."""
         extra = self.mins.numel() * self.mins.element_size() if self.mins is not None else 0
-        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size() + extra
+        return (self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+                + extra)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return replace(
@@ -142,7 +143,11 @@ def _pack_nibbles(codes: torch.Tensor, group: int) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, -1)
 
 
-def quantize_int8(w: torch.Tensor, group_size: int | None = None, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+def quantize_int8(
+    w: torch.Tensor,
+    group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
     """Symmetric int8 quantisation of a float [N, K] weight, one scale per row (``group_size``
     None) or per ``group_size`` elements along K."""
     n, k = w.shape

@@ -245,7 +245,8 @@ class LLMStream(llm.LLMStream):
             value = await self._value(text, props[key], name, key)
             args[key] = value
             text += json.dumps(value, ensure_ascii=False)
-        return llm.FunctionToolCall(name=name, arguments=json.dumps(args, ensure_ascii=False), call_id=utils.shortuuid("call_"))
+        return llm.FunctionToolCall(name=name, arguments=json.dumps(args, ensure_ascii=False),
+                                    call_id=utils.shortuuid("call_"))
 
     async def _value(self, text: str, schema: Mapping[str, Any], tool: str, key: str) -> Any:
         kind = _first_type(schema)

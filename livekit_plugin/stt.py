@@ -154,7 +154,8 @@ class SpeechStream(stt.RecognizeStream):
         while (ev := listener.get_nowait()) is not None:
             self._emit(ev)
         if self._utt_start_s is not None:  # input ended mid-utterance without a final: still close it
-            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH, request_id=self._request_id))
+            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH,
+                                                       request_id=self._request_id))
             self._utt_start_s = None
 
     async def _forward(self, listener: Listener) -> None:

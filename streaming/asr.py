@@ -190,7 +190,8 @@ class WhisperASR:
         words: list[Word] = []
         for s in raw:
             ws = tuple(
-                Word(w.word, float(w.start) + offset_s, float(w.end) + offset_s, float(w.probability)) for w in (s.words or ())
+                Word(w.word, float(w.start) + offset_s, float(w.end) + offset_s, float(w.probability))
+                for w in (s.words or ())
             )
             words.extend(ws)
             segments.append(

@@ -195,7 +195,8 @@ def print_progress(done: int, total: int) -> None:
     """A one-line progress bar on stderr (used by `rejoinder assets prepare`)."""
     width = 30
     filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r  joining Whisper model [{'#' * filled}{'.' * (width - filled)}] {done * 100 // max(total, 1):3d}%")
+    sys.stderr.write(f"\r  joining Whisper model [{'#' * filled}{'.' * (width - filled)}] "
+                     f"{done * 100 // max(total, 1):3d}%")
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()

@@ -359,7 +359,8 @@ def validate_offer(sdp: str) -> None:
         raise OfferError(400, "unsupported_media", f"expected one audio section (and a data channel), got {kinds}")
     m = audio[0]
     if m.direction not in (None, "sendrecv"):
-        raise OfferError(400, "bad_direction", f"audio must be sendrecv (the agent listens and talks), got {m.direction}")
+        raise OfferError(400, "bad_direction",
+                         f"audio must be sendrecv (the agent listens and talks), got {m.direction}")
     if not any(c.mimeType.lower() == "audio/opus" for c in m.rtp.codecs):
         raise OfferError(400, "no_opus", "the offer does not include the Opus codec")
     if not m.ice.usernameFragment or not m.ice.password or not m.dtls or not m.dtls.fingerprints:

@@ -62,7 +62,10 @@ class Segment:
 
 # Titles precede a name: a period after them never ends a sentence.
 _TITLES = frozenset(
-    "mr mrs ms mx dr prof rev fr sr jr st mt gen col capt cpt lt sgt maj cmdr adm gov sen rep pres hon supt insp".split()
+    (
+        "mr mrs ms mx dr prof rev fr sr jr st mt gen col capt cpt lt sgt maj cmdr adm gov "
+        "sen rep pres hon supt insp"
+    ).split()
 )
 # Abbreviations that are always followed by more of the same sentence.
 _CONTINUING = frozenset("e.g i.e eg ie cf vs viz approx ca fig figs vol pp ch".split())

@@ -313,7 +313,8 @@ class WebRTCTransport:
         if self.on_control is None:
             return
         if isinstance(message, bytes) or len(message) > self.options.max_message_bytes:
-            self._send_text(json.dumps({"type": "error", "where": "data_channel", "message": "message too large or binary"}))
+            self._send_text(json.dumps({"type": "error", "where": "data_channel",
+                                        "message": "message too large or binary"}))
             return
         try:
             data = json.loads(message)
@@ -321,7 +322,8 @@ class WebRTCTransport:
             self._send_text(json.dumps({"type": "error", "where": "data_channel", "message": "message is not JSON"}))
             return
         if not isinstance(data, dict):
-            self._send_text(json.dumps({"type": "error", "where": "data_channel", "message": "message is not an object"}))
+            self._send_text(json.dumps({"type": "error", "where": "data_channel",
+                                        "message": "message is not an object"}))
             return
         self._spawn(self._run_control(data))
 

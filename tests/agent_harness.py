@@ -89,7 +89,8 @@ class Mic:
             else:
                 x = np.zeros(FRAME, np.float32)
             if self.echo_gain:
-                x = x + self.echo_gain * self._echo._ref.span(due - self.echo_delay_s, due - self.echo_delay_s + 0.02)[:FRAME]
+                x = x + self.echo_gain * self._echo._ref.span(due - self.echo_delay_s,
+                                                              due - self.echo_delay_s + 0.02)[:FRAME]
             self.transport.push_audio(AudioFrame(np.clip(x, -1, 1), RATE, 1, due))
             k += 1
 

@@ -117,7 +117,8 @@ async def test_tool_registry_runs_sync_and_async_tools_and_reports_errors():
 
 def test_tool_call_filter_keeps_markup_out_of_speech():
     f = ToolCallFilter()
-    spoken = "".join(f.push(d) for d in [" <tool", "_call>{\"name\": \"end_call\",", " \"arguments\": {}}", "</tool_call>"])
+    spoken = "".join(f.push(d) for d in [" <tool", "_call>{\"name\": \"end_call\",", " \"arguments\": {}}",
+                                         "</tool_call>"])
     assert spoken == "" and f.call_complete and f.call() == ToolCall("end_call", {})
     f = ToolCallFilter()
     spoken = "".join(f.push(d) for d in ["<", "b>Hello", " there."]) + f.finish()

@@ -97,7 +97,8 @@ async def test_stream_aclose_from_consumer_stops_generation(engine):
 def test_sync_generate_cancel_event(engine):
     cancel = threading.Event()
     out = []
-    for ev in engine.generate(engine.chat_ids(CHAT), SamplingParams(max_new_tokens=100, temperature=1.0, seed=0), cancel):
+    for ev in engine.generate(engine.chat_ids(CHAT), SamplingParams(max_new_tokens=100, temperature=1.0, seed=0),
+                              cancel):
         out.append(ev)
         cancel.set()
     assert len(out) == 1
@@ -108,7 +109,8 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed(engine):
     ids = engine.chat_ids(CHAT)
 
     def run(seed):
-        return [e.token_id for e in engine.generate(ids, SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_new_tokens=16))]
+        return [e.token_id for e in engine.generate(
+            ids, SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_new_tokens=16))]
 
     assert run(7) == run(7)
     assert len({tuple(run(s)) for s in (1, 2, 3, 4)}) > 1
@@ -117,7 +119,8 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed(engine):
 def test_top_k_one_is_greedy(engine):
     ids = engine.chat_ids(CHAT)
     greedy = [e.token_id for e in engine.generate(ids, SamplingParams(max_new_tokens=10))]
-    topk1 = [e.token_id for e in engine.generate(ids, SamplingParams(temperature=0.9, top_k=1, seed=5, max_new_tokens=10))]
+    topk1 = [e.token_id for e in engine.generate(
+        ids, SamplingParams(temperature=0.9, top_k=1, seed=5, max_new_tokens=10))]
     assert greedy == topk1
 
 
@@ -136,7 +139,8 @@ def test_filtered_probs_masks_outside_top_k_and_nucleus():
 
 
 def test_generation_stops_on_end_of_turn(engine):
-    list(engine.generate(engine.chat_ids([{"role": "user", "content": "Say hello."}]), SamplingParams(max_new_tokens=120)))
+    list(engine.generate(engine.chat_ids([{"role": "user", "content": "Say hello."}]),
+                         SamplingParams(max_new_tokens=120)))
     assert engine.last_stats.finish_reason == "stop"
     assert engine.last_stats.new_tokens < 120
 

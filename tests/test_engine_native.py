@@ -346,7 +346,8 @@ def native_engine(llm_path):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a terse phone agent."}, {"role": "user", "content": "My internet is down again."}],
+    [{"role": "system", "content": "You are a terse phone agent."},
+     {"role": "user", "content": "My internet is down again."}],
     [{"role": "user", "content": "Count from one to twenty in words."}],
 ]
 
@@ -393,7 +394,8 @@ def test_multi_turn_prefix_reuse_with_native_steps(native_engine, eager_engine):
         reused = native_engine.last_stats.reused_tokens
         ref = [e.token_id for e in eager_engine.generate(ids, params)]
         assert ours == ref
-        history += [{"role": "assistant", "content": native_engine.tokenizer.decode(ours)}, {"role": "user", "content": follow_up}]
+        history += [{"role": "assistant", "content": native_engine.tokenizer.decode(ours)},
+                    {"role": "user", "content": follow_up}]
     assert reused > 20  # the second turn really reused the cache the native steps had extended
 
 

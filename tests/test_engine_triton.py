@@ -43,7 +43,8 @@ KEEP_DENSE = ("layers.1.attn.wv.weight", "layers.0.ffn.w_up.weight")
 def tiny_model(n_heads: int = 4, n_kv: int = 2, bias: bool = False, dtype: torch.dtype = torch.float32) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=96, head_dim=16, attention_bias=bias
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=96, head_dim=16,
+        attention_bias=bias
     )
     model = Transformer(cfg)
     with torch.no_grad():
@@ -142,7 +143,8 @@ def test_sample_on_device() -> None:
 
 def test_requires_cache_and_checks_host_positions() -> None:
     with pytest.raises(ValueError, match="setup_cache"):
-        TritonDecoder(Transformer(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96)))
+        TritonDecoder(Transformer(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                              ffn_dim=96)))
     with pytest.raises(ValueError, match="outside the KV cache"):
         TritonDecoder(tiny_model()).step(1, MAX_SEQ)
 

@@ -19,7 +19,8 @@ def exchange(i: int, *, tool: bool = False) -> list[dict]:
     user = {"role": "user", "content": f"question {i} about the order status please"}
     if not tool:
         return [user, {"role": "assistant", "content": f"answer {i} it has shipped"}]
-    return [user, {"role": "assistant", "content": f'<tool_call>{{"name": "lookup", "arguments": {{"n": {i}}}}}</tool_call>'},
+    return [user,
+            {"role": "assistant", "content": f'<tool_call>{{"name": "lookup", "arguments": {{"n": {i}}}}}</tool_call>'},
             {"role": "tool", "content": f'{{"order": {i}, "status": "shipped"}}'},
             {"role": "assistant", "content": f"order {i} has shipped"}]
 

@@ -225,7 +225,8 @@ def test_decode_attention_splits_and_garbage_tail(num_splits: int) -> None:
 @needs_triton
 def test_decode_attention_odd_head_dim() -> None:
     b, hq, hkv, d, s = 1, 3, 1, 24, 40
-    q, kc, vc = torch.randn(b, hq, d, device=DEV), torch.randn(b, hkv, s, d, device=DEV), torch.randn(b, hkv, s, d, device=DEV)
+    q, kc, vc = (torch.randn(b, hq, d, device=DEV), torch.randn(b, hkv, s, d, device=DEV),
+                 torch.randn(b, hkv, s, d, device=DEV))
     seq = torch.tensor([29], device=DEV)
     close(K.decode_attention_triton(q, kc, vc, seq), K.decode_attention_ref(q, kc, vc, seq), torch.float32)
 
@@ -337,7 +338,8 @@ def test_gguf_quantised_float_weight_roundtrip() -> None:
     from gguf.quants import dequantize, quantize
 
     w = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
-    for qtype, pack in [(GGMLQuantizationType.Q4_1, K.pack_q4_1_blocks), (GGMLQuantizationType.Q8_0, K.pack_q8_0_blocks)]:
+    for qtype, pack in [(GGMLQuantizationType.Q4_1, K.pack_q4_1_blocks),
+                        (GGMLQuantizationType.Q8_0, K.pack_q8_0_blocks)]:
         raw = quantize(w, qtype)
         qw = pack(raw, (5, 64))
         assert torch.equal(qw.dequantize(), torch.from_numpy(dequantize(raw, qtype)))
@@ -537,7 +539,8 @@ def _decode_step(backend: str, x, res, qkv_w, o_w, up_w, down_w, norm_w, cos, si
     h, res2 = K.add_rms_norm(x, res, norm_w, **kwargs)
     qkv = K.quant_linear(h, qkv_w, **kwargs)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-    q = K.rope_kv_write(q.view(1, 1, hq, d), k.view(1, 1, hkv, d), v.view(1, 1, hkv, d), cos, sin, pos, kc, vc, **kwargs)
+    q = K.rope_kv_write(q.view(1, 1, hq, d), k.view(1, 1, hkv, d), v.view(1, 1, hkv, d), cos, sin, pos, kc, vc,
+                        **kwargs)
     att = K.decode_attention(q.view(1, hq, d), kc, vc, seq, **kwargs)
     y = K.quant_linear(att.view(1, hq * d), o_w, **kwargs)
     gu = K.quant_linear(y, up_w, **kwargs)

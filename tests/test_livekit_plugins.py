@@ -347,8 +347,10 @@ async def test_turn_detector_scores_complete_above_incomplete(engine):
     assert await td.supports_language(LanguageCode("en-US"))
     assert not await td.supports_language(LanguageCode("fr"))
     assert await td.unlikely_threshold(LanguageCode("fr")) is None
-    complete = [await td.predict_end_of_turn(chat(("user", t))) for t in ("What time is it?", "How are you doing today")]
-    incomplete = [await td.predict_end_of_turn(chat(("user", t))) for t in ("I'd like to book a table for", "I want to go to.")]
+    complete = [await td.predict_end_of_turn(chat(("user", t)))
+                for t in ("What time is it?", "How are you doing today")]
+    incomplete = [await td.predict_end_of_turn(chat(("user", t)))
+                  for t in ("I'd like to book a table for", "I want to go to.")]
     assert min(complete) > threshold > max(incomplete), (complete, incomplete)
 
 

@@ -177,8 +177,10 @@ async def test_transport_publishes_events_transcriptions_and_state():
     await transport.close()  # flushes what is queued for publishing
     assert [d for topic, d in link.data if topic == "rejoinder.events"] == events
     user = [t for t in link.texts if t[2]["lk.segment_id"] == "user-1"]
-    assert [(t[1], t[2]["lk.transcription_final"]) for t in user] == [("what time", "false"), ("What time is it?", "true")]
-    assert all(t[0] == "lk.transcription" and t[2]["lk.transcribed_track_id"] == "TR_user" and t[3] == "caller" for t in user)
+    assert [(t[1], t[2]["lk.transcription_final"]) for t in user] == [
+        ("what time", "false"), ("What time is it?", "true")]
+    assert all(t[0] == "lk.transcription" and t[2]["lk.transcribed_track_id"] == "TR_user" and t[3] == "caller"
+               for t in user)
     agent = [t for t in link.texts if t[2]["lk.segment_id"] == "agent-1"]
     assert agent == [("lk.transcription", "It is noon.", {
         "lk.segment_id": "agent-1", "lk.transcription_final": "true", "lk.transcribed_track_id": "TR_agent"}, None)]

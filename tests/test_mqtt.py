@@ -136,7 +136,8 @@ def test_config_from_url():
     assert MQTTConfig.from_url("mqtt://h", agent_id="a").port == 1883
     assert MQTTConfig.from_url("mqtts://h", agent_id="a").port == 8883
     assert MQTTConfig.from_url("mqtt://u:p@h", agent_id="a", username="x").username == "x"  # flag wins
-    assert MQTTConfig.from_url("mqtt://h", agent_id="a").client_id != MQTTConfig.from_url("mqtt://h", agent_id="a").client_id
+    assert (MQTTConfig.from_url("mqtt://h", agent_id="a").client_id
+            != MQTTConfig.from_url("mqtt://h", agent_id="a").client_id)
     for bad in ("http://h:1883", "mqtt://", "mqtt://h:notaport"):
         with pytest.raises(ValueError):
             MQTTConfig.from_url(bad, agent_id="a")
@@ -194,7 +195,8 @@ def test_parse_control_accepts_and_fills_defaults():
     assert parse_control(b'{"command": "say", "args": {"text": "x", "mode": "queue"}}').args["mode"] == "queue"
     assert parse_control(b'{"command": "end"}').args == {}
     assert parse_control(b'{"command": "end", "args": {"reason": "resolved"}, "id": 3}').args == {"reason": "resolved"}
-    assert parse_control(b'{"command": "set_persona", "args": {"persona": "Be brief."}}').args == {"persona": "Be brief."}
+    assert (parse_control(b'{"command": "set_persona", "args": {"persona": "Be brief."}}').args
+            == {"persona": "Be brief."})
     for cmd in ("mute", "unmute", "interrupt", "status"):
         assert parse_control(json.dumps({"command": cmd}).encode()).command == cmd
     # The error keeps the correlation id so the sender can match the refusal to its request.
@@ -479,7 +481,8 @@ async def test_broker_absent_at_start_then_queued_finals_arrive(own_broker, make
     await asyncio.sleep(0.5)  # a few failed attempts
     assert not bridge.connected and bridge.stats.connects == 0 and bridge.stats.queued == 6
     own_broker.start()
-    with Recorder(own_broker.port, topics=(f"rejoinder/{agent}/#",)) as rec:  # blocks: subscribed before the bridge connects
+    # the Recorder blocks: subscribed before the bridge connects
+    with Recorder(own_broker.port, topics=(f"rejoinder/{agent}/#",)) as rec:
         got = await rec.wait_for(lambda m: "/events/" in m.topic, count=6, timeout=6)
         assert [m.json["text"] for m in got] == ["part 0", "final 0", "part 1", "final 1", "part 2", "final 2"]
         assert [m.qos for m in got] == [0, 1] * 3
@@ -707,10 +710,12 @@ def test_monitor_state_tracks_sessions_and_renders():
     st = MonitorState()
 
     def ev(sid: str, type_: str, **body) -> str | None:
-        return st.apply(f"rejoinder/desk-1/sessions/{sid}/events/{type_}", json.dumps({"v": 1, "type": type_, **body}).encode())
+        return st.apply(f"rejoinder/desk-1/sessions/{sid}/events/{type_}",
+                        json.dumps({"v": 1, "type": type_, **body}).encode())
 
-    assert st.apply("rejoinder/desk-1/status", json.dumps({"v": 1, "state": "online", "sessions": ["c1"],
-                                                           "protocol": "5"}).encode()) == "desk-1 is online, sessions: c1"
+    assert (st.apply("rejoinder/desk-1/status", json.dumps({"v": 1, "state": "online", "sessions": ["c1"],
+                                                            "protocol": "5"}).encode())
+            == "desk-1 is online, sessions: c1")
     ev("c1", "session_started")
     assert ev("c1", "transcript", text="I need a", final=False) == "desk-1/c1 caller (interim): I need a"
     ev("c1", "transcript", text="I need a refund.", final=True)
@@ -735,8 +740,8 @@ def test_monitor_state_tracks_sessions_and_renders():
     console = Console(record=True, width=200, color_system=None)
     console.print(st.render())
     screen = console.export_text()
-    for expected in ("desk-1", "online", "desk-1/c1", "I need a refund.", "Sure, let me", "v2v 500 ms (p50 500 ms)", "barge-ins 2: interruption 118 ms",
-                     "ended: hangup"):
+    for expected in ("desk-1", "online", "desk-1/c1", "I need a refund.", "Sure, let me", "v2v 500 ms (p50 500 ms)",
+                     "barge-ins 2: interruption 118 ms", "ended: hangup"):
         assert expected in screen, (expected, screen)
     assert st.apply("rejoinder/desk-1/status", b"") == "desk-1 status cleared" and "desk-1" not in st.agents
 

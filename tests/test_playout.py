@@ -20,7 +20,8 @@ def tone_chunk(seconds: float = 0.0, text: str = "tone", *, samples: int | None 
     n = samples if samples is not None else int(seconds * RATE)
     t = np.arange(n) / RATE
     audio = (0.3 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
-    return SpeechChunk(audio=audio, sample_rate=RATE, text=text, text_start=start, text_end=start + len(text), segment_index=0)
+    return SpeechChunk(audio=audio, sample_rate=RATE, text=text, text_start=start, text_end=start + len(text),
+                       segment_index=0)
 
 
 class Recorder:
@@ -51,7 +52,8 @@ async def test_pacing_is_real_time_and_drift_free() -> None:
         await asyncio.wait_for(pb.wait_idle(), 3.0)
         elapsed = time.monotonic() - t0
     assert len(rec.frames) == 50
-    assert all(f.samples.shape == (FRAME,) and f.samples.dtype == np.int16 and f.sample_rate == RATE for f in rec.frames)
+    assert all(f.samples.shape == (FRAME,) and f.samples.dtype == np.int16 and f.sample_rate == RATE
+               for f in rec.frames)
     # frame n is stamped anchor + n * 20 ms exactly: no accumulated drift
     stamps = np.array([f.timestamp for f in rec.frames])
     np.testing.assert_allclose(np.diff(stamps), 0.02, atol=1e-9)

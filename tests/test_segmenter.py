@@ -40,7 +40,10 @@ CASES: list[tuple[str, list[str]]] = [
     # first clause: a comma is enough once the clause has first_min_chars (16)
     ("Sure thing, my friend, here you go.", ["Sure thing, my friend,", "here you go."]),
     # later clauses need min_chars (48) before a comma may end them
-    ("Hi. Then we went home, ate dinner, and slept until noon.", ["Hi.", "Then we went home, ate dinner, and slept until noon."]),
+    (
+        "Hi. Then we went home, ate dinner, and slept until noon.",
+        ["Hi.", "Then we went home, ate dinner, and slept until noon."],
+    ),
     # a run-on first clause is cut at a conjunction before first_max_chars (64)
     (
         "This is a very long sentence without any punctuation that goes on and on until the segmenter must cut it",
@@ -87,7 +90,8 @@ def test_same_cuts_for_any_split(text: str, expected: list[str]) -> None:
 
 
 def test_llm_like_tokens_example() -> None:
-    tokens = ["Dr", ".", " Sm", "ith", " paid", " $", "3", ".", "50", " on", " Jan", ".", " ", "5", ".", " Then", " he", " left", "."]
+    tokens = ["Dr", ".", " Sm", "ith", " paid", " $", "3", ".", "50", " on", " Jan", ".", " ", "5", ".", " Then", " he",
+              " left", "."]
     seg = TextSegmenter()
     emitted_at: list[tuple[int, str]] = []
     for i, tok in enumerate(tokens):

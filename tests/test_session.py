@@ -60,7 +60,8 @@ def speaking(session: Session) -> bool:
 
 async def until_played(session: Session, seconds: float, timeout: float = 20.0) -> None:
     """Wait until the agent has been audible for `seconds` of the current answer."""
-    assert await wait_for(lambda: speaking(session) and session.speaker.playout.played_seconds >= seconds, timeout), session.state
+    assert await wait_for(lambda: speaking(session) and session.speaker.playout.played_seconds >= seconds, timeout), \
+        session.state
 
 
 async def test_question_gets_a_spoken_answer_with_voice_to_voice_latency(models):
@@ -111,7 +112,8 @@ async def test_interruption_stops_audio_and_truncates_history(models):
     assistant = [m["content"] for m in session.conversation.turns if m["role"] == "assistant"]
     assert assistant[0] == interrupted.agent_text == b.played_text.strip()
     assert len(assistant[0]) < len(first_answer.speech_text.strip())
-    assert first_answer.speech_text.startswith(assistant[0]) or first_answer.speech_text.strip().startswith(assistant[0])
+    assert (first_answer.speech_text.startswith(assistant[0])
+            or first_answer.speech_text.strip().startswith(assistant[0]))
     assert "two" in normalized_words(session.turns[1].user_text) or "2" in session.turns[1].user_text
 
 
@@ -256,7 +258,8 @@ async def test_fifty_turns_keep_history_and_memory_bounded(models):
         rss = []
         for i in range(50):
             await mic.speak(espeak_say(questions[i % len(questions)]))
-            assert await wait_for(lambda: len(session.turns) >= i + 1 and session.state == SessionState.LISTENING, 30), \
+            assert await wait_for(lambda: len(session.turns) >= i + 1
+                                  and session.state == SessionState.LISTENING, 30), \
                 f"turn {i + 1} not answered (state {session.state})"
             if i in (9, 49):
                 gc.collect()

@@ -70,7 +70,8 @@ def test_session_and_plugin_show_the_model_the_same_tools_section():
 
 def test_tool_call_parser():
     # (moved from test_livekit_plugins.py with the plugin's parser)
-    text = 'Sure.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b", "arguments": "{\\"y\\": \\"z\\"}"}</tool_call> done'
+    text = ('Sure.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>{"name": "b", "arguments": "{\\"y\\": \\"z\\"}"}</tool_call> done')
     plain, calls = parse_tool_calls(text)
     assert named(calls) == [("a", '{"x": 1}'), ("b", '{"y": "z"}')]
     assert plain.split() == ["Sure.", "done"]
@@ -158,7 +159,8 @@ def test_filter_releases_text_as_soon_as_it_cannot_start_a_call():
     assert f.push('{"name": "end_call", "arguments": {}}') == "" and f.push("</tool_call>") == ""
     assert f.call_complete and f.call() == ToolCall("end_call", {})
     assert f.push(" Bye!") == ""  # after a call, everything waits for finish()
-    assert f.finish() == "  Bye!" and f.call()  # (the space held before the call, and the one after) == ToolCall("end_call", {})  # the call survives finish()
+    # (the space held before the call, and the one after) == ToolCall("end_call", {})  # the call survives finish()
+    assert f.finish() == "  Bye!" and f.call()
 
 
 def test_filter_keeps_broken_calls_visible_only_when_asked():
@@ -196,5 +198,6 @@ def test_registry_forced_prefix_is_the_shared_pre_fill():
     reg = ToolRegistry([Tool("end_call", "End the call.", lambda: "bye", ends_call=True),
                         Tool("lookup", "Find an order.", lambda order_id: order_id,
                              {"type": "object", "properties": {"order_id": {"type": "string"}}})])
-    assert reg.forced_prefix("end_call") == forced_prefix("end_call", with_arguments=False) == ToolCall("end_call", {}).text()
+    assert (reg.forced_prefix("end_call") == forced_prefix("end_call", with_arguments=False)
+            == ToolCall("end_call", {}).text())
     assert reg.forced_prefix("lookup") == forced_prefix("lookup")

@@ -206,7 +206,8 @@ class Browser:
 def fake_mic_wav(path: Path, text: str, lead_s: float, tail_s: float = 30.0) -> Path:
     """The fake microphone: silence while the call connects and the agent greets, the question, silence."""
     speech = 0.5 * trim(piper_say(text))  # a normal microphone level: the browser's gain control has headroom
-    audio = np.concatenate([np.zeros(int(lead_s * 16_000), np.float32), speech, np.zeros(int(tail_s * 16_000), np.float32)])
+    audio = np.concatenate([np.zeros(int(lead_s * 16_000), np.float32), speech,
+                            np.zeros(int(tail_s * 16_000), np.float32)])
     write_wav(path, resample(audio, 16_000, 48_000), 48_000)
     return path
 
@@ -259,7 +260,8 @@ async def test_page_talks_to_the_agent_in_chromium(tmp_path):
                 last: document.getElementById('lat-last').textContent,
                 turns: document.getElementById('lat-turns').textContent,
                 status: document.getElementById('status-text').textContent,
-                error: document.getElementById('banner').hidden ? null : document.getElementById('banner-text').textContent,
+                error: document.getElementById('banner').hidden ? null
+                    : document.getElementById('banner-text').textContent,
             }))()""")
             assert user in dom["user"] and reply in dom["agent"]
             assert dom["chip"] and dom["chip"].endswith(" ms") and dom["last"].endswith(" ms"), dom

@@ -303,7 +303,8 @@ async def test_huge_body_is_refused_with_413(echo_server):
             yield b"a=x" * 1000
 
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{echo_server.url}/whip", data=chunks(), headers={"Content-Type": "application/sdp"}) as r:
+        async with http.post(f"{echo_server.url}/whip", data=chunks(),
+                             headers={"Content-Type": "application/sdp"}) as r:
             assert r.status == 413
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{echo_server.url}/api/health") as r:
@@ -529,7 +530,8 @@ async def test_two_callers_at_once_get_their_own_sessions(agent_server):
         assert clients["france"].session_id != clients["week"].session_id
         await asyncio.gather(*(wait_greeting(c) for c in clients.values()))
         mark = time.monotonic()
-        await asyncio.gather(*(clients[k].say(with_tail(trim(piper_say(q)), 1.5), 16_000) for k, q in questions.items()))
+        await asyncio.gather(*(
+            clients[k].say(with_tail(trim(piper_say(q)), 1.5), 16_000) for k, q in questions.items()))
         finals = await asyncio.gather(*(
             c.wait_event(lambda e: e["type"] == "metrics", 120, after=mark) for c in clients.values()))
         for (key, other), m in zip((("france", "week"), ("week", "france")), finals):
@@ -572,7 +574,8 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
         # The audio itself: speech arriving at the client stops soon after the onset and stays
         # stopped until the agent's next answer (if any) begins.
         await asyncio.sleep(1.0)
-        nxt = [e["_received_at"] for e in client.events_of("agent_speech") if e["started"] and e["turn"] != began["turn"]]
+        nxt = [e["_received_at"] for e in client.events_of("agent_speech")
+               if e["started"] and e["turn"] != began["turn"]]
         horizon = min(nxt) if nxt else time.monotonic()
         speech = [f.at for f in client.speech_frames() if onset <= f.at < horizon]
         last = max(speech) if speech else onset
@@ -679,7 +682,8 @@ async def test_served_sessions_are_published_and_steerable_on_mqtt(tmp_path):
                 await rec.wait_for(event("session_ended", sid), timeout=15)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; server: ended {srv.ended()}, active {srv.active()}") from None
-            assert await wait_until(lambda: srv.call(lambda: bridge.sessions) == [], 5), "the ended call stayed routable"
+            assert await wait_until(lambda: srv.call(lambda: bridge.sessions) == [], 5), \
+                "the ended call stayed routable"
         finally:
             srv.run(bridge.close())
             srv.stop()

@@ -180,7 +180,8 @@ class RTCClient:
                     self.session_id = r.headers.get("X-Session-Id")
                     answer = RTCSessionDescription(sdp=body, type="answer")
             else:
-                async with http.post(f"{self.base_url}/api/offer", data=json.dumps({"sdp": offer.sdp, "type": offer.type}),
+                async with http.post(f"{self.base_url}/api/offer",
+                                     data=json.dumps({"sdp": offer.sdp, "type": offer.type}),
                                      headers=self._headers("application/json")) as r:
                     body = await r.json(content_type=None)
                     if r.status != 200:

@@ -220,7 +220,8 @@ class MonitorState:
             if s.agent_interrupted:
                 talk.append(" ✂ interrupted", style="yellow")
             median = sorted(s.latencies)[len(s.latencies) // 2] if s.latencies else None
-            numbers = (f"{s.turns} turn{'' if s.turns == 1 else 's'}\nv2v {_ms(s.latencies[-1] if s.latencies else None)} (p50 {_ms(median)})\n"
+            numbers = (f"{s.turns} turn{'' if s.turns == 1 else 's'}\n"
+                       f"v2v {_ms(s.latencies[-1] if s.latencies else None)} (p50 {_ms(median)})\n"
                        f"barge-ins {s.barge_ins}" + (f": {s.last_barge_in}" if s.last_barge_in else ""))
             sessions.add_row(who, talk, numbers, style=None if s.live else "dim")
         link = "stopped" if self.stopped else "connected" if self.connected else "connecting…"

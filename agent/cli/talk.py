@@ -169,8 +169,8 @@ def print_table(session: Session, out: TextIO = sys.stdout) -> None:
         p = "-" if t.end_of_turn_prob is None else f"{t.end_of_turn_prob:.3f}"
         mark = " [interrupted]" if t.interrupted else ""
         print(f"{t.turn:>4}  {ms(t.voice_to_voice_s):>7}  {ms(s['asr_final_s']):>5}  {ms(s['end_of_turn_s']):>5}  "
-              f"{ms(s['llm_first_token_s']):>5}  {ms(s['first_clause_s']):>6}  {ms(s['first_tts_audio_s']):>5}  {p:>6}  "
-              f"{t.user_text!r} -> {t.agent_text[:70]!r}{mark}", file=out)
+              f"{ms(s['llm_first_token_s']):>5}  {ms(s['first_clause_s']):>6}  {ms(s['first_tts_audio_s']):>5}  "
+              f"{p:>6}  {t.user_text!r} -> {t.agent_text[:70]!r}{mark}", file=out)
     for b in session.barge_ins:
         if b.outcome == "echo":
             continue
