@@ -159,8 +159,8 @@ def test_filter_releases_text_as_soon_as_it_cannot_start_a_call():
     assert f.push('{"name": "end_call", "arguments": {}}') == "" and f.push("</tool_call>") == ""
     assert f.call_complete and f.call() == ToolCall("end_call", {})
     assert f.push(" Bye!") == ""  # after a call, everything waits for finish()
-    # (the space held before the call, and the one after) == ToolCall("end_call", {})  # the call survives finish()
-    assert f.finish() == "  Bye!" and f.call()
+    # The space held before the call, and the one after; the call survives finish().
+    assert f.finish() == "  Bye!" and f.call() == ToolCall("end_call", {})
 
 
 def test_filter_keeps_broken_calls_visible_only_when_asked():

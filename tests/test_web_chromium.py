@@ -60,7 +60,9 @@ SELECTED_PAIR_JS = """(async () => {
   const pc = window.__peerConnections[window.__peerConnections.length - 1];
   const stats = await pc.getStats();
   let pair = null;
-  stats.forEach((r) => { if (r.type === 'transport' && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId); });
+  stats.forEach((r) => {
+    if (r.type === 'transport' && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+  });
   if (!pair) return null;
   const l = stats.get(pair.localCandidateId), r = stats.get(pair.remoteCandidateId);
   return [l.address || l.ip, r.address || r.ip];
