@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rejoinder.errors import ConfigError
+
 from .frames import AudioFrame
 
 __all__ = ["EchoGuard", "EchoGuardConfig", "to_16k_linear"]
@@ -28,6 +30,14 @@ class EchoGuardConfig:
     max_delay_s: float = 0.6  # longest echo path considered (playout buffers + network + device)
     history_s: float = 4.0  # reference and input kept this long
     min_reference_rms: float = 1e-3  # the agent must have actually said something in the window
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"echo threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.max_delay_s < self.history_s:
+            raise ConfigError("need 0 < echo max_delay_s < echo history_s")
+        if self.min_reference_rms < 0:
+            raise ConfigError("echo min_reference_rms must be >= 0")
 
 
 def to_16k_linear(x: np.ndarray, rate: int) -> np.ndarray:

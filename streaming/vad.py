@@ -20,6 +20,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from rejoinder.errors import ConfigError
+
 from .assets import resolve
 from .frames import AudioFrame, to_pcm16
 
@@ -165,11 +167,11 @@ class VADConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+            raise ConfigError(f"VAD threshold must be in (0, 1), got {self.threshold}")
         if self.neg_threshold is not None and not 0.0 <= self.neg_threshold <= self.threshold:
-            raise ValueError("neg_threshold must be in [0, threshold]")
+            raise ConfigError("VAD neg_threshold must be in [0, threshold]")
         if min(self.min_speech_s, self.hangover_s, self.pre_roll_s) < 0:
-            raise ValueError("durations must be >= 0")
+            raise ConfigError("VAD durations must be >= 0")
 
     @property
     def off_threshold(self) -> float:

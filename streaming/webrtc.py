@@ -313,16 +313,16 @@ class WebRTCTransport:
         if self.on_control is None:
             return
         if isinstance(message, bytes) or len(message) > self.options.max_message_bytes:
-            self._send_text(json.dumps({"type": "error", "where": "data_channel",
+            self._send_text(event_json({"type": "error", "where": "data_channel",
                                         "message": "message too large or binary"}))
             return
         try:
             data = json.loads(message)
         except ValueError:
-            self._send_text(json.dumps({"type": "error", "where": "data_channel", "message": "message is not JSON"}))
+            self._send_text(event_json({"type": "error", "where": "data_channel", "message": "message is not JSON"}))
             return
         if not isinstance(data, dict):
-            self._send_text(json.dumps({"type": "error", "where": "data_channel",
+            self._send_text(event_json({"type": "error", "where": "data_channel",
                                         "message": "message is not an object"}))
             return
         self._spawn(self._run_control(data))

@@ -27,7 +27,7 @@ from ..config import load as load_config
 if TYPE_CHECKING:
     from rich.console import Group
 
-    from rejoinder.agent.mqtt import MQTTConfig
+    from rejoinder.agent.mqtt_client import MQTTConfig
 
 # rich and the MQTT client are imported where used: `rejoinder --help` builds this parser and
 # should not pay for them.
@@ -245,7 +245,7 @@ async def run_monitor(cfg: MQTTConfig, agent_id: str, on_message: Callable[[str,
     """
     from aiomqtt import ProtocolVersion
 
-    from rejoinder.agent.mqtt import is_protocol_refusal, open_client
+    from rejoinder.agent.mqtt_client import is_protocol_refusal, open_client
 
     protocol = None
     delay = cfg.backoff_min_s
@@ -295,7 +295,7 @@ async def _pump(client: Any, on_message: Callable[[str, bytes], None]) -> None:
 async def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     from rich.console import Console
 
-    from rejoinder.agent.mqtt import MQTTConfig
+    from rejoinder.agent.mqtt_client import MQTTConfig
 
     # The same REJOINDER_MQTT_* credentials and TLS settings as the agents use.
     settings = dataclasses.replace(load_config().mqtt, url=args.broker or DEFAULT_BROKER, agent_id="monitor")
