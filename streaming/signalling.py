@@ -62,12 +62,15 @@ __all__ = [
 
 def default_web_dir() -> Path:
     """The bundled web client: package data of the installed wheel, or the checkout's web/ folder."""
-    from importlib.resources import files
+    import importlib.util
 
     try:
-        return Path(str(files("rejoinder.web")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "web"
+        spec = importlib.util.find_spec("rejoinder.web")  # a namespace package: data files only
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "web"
 
 
 class PeerSession(Protocol):

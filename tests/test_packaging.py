@@ -61,7 +61,8 @@ def test_installed_wheel_serves_the_page(wheel, tmp_path):
                                   capture_output=True, text=True, check=True).stdout.strip())
     # Third-party packages from this environment (lines of a .pth add paths; the editable install's
     # own .pth in there is not processed, so the checkout stays invisible).
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages(),
+            *(p for p in sys.path if p.endswith("site-packages"))}
     (purelib / "zz_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     proc = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

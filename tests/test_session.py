@@ -154,14 +154,19 @@ async def test_mid_sentence_pause_is_waited_for(models):
         await mic.speak(espeak_say("I would like to book a table for"))
         await asyncio.sleep(1.0)
         spoke_during_pause = session.speaker.playout.metrics.frames_out > 0
-        await mic.speak(espeak_say("two people tonight."))
+        _, second_half_end = await mic.speak(espeak_say("two people tonight."))
         assert await wait_for(lambda: len(session.turns) >= 1, 30)
     assert not spoke_during_pause
     turn = session.turns[0]
     w = normalized_words(turn.user_text)
     # Both halves in one turn (Whisper's reading of espeak varies: check words of each half).
     assert "table" in w and "people" in w, turn.user_text
-    assert turn.end_of_turn_prob is not None and turn.end_of_turn_prob > 0.002
+    # The turn was scored as a whole and answered only after its second half. (How complete it
+    # reads depends on Whisper's confidence in the last word: an unsure "tonight." is scored without
+    # it, which reads as unfinished and only costs extra silence; see agent.turns.)
+    assert turn.end_of_turn_prob is not None
+    assert turn.first_audio_sent_at > second_half_end
+    assert len([t for t in session.turns if t.user_text]) == 1
 
 
 async def test_interruption_storms_always_return_to_listening_and_never_play_stale_audio(models):
