@@ -82,6 +82,7 @@ class Answer:
         # metrics (turn timings, tool names) through the answer that began the exchange.
         self.origin: Answer = self
         self.tool_names: list[str] = []  # tools called while making this exchange (on the origin)
+        self.speculative = False  # prepared at a pause in speech, held until the turn is handed over
         self.created_at = time.monotonic()
         self.done = asyncio.Event()
         self._stream: TokenStream | None = None

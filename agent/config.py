@@ -61,12 +61,30 @@ class TurnTakingConfig:
     backchannel_max_words: int = 3
     echo_text_overlap: float = 0.7  # share of an interruption's words found in the agent's recent text
     preemptive: bool = True  # start generating on a stable interim transcript
+    # Speculative hand-over: when speech pauses, the transcript, the end-of-turn score, the answer's
+    # first words and their audio are prepared at once and held; the turn is handed over as soon as
+    # the silence has lasted long enough for how complete the words read (fast_hangover_s when they
+    # clearly end a turn), and the held answer is discarded if the user goes on. False: the
+    # sequential hand-over (wait for the VAD hang-over and the final transcript, then answer).
+    speculative: bool = True
+    pause_pass_s: float = 0.1  # silence after which the pause transcript is decoded
+    fast_hangover_s: float = 0.15  # silence that hands over a turn that reads complete
 
     def __post_init__(self) -> None:
         if not 0.0 < self.incomplete_prob < self.complete_prob <= 1.0:
             raise ConfigError("need 0 < incomplete_prob < complete_prob <= 1")
         if not 0.1 <= self.min_speech_s <= 1.0:
             raise ConfigError("min_speech_s must be within 0.1-1.0 s")
+        if not 0.03 <= self.pause_pass_s < self.hangover_s:
+            raise ConfigError("pause_pass_s must be within 0.03 s and the hang-over")
+        if not self.pause_pass_s <= self.fast_hangover_s <= self.hangover_s:
+            raise ConfigError("need pause_pass_s <= fast_hangover_s <= hangover_s")
+
+    def handover_silence_s(self, end_of_turn_prob: float | None) -> float:
+        """Silence after the end of speech before a speculatively prepared answer is released."""
+        if end_of_turn_prob is not None and self.semantic and end_of_turn_prob >= self.complete_prob:
+            return self.fast_hangover_s
+        return self.hangover_s + self.extra_wait_s(end_of_turn_prob)
 
     def extra_wait_s(self, end_of_turn_prob: float | None) -> float:
         """Silence to wait beyond the VAD hang-over before answering."""

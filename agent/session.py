@@ -23,6 +23,7 @@ offers the typed API: `say()`, `interrupt()`, `end()`, `mute()`, `unmute()`, `se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -108,10 +109,13 @@ class Session:
         turn_cfg = turn_taking or cfg.turns
         vad_cfg = VADConfig(threshold=turn_cfg.vad_threshold, min_speech_s=turn_cfg.min_speech_s,
                             hangover_s=turn_cfg.hangover_s)
-        # A pass requested early in a pause (0.13 s) covers the end of speech, so the final usually
-        # needs no decode of its own once the hang-over confirms the end.
-        asr_cfg = StreamingASRConfig(final_reuse_margin_s=0.08)
-        self.listener = Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad_cfg, asr_config=asr_cfg)
+        # A pass requested early in a pause covers the end of speech, so the final usually needs no
+        # decode of its own once the hang-over confirms the end; with the speculative hand-over that
+        # pass is also what the answer is prepared from, so it comes as early as the reuse margin allows.
+        margin = 0.05 if turn_cfg.speculative else 0.08
+        pause_pass_s = turn_cfg.pause_pass_s if turn_cfg.speculative else margin + 0.05
+        self.listener = Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad_cfg,
+                                 asr_config=StreamingASRConfig(final_reuse_margin_s=margin), pause_pass_s=pause_pass_s)
         self.echo_guard = EchoGuard(echo or cfg.echo)
         self.turn_taker = TurnTaker(self, turn_cfg)
         self.barge_in = BargeInHandler(self)
@@ -243,6 +247,7 @@ class Session:
                 self.echo_guard.add_input(f)
                 for ev in await self.listener.push(f):
                     self._on_vad(ev)
+                self.turn_taker.tick()
         log.debug("[%s] input ended", self.session_id)
 
     async def _consume_listener(self) -> None:
@@ -346,4 +351,6 @@ class Session:
             "turns": [t.to_dict() for t in self.turns],
             "barge_ins": [b.to_dict() for b in self.barge_ins if b.outcome != "echo"],
             "echo_suppressed": sum(b.outcome == "echo" for b in self.barge_ins),
+            "speculation": {**dataclasses.asdict(self.turn_taker.speculation),
+                            "hit_rate": self.turn_taker.speculation.hit_rate},
         }

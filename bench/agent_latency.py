@@ -1,23 +1,33 @@
-"""Voice-to-voice latency and barge-in reaction of the full-duplex session, against a batch cascade.
+"""Voice-to-voice latency and barge-in reaction: the speculative hand-over, the sequential one, a batch cascade.
 
-Ours: each question is spoken (espeak-ng voice) into a live Session on the in-process transport in
-real time; voice-to-voice = first answer frame sent - end of the user's speech (as captured).
-Peer, measured in the same run on the same audio and models: the batch cascade most voice bots
-start as (and `rejoinder reply` is): wait for 0.5 s of silence, transcribe the whole utterance, generate
-the whole answer, synthesise it, then play. Its voice-to-voice = 0.5 s + ASR + LLM + TTS time. It
-runs Whisper as faster-whisper does out of the box (30 s window).
-Also in the same run, our session with that 30 s window instead of the short encoder context
-(streaming/asr.py), to show what the short context alone is worth.
-Barge-in: the user interrupts a long answer; reaction = agent audio stopped - user speech onset.
+Measured in one run, on the same audio (espeak-ng voice, synthesised here) and the same models:
 
-    python bench/agent_latency.py [--json bench/results/agent_latency.json] [--rounds 1]
+- speculative: the session as it ships. When speech pauses, the pause is transcribed, scored for
+  end of turn, and the answer's first words generated and synthesised at once, held, and handed
+  over as soon as the silence is long enough for how complete the words read.
+- sequential: the same session with `--no-speculative` (REJOINDER_SPECULATIVE=0): wait for the VAD
+  hang-over and the final transcript, score, then generate and synthesise.
+- batch cascade (the peer; what `rejoinder reply` and most voice bots start as): wait for 0.5 s of
+  silence, transcribe the whole utterance, generate the whole answer, synthesise it, then play.
+
+Each question is spoken into a live Session on the in-process transport in real time; voice-to-voice
+= first answer frame sent - end of the user's speech (as captured). Modes alternate question by
+question, so drift in the machine's load hits them alike. Barge-in: the user interrupts a long
+answer; reaction = agent audio stopped - user speech onset. Also reported: the speculation hit rate
+(answers prepared at a pause that were handed over) and the work thrown away by the misses, and the
+median of every stage after the end of speech.
+
+With `--webrtc` the session is also measured over real WebRTC as a caller hears it (bench/webrtc_latency.py:
+`rejoinder serve` in a subprocess, an aiortc caller in its own process, loopback only).
+
+    python bench/agent_latency.py [--json bench/results/agent_latency.json] [--rounds 1] [--webrtc]
 Writes a PNG next to the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -43,59 +53,81 @@ QUESTIONS = [
     "What is the tallest mountain in the world?",
     "Can you recommend a good book?",
     "Where is the nearest train station?",
+    "What time is it in Tokyo?",
+    "How do I boil an egg?",
 ]
 INTERRUPTIONS = ["Wait, what is two plus two?", "Hold on, stop please.", "No, tell me about rivers instead.",
                  "Sorry, what time is it?"]
 LONG = "Tell me a long story about a brave knight and a dragon."
 BATCH_SILENCE_S = 0.5
+STAGES = ("asr_final_s", "end_of_turn_s", "llm_first_token_s", "first_clause_s", "first_tts_audio_s",
+          "first_audio_sent_s")
+TARGET_P50, TARGET_P95 = 0.45, 0.7
 
 
 def pct(v: list[float], q: float) -> float | None:
     return float(np.percentile(v, q)) if v else None
 
 
-@contextlib.contextmanager
-def asr_window(models: Models, full: bool):
-    saved = models.asr.context_pad_s
-    models.asr.context_pad_s = None if full else saved
-    try:
-        yield
-    finally:
-        models.asr.context_pad_s = saved
+@dataclasses.dataclass
+class Mode:
+    name: str
+    cfg: AgentConfig
+    v2v: list[float] = dataclasses.field(default_factory=list)
+    react: list[float] = dataclasses.field(default_factory=list)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    speculation: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> dict:
+        stages = {s: pct([r[s] for r in self.rows if r.get(s) is not None], 50) for s in STAGES}
+        spec = dict(self.speculation)
+        spec["hit_rate"] = spec["used"] / spec["started"] if spec.get("started") else None
+        return {"voice_to_voice_s": self.v2v, "p50": pct(self.v2v, 50), "p95": pct(self.v2v, 95),
+                "barge_in_reaction_s": self.react, "barge_in_p50": pct(self.react, 50),
+                "barge_in_p95": pct(self.react, 95), "stage_p50_s": stages, "speculation": spec, "turns": self.rows}
 
 
-async def ours(models: Models, cfg: AgentConfig, rounds: int, label: str = "ours",
-               questions_only: bool = False) -> tuple[list[float], list[float], list[dict]]:
-    v2v, react, rows = [], [], []
-    for _r in range(rounds):
-        for q in QUESTIONS + ([] if questions_only else INTERRUPTIONS):
-            transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-            mic = Mic(transport)
-            session = Session(models, cfg, transport, greeting="")
-            task = asyncio.create_task(session.run())
-            mic.start()
-            if q in INTERRUPTIONS:
-                await mic.speak(espeak_say(LONG))
-                await wait_for(lambda: session.state == SessionState.SPEAKING
-                               and session.playout.played_seconds > 1.0, 30)
-                await mic.speak(espeak_say(q))
-                await wait_for(lambda: any(b.outcome == "interruption" for b in session.barge_ins), 10)
-            else:
-                await mic.speak(espeak_say(q))
-            await wait_for(lambda: len(session.turns) >= 1 and session.state == SessionState.LISTENING, 40)
-            await mic.stop()
-            await task
-            for t in session.turns[:1]:
-                if q not in INTERRUPTIONS and t.voice_to_voice_s is not None:
-                    v2v.append(t.voice_to_voice_s)
-                    rows.append({"question": q, "heard": t.user_text, "voice_to_voice_s": t.voice_to_voice_s,
-                                 **t.stage_latencies()})
-            for b in session.barge_ins:
-                if b.outcome == "interruption" and b.reaction_s is not None:
-                    react.append(b.reaction_s)
-            print(f"  {label:6s} {q[:40]:40s} v2v {v2v[-1] if v2v and q not in INTERRUPTIONS else float('nan'):.3f} s"
-                  + (f"  barge-in reaction {react[-1]:.3f} s" if q in INTERRUPTIONS and react else ""), flush=True)
-    return v2v, react, rows
+async def one(models: Models, mode: Mode, question: str) -> None:
+    transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
+    mic = Mic(transport)
+    session = Session(models, mode.cfg, transport, greeting="")
+    task = asyncio.create_task(session.run())
+    mic.start()
+    interruption = question in INTERRUPTIONS
+    if interruption:
+        await mic.speak(espeak_say(LONG))
+        await wait_for(lambda: session.state == SessionState.SPEAKING
+                       and session.speaker.playout.played_seconds > 1.0, 30)
+        await mic.speak(espeak_say(question))
+        await wait_for(lambda: any(b.outcome == "interruption" for b in session.barge_ins), 10)
+    else:
+        await mic.speak(espeak_say(question))
+    await wait_for(lambda: len(session.turns) >= 1 and session.state == SessionState.LISTENING, 40)
+    await mic.stop()
+    await task
+    for k, v in session.metrics_json()["speculation"].items():
+        if k != "hit_rate":
+            mode.speculation[k] = mode.speculation.get(k, 0) + v
+    line = f"  {mode.name:11s} {question[:40]:40s}"
+    if interruption:
+        reactions = [b.reaction_s for b in session.barge_ins if b.outcome == "interruption" and b.reaction_s]
+        mode.react += reactions[:1]
+        line += f" barge-in reaction {reactions[0]:.3f} s" if reactions else " (no interruption seen)"
+    elif session.turns and session.turns[0].voice_to_voice_s is not None:
+        t = session.turns[0]
+        mode.v2v.append(t.voice_to_voice_s)
+        mode.rows.append({"question": question, "heard": t.user_text, "answer": t.agent_text,
+                          "voice_to_voice_s": t.voice_to_voice_s, "preemptive": t.preemptive,
+                          "end_of_turn_prob": t.end_of_turn_prob, **t.stage_latencies()})
+        line += f" v2v {t.voice_to_voice_s:.3f} s  P(end) {t.end_of_turn_prob or 0:.3f}  {t.user_text!r}"
+    print(line, flush=True)
+
+
+async def sessions(models: Models, modes: list[Mode], rounds: int) -> None:
+    for _ in range(rounds):
+        for q in QUESTIONS + INTERRUPTIONS:
+            for mode in modes:
+                await one(models, mode, q)
 
 
 def batch(models: Models, cfg: AgentConfig, rounds: int) -> list[float]:
@@ -106,7 +138,7 @@ def batch(models: Models, cfg: AgentConfig, rounds: int) -> list[float]:
             t0 = time.perf_counter()
             reply_to_audio(models, cfg, audio, 16_000)
             out.append(BATCH_SILENCE_S + time.perf_counter() - t0)
-            print(f"  batch  {q[:40]:40s} v2v {out[-1]:.3f} s", flush=True)
+            print(f"  {'batch':11s} {q[:40]:40s} v2v {out[-1]:.3f} s", flush=True)
     return out
 
 
@@ -116,18 +148,33 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].boxplot([doc["ours"]["voice_to_voice_s"], doc["ours_full_asr_window"]["voice_to_voice_s"],
-                   doc["batch_cascade"]["voice_to_voice_s"]])
-    ax[0].set_xticks([1, 2, 3], ["Rejoinder session", "session,\n30 s ASR window", "batch cascade"])
-    ax[0].axhline(0.6, color="r", ls="--", label="target p50 0.6 s")
+    names = ["speculative", "sequential", "batch_cascade"] + (["webrtc_as_heard"] if "webrtc_as_heard" in doc else [])
+    data = [doc[n]["voice_to_voice_s"] for n in names]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax[0].boxplot(data)
+    ax[0].set_xticks(range(1, len(names) + 1), [n.replace("_", "\n") for n in names])
+    ax[0].axhline(TARGET_P50, color="r", ls="--", label=f"target p50 {TARGET_P50} s")
     ax[0].legend()
     ax[0].set_ylabel("voice-to-voice latency (s)")
-    ax[0].set_title(f"p50 ratio batch/ours = {doc['ratio_p50_batch_over_ours']:.2f}x")
-    ax[1].bar(range(len(doc["ours"]["barge_in_reaction_s"])), doc["ours"]["barge_in_reaction_s"])
-    ax[1].axhline(0.25, color="r", ls="--", label="target p95 0.25 s")
-    ax[1].set_ylabel("barge-in reaction (s)")
+    ax[0].set_title(f"p50: sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
+                    f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x", fontsize=9)
+    width = 0.38
+    x = np.arange(len(STAGES))
+    for i, n in enumerate(("speculative", "sequential")):
+        vals = [doc[n]["stage_p50_s"][s] or 0 for s in STAGES]
+        ax[1].bar(x + (i - 0.5) * width, vals, width, label=n)
+    ax[1].set_xticks(x, [s.replace("_s", "").replace("_", "\n") for s in STAGES], fontsize=7)
+    ax[1].set_ylabel("median s after end of speech")
     ax[1].legend()
+    ax[1].set_title("stage by stage")
+    reacts = doc["speculative"]["barge_in_reaction_s"]
+    ax[2].bar(range(len(reacts)), reacts)
+    ax[2].axhline(0.25, color="r", ls="--", label="target p95 0.25 s")
+    ax[2].set_ylabel("barge-in reaction (s)")
+    ax[2].legend()
+    spec = doc["speculative"]["speculation"]
+    hit = spec.get("hit_rate")
+    ax[2].set_title(f"speculation hit rate {hit:.0%}" if hit is not None else "no speculation", fontsize=9)
     fig.suptitle("bench/agent_latency.py (2-core CPU, embedded models)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -137,37 +184,53 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench/results/agent_latency.json")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--webrtc", action="store_true", help="also measure over real WebRTC, as a caller hears it")
     args = ap.parse_args()
-    cfg = AgentConfig.from_env(max_new_tokens=60)
+    base = AgentConfig.from_env(max_new_tokens=60)
+    modes = [Mode("speculative", base),
+             Mode("sequential", base.replace(turns=dataclasses.replace(base.turns, speculative=False)))]
     print("loading models…", flush=True)
-    models = Models(cfg)
+    models = Models(base)
     try:
-        v2v, react, rows = asyncio.run(ours(models, cfg, args.rounds))
-        with asr_window(models, full=True):
-            v2v_full, _, rows_full = asyncio.run(ours(models, cfg, args.rounds, "30s-win", questions_only=True))
-            peer = batch(models, cfg, args.rounds)
+        asyncio.run(sessions(models, modes, args.rounds))
+        peer = batch(models, base, args.rounds)
     finally:
         models.close()
-    doc = {
-        "ours": {"voice_to_voice_s": v2v, "p50": pct(v2v, 50), "p95": pct(v2v, 95), "barge_in_reaction_s": react,
-                 "barge_in_p50": pct(react, 50), "barge_in_p95": pct(react, 95), "turns": rows},
-        "ours_full_asr_window": {"voice_to_voice_s": v2v_full, "p50": pct(v2v_full, 50), "p95": pct(v2v_full, 95),
-                                 "turns": rows_full},
-        "batch_cascade": {"voice_to_voice_s": peer, "p50": pct(peer, 50), "p95": pct(peer, 95)},
-    }
-    doc["ratio_p50_batch_over_ours"] = doc["batch_cascade"]["p50"] / doc["ours"]["p50"]
-    doc["ratio_p50_full_window_over_ours"] = doc["ours_full_asr_window"]["p50"] / doc["ours"]["p50"]
+    doc = {m.name: m.summary() for m in modes}
+    doc["batch_cascade"] = {"voice_to_voice_s": peer, "p50": pct(peer, 50), "p95": pct(peer, 95)}
+    spec, seq = doc["speculative"], doc["sequential"]
+    doc["ratio_p50_sequential_over_speculative"] = seq["p50"] / spec["p50"]
+    doc["ratio_p50_batch_over_speculative"] = doc["batch_cascade"]["p50"] / spec["p50"]
+    doc["targets"] = {"p50_s": TARGET_P50, "p95_s": TARGET_P95}
+    if args.webrtc:
+        from webrtc_latency import measure_webrtc  # bench/webrtc_latency.py
+
+        doc["webrtc_as_heard"] = measure_webrtc(QUESTIONS, INTERRUPTIONS, rounds=args.rounds)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
     plot(doc, path.with_suffix(".png"))
-    o, b = doc["ours"], doc["batch_cascade"]
-    print(f"voice-to-voice  ours p50 {o['p50']:.3f} s p95 {o['p95']:.3f} s | batch cascade p50 {b['p50']:.3f} s "
-          f"p95 {b['p95']:.3f} s | batch/ours {doc['ratio_p50_batch_over_ours']:.2f}x")
-    f = doc["ours_full_asr_window"]
-    print(f"session with the 30 s ASR window: p50 {f['p50']:.3f} s p95 {f['p95']:.3f} s | "
-          f"full-window/ours {doc['ratio_p50_full_window_over_ours']:.2f}x")
-    print(f"barge-in reaction p50 {o['barge_in_p50']:.3f} s p95 {o['barge_in_p95']:.3f} s ({len(react)} interruptions)")
+    b = doc["batch_cascade"]
+    for name in ("speculative", "sequential"):
+        m = doc[name]
+        print(f"{name:11s} voice-to-voice p50 {m['p50']:.3f} s p95 {m['p95']:.3f} s | barge-in reaction "
+              f"p50 {m['barge_in_p50'] or float('nan'):.3f} s p95 {m['barge_in_p95'] or float('nan'):.3f} s")
+    print(f"{'batch':11s} voice-to-voice p50 {b['p50']:.3f} s p95 {b['p95']:.3f} s")
+    print(f"ratios (p50): sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
+          f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x")
+    s = spec["speculation"]
+    print(f"speculation: {s.get('started', 0)} prepared, {s.get('used', 0)} handed over (hit rate "
+          f"{s['hit_rate'] if s.get('hit_rate') is not None else float('nan'):.0%}), {s.get('discarded', 0)} "
+          f"discarded: {s.get('wasted_tokens', 0)} tokens, {s.get('wasted_audio_s', 0):.2f} s of audio thrown away; "
+          f"final differed {s.get('final_differed', 0)}")
+    print("stage medians (s after end of speech):  " + "  ".join(s.replace("_s", "") for s in STAGES))
+    for name in ("speculative", "sequential"):
+        st = doc[name]["stage_p50_s"]
+        print(f"  {name:11s} " + "  ".join(f"{(st[s] or float('nan')):.3f}" for s in STAGES))
+    if "webrtc_as_heard" in doc:
+        w = doc["webrtc_as_heard"]
+        print(f"over WebRTC, as heard: voice-to-voice p50 {w['p50']:.3f} s p95 {w['p95']:.3f} s; barge-in as heard "
+              f"p95 {w.get('barge_in_p95') or float('nan'):.3f} s")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 

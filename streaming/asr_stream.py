@@ -58,6 +58,9 @@ class ASREvent:
     # Whisper tends to finish the sentence with a guess ("book a table for [it.]"); whoever judges
     # whether the user has finished should not take that guess at its word.
     unsure_tail: str = ""
+    # An interim decoded because speech paused (`StreamingASR.request_pass`): it covers the audio up
+    # to the pause, so it is what the final will most likely say if the pause ends the turn.
+    at_pause: bool = False
 
     @property
     def sure_text(self) -> str:
@@ -304,12 +307,13 @@ class StreamingASR:
             return
         if u.fed - u.last_pass_at < cfg.interim_interval_s * ASR_RATE and not u.pass_requested:
             return
-        u.pass_requested = False
+        at_pause, u.pass_requested = u.pass_requested, False
         u.last_pass_at = u.fed
         audio = self._window_audio(u)
-        self._pass = u.pass_task = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))
+        self._pass = u.pass_task = asyncio.get_running_loop().create_task(
+            self._run_pass(u, audio, u.window_start, at_pause))
 
-    async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int) -> None:
+    async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int, at_pause: bool = False) -> None:
         try:
             tr = await asyncio.to_thread(
                 self.asr.transcribe,
@@ -322,13 +326,13 @@ class StreamingASR:
             tr = None
         if tr is not None and not u.cancelled:
             # Applied even when finish() has detached `u`: finish awaits this pass to use it.
-            self._apply(u, tr, audio.size)
+            self._apply(u, tr, audio.size, at_pause)
         # Audio may have arrived while decoding: start the next pass right away if one is due.
         if self._pass is asyncio.current_task():
             self._pass = None
         self._maybe_start_pass()
 
-    def _apply(self, u: _Utterance, tr: Transcript, n_samples: int) -> None:
+    def _apply(self, u: _Utterance, tr: Transcript, n_samples: int, at_pause: bool = False) -> None:
         """Local agreement between this pass and the previous one; emit an interim event."""
         tail = self._uncommitted(u, list(tr.words))
         agreed = 0
@@ -346,7 +350,7 @@ class StreamingASR:
         u.last_covered = u.window_start + n_samples
         audio_s = u.last_covered / ASR_RATE
         self._put(ASREvent("interim", text, u.committed_text, u.uid, audio_s, time.monotonic(), tr.decode_s,
-                           _unsure_tail(u.prev_tail)))
+                           _unsure_tail(u.prev_tail), at_pause))
         self._maybe_trim(u)
 
     def _uncommitted(self, u: _Utterance, words: list[Word]) -> list[Word]:

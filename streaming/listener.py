@@ -42,6 +42,7 @@ class Listener:
         asr_config: StreamingASRConfig | None = None,
         history_s: float = 1.5,
         queue_size: int = 256,
+        pause_pass_s: float | None = None,
     ) -> None:
         self.chunker = FrameChunker(ASR_RATE)
         self.detector = SpeechDetector(vad, vad_config)
@@ -54,9 +55,16 @@ class Listener:
         self._utt_start = 0  # stream sample where the open utterance begins
         self._in_speech = False
         self._pause_pass_done = False  # a pass was requested for the current pause in speech
+        # Silence after which a pass is requested (default: just past the final's reuse margin).
+        self.pause_pass_s = pause_pass_s if pause_pass_s is not None else self.asr.config.final_reuse_margin_s + 0.05
         self._queue: asyncio.Queue[ListenerEvent] = asyncio.Queue(queue_size)
         self._finishing: set[asyncio.Task] = set()
         self._forwarder: asyncio.Task | None = None
+
+    @property
+    def speech_end_in_utterance_s(self) -> float:
+        """Where the open utterance's speech last stopped, in utterance seconds (compare `ASREvent.audio_s`)."""
+        return self.detector.last_speech_end_s - self._utt_start / ASR_RATE
 
     async def push(self, frame: AudioFrame) -> list[VADEvent]:
         """Feed one transport frame; returns the VAD events it caused (also queued)."""
@@ -97,7 +105,7 @@ class Listener:
             silence = self.detector.silence_s
             if silence == 0.0:
                 self._pause_pass_done = False
-            elif not self._pause_pass_done and silence >= self.asr.config.final_reuse_margin_s + 0.05:
+            elif not self._pause_pass_done and silence >= self.pause_pass_s:
                 self._pause_pass_done = True
                 self.asr.request_pass()
         return events

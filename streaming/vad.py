@@ -202,11 +202,19 @@ class SpeechDetector:
         self._run_start: int | None = None  # first window of the current candidate speech run
         self._last_speech: int = -1  # last window that counted as speech
         self._silent_windows = 0
+        # Capture time (time.monotonic()) of the end of the last speech window, when fed AudioFrames:
+        # while a pause runs its course (the hang-over), it says when the user stopped.
+        self.speech_end_captured_at: float | None = None
 
     @property
     def silence_s(self) -> float:
         """Length of the current run of non-speech windows (0.0 while speech continues)."""
         return self._silent_windows * self._win_s
+
+    @property
+    def last_speech_end_s(self) -> float:
+        """Audio time (stream seconds) where the last speech window ended (0.0 before any speech)."""
+        return (self._last_speech + 1) * self._win_s
 
     @property
     def audio_time_s(self) -> float:
@@ -232,7 +240,10 @@ class SpeechDetector:
             raise ValueError(f"VAD takes {self.vad.sample_rate} Hz frames, got {frame.sample_rate} Hz")
         # Audio time of this frame's first sample (the pending partial window precedes it).
         frame_start_s = (self._windows * self._win + self._pending.size) / self.vad.sample_rate
+        last = self._last_speech
         events = self.process(frame.to_float_mono())
+        if self._last_speech != last:
+            self.speech_end_captured_at = frame.timestamp + ((self._last_speech + 1) * self._win_s - frame_start_s)
         return [
             VADEvent(e.kind, e.audio_time_s, e.emitted_at, frame.timestamp + (e.audio_time_s - frame_start_s))
             for e in events

@@ -275,3 +275,54 @@ async def test_fifty_turns_keep_history_and_memory_bounded(models):
     assert session.conversation.dropped_messages > 0
     assert session.conversation.messages()[0]["role"] == "system"
     assert rss[1] - rss[0] < 200 * 1024, rss  # KiB: peak RSS grew < 200 MB over 40 turns
+
+
+# --- the speculative hand-over ------------------------------------------------------------------------
+# A long VAD hang-over makes the order of things certain on a loaded box: the pause is decoded and
+# the answer prepared well before the hang-over would end the utterance.
+
+def slow_hangover(hangover_s: float = 1.0, **kw):
+    from rejoinder.agent.config import TurnTakingConfig
+
+    return TurnTakingConfig(hangover_s=hangover_s, pause_pass_s=0.05, fast_hangover_s=0.15, **kw)
+
+
+async def test_a_complete_question_is_handed_over_before_the_hang_over_ends(models):
+    # Thresholds low enough that the question reads complete whatever Whisper makes of espeak: this
+    # checks the hand-over, not the end-of-turn score (tests/test_agent_units.py does).
+    async with live_session(models, turn_taking=slow_hangover(5.0, complete_prob=1e-3, incomplete_prob=1e-4)) as (session, transport, mic):
+        await mic.speak(espeak_say("What is the capital of France?"))
+        assert await wait_for(lambda: len(session.turns) == 1 and session.state == SessionState.LISTENING, 40)
+    sp = session.turn_taker.speculation
+    assert sp.started >= 1 and sp.used == 1, sp
+    turn = session.turns[0]
+    assert turn.preemptive and not turn.interrupted
+    # The turn was handed over before the VAD declared the end of speech (5 s of silence): from the
+    # pause transcript, not the final. (How soon after is the benchmark's business.)
+    speech_end = next(e for e in transport.events_of("user_speech") if not e["started"])
+    assert turn.asr_final_at < turn.end_of_turn_at < speech_end["at"], turn.stage_latencies()
+    # History holds the question once, as the words handed over (or the final that corrected them).
+    users = [m["content"] for m in session.conversation.turns if m["role"] == "user"]
+    assert len(users) == 1 and "capital" in normalized_words(users[0]), users
+    assert sp.started == sp.used + sp.discarded
+
+
+async def test_an_answer_held_for_a_pause_is_discarded_when_the_user_goes_on(models):
+    async with live_session(models, turn_taking=slow_hangover(8.0)) as (session, transport, mic):
+        await mic.speak(espeak_say("Could you tell me the capital of"))
+        # Within the hang-over the same utterance goes on; resume once the pause's answer is held.
+        held = await wait_for(lambda: session.turn_taker.speculation.started >= 1, 7.0)
+        spoke_during_pause = session.speaker.playout.metrics.frames_out > 0
+        await mic.speak(espeak_say("France, please?"))
+        assert await wait_for(lambda: len(session.turns) == 1 and session.state == SessionState.LISTENING, 40)
+    sp = session.turn_taker.speculation
+    assert held, "no answer was prepared at the pause"
+    assert sp.discarded >= 1 and not spoke_during_pause
+    # Nothing of the discarded answer reached the events or the history.
+    assert len([e for e in transport.events_of("agent_speech") if e["started"]]) == 1
+    finals = [e for e in transport.events_of("agent_text") if e["final"]]
+    assert len(finals) == 1 and finals[0]["text"] == session.turns[0].agent_text
+    roles = [m["role"] for m in session.conversation.turns]
+    assert roles == ["user", "assistant"]
+    w = normalized_words(session.conversation.turns[0]["content"])
+    assert "capital" in w and "please" in w, w  # both halves, as one user message
