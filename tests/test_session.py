@@ -290,7 +290,8 @@ def slow_hangover(hangover_s: float = 1.0, **kw):
 async def test_a_complete_question_is_handed_over_before_the_hang_over_ends(models):
     # Thresholds low enough that the question reads complete whatever Whisper makes of espeak: this
     # checks the hand-over, not the end-of-turn score (tests/test_agent_units.py does).
-    async with live_session(models, turn_taking=slow_hangover(5.0, complete_prob=1e-3, incomplete_prob=1e-4)) as (session, transport, mic):
+    turn_taking = slow_hangover(5.0, complete_prob=1e-3, incomplete_prob=1e-4)
+    async with live_session(models, turn_taking=turn_taking) as (session, transport, mic):
         await mic.speak(espeak_say("What is the capital of France?"))
         assert await wait_for(lambda: len(session.turns) == 1 and session.state == SessionState.LISTENING, 40)
     sp = session.turn_taker.speculation
