@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rejoinder.engine import Engine, SamplingParams, TokenStream
+from rejoinder.engine.forced_call import forced_call
 from rejoinder.streaming.streamed_tts import SpeechChunk, StreamedTTS, Synthesizer
 from rejoinder.streaming.text_segmenter import SegmenterConfig
 
@@ -43,7 +44,8 @@ class AnswerSpec:
     user_text: str = ""
     pending_text: str = ""  # speak this first (a continuation's unsynthesised text, or `say`)
     generate: bool = True  # False: speak pending_text only (no LLM)
-    forced_text: str = ""  # the answer must begin with this (a forced tool call)
+    forced_tool: str = ""  # the answer is a call of this tool (engine.forced_call writes its arguments)
+    tool_parameters: Mapping[str, Any] | None = None  # the forced tool's JSON-schema parameters
     filter_tools: bool = True
 
 
@@ -159,15 +161,18 @@ class Answer:
         if not spec.generate:
             return
         prompt = list(spec.prompt_ids)
-        if spec.forced_text:
-            forced = self.engine.tokenizer.encode(spec.forced_text)
-            prompt += forced
-            self.token_ids += forced
-            out = self._filtered(spec.forced_text)
+        if spec.forced_tool:
+            # A forced call is written for the model, argument by argument; the follow-up is a new answer.
+            call = await forced_call(self.engine, prompt, {spec.forced_tool: spec.tool_parameters or {}},
+                                     spec.forced_tool, spec.params)
+            text = call.text()
+            self.token_ids += self.engine.tokenizer.encode(text)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            out = self._filtered(text)
             if out:
                 yield out
-        if self.filter is not None and self.filter.call_complete:
-            self.generation_done = True  # a whole forced call: nothing for the model to add to it
+            self.generation_done = True
             return
         stream = self._stream = self.engine.stream(prompt, spec.params)
         try:

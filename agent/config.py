@@ -37,7 +37,7 @@ DEFAULT_PERSONA = (
     "suitable to be spoken aloud."
 )
 
-Group = Literal["models", "generation", "turns", "echo", "serve", "mqtt", "livekit"]
+Group = Literal["models", "generation", "turns", "echo", "serve", "mqtt", "livekit", "call"]
 
 
 def _f(default: Any, help: str, group: Group = "models", **meta: Any) -> Any:
@@ -97,6 +97,37 @@ class TurnTakingConfig:
             return self.max_extra_wait_s
         lo, hi = math.log(self.incomplete_prob), math.log(self.complete_prob)
         return self.max_extra_wait_s * (hi - math.log(p)) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """Call-center behaviour: prompting a silent caller, transfer and hold, recording."""
+
+    idle_prompt_s: float = field(default=0.0, metadata={"help": "prompt a caller who says nothing this long while "
+                                 "the agent listens (0: off)"})
+    idle_prompt: str = field(default="Are you still there?", metadata={"help": "what the agent asks a silent caller"})
+    idle_max_prompts: int = field(default=2, metadata={"help": "unanswered prompts before the agent says goodbye "
+                                  "and ends the session"})
+    idle_goodbye: str = field(default="It seems you have stepped away. Goodbye!",
+                              metadata={"help": "said before ending a session for silence"})
+    transfer_line: str = field(default="Please hold while I transfer you.",
+                               metadata={"help": "said when a transfer is requested, before the hold audio"})
+    transfer_targets: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--transfer-target", "metavar": "TARGET", "help": "where calls may be transferred (repeatable); "
+        "given any, the LLM gets a transfer_call tool with these as choices"})
+    hold_after_s: float = field(default=1.0, metadata={"help": "hold audio plays while a tool call runs longer "
+                                "than this (0: never)"})
+    record_dir: str = field(default="", metadata={
+        "flag": "--record", "env": "REJOINDER_RECORD_DIR", "metavar": "DIR",
+        "help": "record each session here: stereo WAV (caller left, agent right) + JSON transcript"})
+    record_max_files: int = field(default=1000, metadata={"help": "keep at most this many recordings (oldest go)"})
+    record_max_days: float = field(default=30.0, metadata={"help": "delete recordings older than this many days"})
+
+    def __post_init__(self) -> None:
+        if self.idle_prompt_s < 0 or self.idle_max_prompts < 0 or self.hold_after_s < 0:
+            raise ConfigError("idle_prompt_s, idle_max_prompts and hold_after_s must be >= 0")
+        if self.record_max_files < 1 or self.record_max_days <= 0:
+            raise ConfigError("record_max_files must be >= 1 and record_max_days > 0")
 
 
 @dataclass(frozen=True)
@@ -167,6 +198,7 @@ class AgentConfig:
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"group": "serve"})
     mqtt: MQTTSettings = field(default_factory=MQTTSettings, metadata={"group": "mqtt"})
     livekit: LiveKitSettings = field(default_factory=LiveKitSettings, metadata={"group": "livekit"})
+    call: CallSettings = field(default_factory=CallSettings, metadata={"group": "call"})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:
@@ -292,7 +324,7 @@ def add_flags(parser: argparse.ArgumentParser, groups: Sequence[Group]) -> None:
     """Flags for every setting of `groups` (dest "field" or "group__field"; None when not given)."""
     titles = {"models": "models and devices", "generation": "generation", "turns": "turn-taking and barge-in",
               "echo": "echo guard", "serve": "web server", "mqtt": "call-center events (MQTT)",
-              "livekit": "LiveKit server"}
+              "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording"}
     by_group: dict[str, argparse._ArgumentGroup] = {}
     for s in _settings():
         if s.group not in groups or s.flag is None:

@@ -116,6 +116,26 @@ async def _status(s: Session, a: dict[str, Any]) -> dict[str, Any]:
     return dict(s.status())
 
 
+async def _user_text(s: Session, a: dict[str, Any]) -> dict[str, Any]:
+    s.user_text(a["text"])
+    return {}
+
+
+async def _hold(s: Session, a: dict[str, Any]) -> dict[str, Any]:
+    s.hold(a.get("reason") or "operator")
+    return {"on_hold": True}
+
+
+async def _resume(s: Session, a: dict[str, Any]) -> dict[str, Any]:
+    s.resume()
+    return {"on_hold": False}
+
+
+async def _transfer(s: Session, a: dict[str, Any]) -> dict[str, Any]:
+    s.transfer(a["target"], a.get("reason", ""), by="operator")
+    return {"target": a["target"]}
+
+
 _EVERYWHERE: frozenset[Channel] = frozenset(CHANNELS)
 _OPERATOR: frozenset[Channel] = frozenset({"mqtt", "livekit", "local"})
 _LOCAL: frozenset[Channel] = frozenset({"local"})
@@ -135,7 +155,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
              "arguments": Arg(kind="object", max_len=8000)}, _LOCAL, _tool),
     Command("force_tool", "make the next answer call this tool",
             {"name": Arg(required=True, non_empty=True, max_len=200)}, _LOCAL, _force_tool),
-    Command("status", "the session's state, turn count and mute", {}, _EVERYWHERE, _status),
+    Command("status", "the session's state, turn count, mute and hold", {}, _EVERYWHERE, _status),
+    Command("user_text", "a typed message from the caller: answered like a spoken turn",
+            {"text": Arg(required=True, non_empty=True, max_len=2000)}, _EVERYWHERE, _user_text),
+    Command("hold", "put the caller on hold (hold audio; their audio is not acted on)",
+            {"reason": Arg(max_len=200)}, _OPERATOR, _hold),
+    Command("resume", "take the caller off hold", {}, _OPERATOR, _resume),
+    Command("transfer", "say the transfer line, put the caller on hold and emit transfer_requested",
+            {"target": Arg(required=True, non_empty=True, max_len=200), "reason": Arg(max_len=500)},
+            _OPERATOR, _transfer),
 )}
 
 

@@ -19,6 +19,7 @@ class SessionState(str, enum.Enum):
     USER_SPEAKING = "user_speaking"  # the user holds the turn (also while deciding if it ended)
     THINKING = "thinking"  # the user's turn ended; the answer is being prepared, nothing played yet
     SPEAKING = "speaking"  # agent audio is going out
+    ON_HOLD = "on_hold"  # hold audio plays; the caller's audio is not acted on (transfer, operator hold)
     ENDED = "ended"
 
 
@@ -60,8 +61,9 @@ class UserTranscript(SessionEvent):
     type: ClassVar[str] = "transcript"
     text: str
     final: bool
-    utterance_id: int
+    utterance_id: int  # 0 for typed text
     committed_text: str = ""
+    source: str = "voice"  # "voice" (recognised speech) or "text" (typed: the page's text box, user_text)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,46 @@ class ToolCalled(SessionEvent):
     arguments: dict[str, Any]
     result: Any = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class UserIdle(SessionEvent):
+    """The caller said nothing for `idle_s` while the agent listened; it prompted them (or says goodbye)."""
+
+    type: ClassVar[str] = "user_idle"
+    prompts: int  # prompts so far, this one included
+    idle_s: float
+    ending: bool = False  # the last one: the agent says goodbye and ends the session
+
+
+@dataclass(frozen=True)
+class TransferRequested(SessionEvent):
+    """The call should go to a person or another line; the caller waits on hold meanwhile."""
+
+    type: ClassVar[str] = "transfer_requested"
+    target: str
+    reason: str = ""
+    by: str = ""  # "operator" (control surface) or "llm" (the transfer tool)
+    summary: tuple[dict[str, str], ...] = ()  # the conversation so far: {"role", "content"} per message
+
+
+@dataclass(frozen=True)
+class HoldChanged(SessionEvent):
+    """Hold audio started or stopped (an operator's hold, a transfer, a slow tool call)."""
+
+    type: ClassVar[str] = "hold"
+    on: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RecordingReady(SessionEvent):
+    """The session's recording is complete: a stereo WAV (caller left, agent right) and a JSON transcript."""
+
+    type: ClassVar[str] = "recording_ready"
+    audio_path: str
+    transcript_path: str
+    seconds: float
 
 
 @dataclass(frozen=True)

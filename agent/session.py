@@ -18,12 +18,12 @@ question it answers:
 
 `Session` wires them to the models and the transport, holds the state and the event fan-out, and
 offers the typed API: `say()`, `interrupt()`, `end()`, `mute()`, `unmute()`, `set_persona()`,
-`run_tool()`, `force_tool()`, `status()`.
+`run_tool()`, `force_tool()`, `status()`, and for call centers `user_text()`, `hold()`, `resume()`,
+`transfer()` (agent.idle prompts a silent caller; agent.recording records the call when asked).
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -36,12 +36,11 @@ import numpy as np
 from rejoinder.engine.end_of_turn import EndOfTurnScorer
 from rejoinder.errors import ControlError
 from rejoinder.streaming.asr import ASR_RATE
-from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig
+from rejoinder.streaming.asr_stream import ASREvent
 from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
 from rejoinder.streaming.frames import AudioFrame, FrameChunker
-from rejoinder.streaming.listener import Listener
 from rejoinder.streaming.transport import Transport
-from rejoinder.streaming.vad import SileroVAD, VADConfig, VADEvent
+from rejoinder.streaming.vad import VADEvent
 
 from .barge_in import BargeInHandler
 from .config import AgentConfig
@@ -58,10 +57,12 @@ from .events import (
     ToolCalled,
     TurnMetrics,
 )
+from .idle import IdleWatcher
 from .models import Models
+from .recording import Recorder
 from .speaker import Speaker
-from .tools import Tool, ToolCall, ToolError, ToolRegistry
-from .turns import TurnTaker, TurnTakingConfig
+from .tools import Tool, ToolCall, ToolError, ToolRegistry, transfer_tool
+from .turns import TurnTaker, TurnTakingConfig, listener_for
 
 log = logging.getLogger("rejoinder.agent.session")
 
@@ -89,7 +90,9 @@ class Session:
         self.cfg = cfg
         self.transport = transport
         self.session_id = session_id or f"s{next(_session_numbers)}-{uuid.uuid4().hex[:8]}"
-        self.tools = tools if isinstance(tools, ToolRegistry) else ToolRegistry(list(tools or []))
+        self.tools = ToolRegistry(list(tools.tools.values()) if isinstance(tools, ToolRegistry) else list(tools or []))
+        if cfg.call.transfer_targets and "transfer_call" not in self.tools:
+            self.tools.add(transfer_tool(cfg.call.transfer_targets, self.transfer))
         self.greeting = cfg.greeting if greeting is None else greeting
         self.drain_on_eof = drain_on_eof
         self.state = SessionState.LISTENING
@@ -107,19 +110,13 @@ class Session:
         )
         self.eot = EndOfTurnScorer.shared(self.engine)
         turn_cfg = turn_taking or cfg.turns
-        vad_cfg = VADConfig(threshold=turn_cfg.vad_threshold, min_speech_s=turn_cfg.min_speech_s,
-                            hangover_s=turn_cfg.hangover_s)
-        # A pass requested early in a pause covers the end of speech, so the final usually needs no
-        # decode of its own once the hang-over confirms the end; with the speculative hand-over that
-        # pass is also what the answer is prepared from, so it comes as early as the reuse margin allows.
-        margin = 0.05 if turn_cfg.speculative else 0.08
-        pause_pass_s = turn_cfg.pause_pass_s if turn_cfg.speculative else margin + 0.05
-        self.listener = Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad_cfg,
-                                 asr_config=StreamingASRConfig(final_reuse_margin_s=margin), pause_pass_s=pause_pass_s)
+        self.listener = listener_for(models, turn_cfg)
         self.echo_guard = EchoGuard(echo or cfg.echo)
         self.turn_taker = TurnTaker(self, turn_cfg)
         self.barge_in = BargeInHandler(self)
         self.speaker = Speaker(self, models.tts.sample_rate)
+        self.idle_watcher = IdleWatcher(self, cfg.call)
+        self.recorder: Recorder | None = None  # started by run() when cfg.call.record_dir is set
         self._chunker = FrameChunker(ASR_RATE)
         self._utt_count = 0
         self._ignored_utts: set[int] = set()  # echo (or muted) utterances: their transcripts are dropped
@@ -187,9 +184,12 @@ class Session:
     async def run(self) -> None:
         """Run until the transport's input ends or the session is ended (`end()`, a tool)."""
         self.speaker.playout.start()
+        self.recorder = Recorder.attach(self) if self.cfg.call.record_dir else None
         self.emit(SessionStarted(self.session_id, persona=self.cfg.persona))
         consumer = self.spawn(self._consume_listener(), "listener-events")
         pump = self.spawn(self._pump_input(), "input")
+        if self.idle_watcher.enabled:
+            self.spawn(self.idle_watcher.run(), "idle")
         if self.greeting:
             self.speaker.say(self.greeting, interrupt=False)
         try:
@@ -230,6 +230,9 @@ class Session:
         await asyncio.gather(*[t for t in tasks if t is not asyncio.current_task()], return_exceptions=True)
         await self.listener.abort()
         self.state = SessionState.ENDED
+        if self.recorder is not None:
+            self.recorder.close()
+            await self._deliver(self.recorder.ready_event())
         await self._deliver(SessionEnded(self.session_id, reason=self.end_reason, turns=self.turn_taker.count))
         pending = [t for t in self._tasks if t.get_name() == "rejoinder-deliver"]
         if pending:
@@ -242,6 +245,8 @@ class Session:
             if self._ended.is_set():
                 return
             for f in self._chunker.push(frame):
+                if self.recorder is not None:
+                    self.recorder.add_caller(f)
                 if self.muted:
                     f = AudioFrame(np.zeros_like(f.samples), f.sample_rate, 1, f.timestamp)
                 self.echo_guard.add_input(f)
@@ -268,9 +273,10 @@ class Session:
             uid = self._utt_count
             onset = (ev.captured_at if ev.captured_at is not None else now) + self.listener.detector.config.pre_roll_s
             # The agent's voice arrives late (echo path) and outlasts its speech by the VAD hang-over.
-            if self.muted or self.barge_in.is_echo(onset, now):
+            if self.muted or self.on_hold or self.barge_in.is_echo(onset, now):
                 self._ignored_utts.add(uid)
                 return
+            self.idle_watcher.reset()
             self.turn_taker.speech_started(uid, onset, ev.audio_time_s, ev.captured_at)
         elif self._utt_count not in self._ignored_utts:
             self.turn_taker.speech_ended(ev.audio_time_s, ev.captured_at)
@@ -334,23 +340,38 @@ class Session:
             raise ControlError(f"unknown tool {name!r}")
         self.speaker.forced_tool = name
 
+    @property
+    def on_hold(self) -> bool:
+        return self.state == SessionState.ON_HOLD
+
+    def user_text(self, text: str) -> None:
+        """A typed message from the caller: a user turn like a spoken one (history, events, spoken answer)."""
+        text = text.strip()
+        if not text:
+            raise ControlError("user_text needs a non-empty 'text'")
+        if self.on_hold:
+            raise ControlError("the session is on hold; resume it first")
+        self.idle_watcher.reset()
+        self.turn_taker.typed(text)
+
+    def hold(self, reason: str = "operator") -> None:
+        """Put the caller on hold: the agent stops, hold audio plays, their audio is not acted on."""
+        self.turn_taker.cancel_all()
+        self.speaker.interrupt_answer()
+        self.speaker.start_hold(reason)
+
+    def resume(self) -> None:
+        """Back from hold: the hold audio stops and the agent listens again."""
+        self.speaker.resume_from_hold()
+        self.idle_watcher.reset()
+
+    def transfer(self, target: str, reason: str = "", by: str = "operator") -> str:
+        """Hand the call over: `transfer_requested` goes out with the conversation so far, the caller is
+        told (the transfer line, or the LLM's own answer when the model asked) and waits on hold."""
+        if by != "llm":
+            self.turn_taker.cancel_all()
+        return self.speaker.transfer(target, reason, by)
+
     def status(self) -> dict[str, Any]:
         return {"state": self.state.value, "turns": self.turn_taker.count, "session_id": self.session_id,
-                "muted": self.muted}
-
-    async def control(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One command by name, validated and run as from an in-process caller (agent.control)."""
-        from .control import run_command
-
-        return await run_command(self, command, args, "local")
-
-    def metrics_json(self) -> dict[str, Any]:
-        """{"turns": [...], "barge_ins": [...]} as `rejoinder talk --metrics-json` writes it."""
-        return {
-            "session_id": self.session_id,
-            "turns": [t.to_dict() for t in self.turns],
-            "barge_ins": [b.to_dict() for b in self.barge_ins if b.outcome != "echo"],
-            "echo_suppressed": sum(b.outcome == "echo" for b in self.barge_ins),
-            "speculation": {**dataclasses.asdict(self.turn_taker.speculation),
-                            "hit_rate": self.turn_taker.speculation.hit_rate},
-        }
+                "muted": self.muted, "on_hold": self.on_hold}

@@ -6,23 +6,40 @@ made and played to the end its exchange is closed (history, `agent_text`/`agent_
 turn's metrics); a tool call in it is run and a follow-up answer generated with the result; an
 interrupted one keeps only the words that were played. `say` speaks given text without the LLM
 (greeting, operator), cutting the agent off or queued after what it is saying.
+
+Hold audio (`streaming.hold_audio`) plays through the same playout while the caller waits: on an
+operator's hold or a transfer (until `resume`), and while a tool call runs longer than
+`hold_after_s` (until the answer's first audio, or the caller speaks). It is not speech: no
+`agent_text`, no metrics, no SPEAKING state.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from rejoinder.engine import SamplingParams
+from rejoinder.errors import ControlError
 from rejoinder.streaming.frames import AudioFrame
+from rejoinder.streaming.hold_audio import hold_chunk
 from rejoinder.streaming.playout import PlayoutBuffer
 from rejoinder.streaming.resample import StreamResampler
 from rejoinder.streaming.streamed_tts import SpeechChunk
 from rejoinder.streaming.transport import TransportClosed
 
 from .answer import Answer, AnswerSpec
-from .events import AgentSpeech, AgentText, SessionError, SessionState, ToolCalled, TurnMetrics
+from .events import (
+    AgentSpeech,
+    AgentText,
+    HoldChanged,
+    SessionError,
+    SessionState,
+    ToolCalled,
+    TransferRequested,
+    TurnMetrics,
+)
 from .tools import ToolCall, ToolError
 
 if TYPE_CHECKING:
@@ -41,7 +58,10 @@ class Speaker:
         self.answer: Answer | None = None  # the answer the playout is (or will be) playing
         self.last_frame_at = 0.0
         self.forced_tool: str | None = None  # the next answer must begin with a call of this tool
-        self.ends_after_answer = False  # a tool asked to hang up once its follow-up has been spoken
+        self.end_after_answer: str | None = None  # end the session (this reason) once the answer is spoken
+        self.hold_after_answer: str | None = None  # go on hold (this reason) once the answer is spoken
+        self.holding: str | None = None  # why hold audio plays ("operator", "transfer", "tool"), or None
+        self._hold_task: asyncio.Task | None = None
         self._say_queue: list[str] = []
         self._out_resampler: StreamResampler | None = None
         self._played_text_sent = ""
@@ -53,11 +73,11 @@ class Speaker:
         """An answer of the LLM to the conversation so far (plus `user_text` when it is not in history yet)."""
         s = self.s
         extra = [{"role": "user", "content": user_text}] if held_user else []
-        forced = ""
-        if self.forced_tool is not None and self.forced_tool in s.tools and not after_tool:
-            forced = s.tools.forced_prefix(self.forced_tool)
+        forced = self.forced_tool if self.forced_tool in s.tools and not after_tool else ""
         spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), s.cfg.sampling_params(),
-                          turn, user_text=user_text, forced_text=forced, filter_tools=bool(s.tools))
+                          turn, user_text=user_text, forced_tool=forced or "",
+                          tool_parameters=s.tools.tools[forced].parameters if forced else None,
+                          filter_tools=bool(s.tools))
         return self._answer(spec, preemptive=preemptive)
 
     def _answer(self, spec: AnswerSpec, *, preemptive: bool = False) -> Answer:
@@ -72,6 +92,7 @@ class Speaker:
         """Let `answer` play: what it has made goes to the playout now, the rest as it comes."""
         if self.answer is not None and self.answer is not answer:
             self.answer.cancel()
+        self.stop_hold()
         self.playout.reset()
         self._played_text_sent = ""
         self.answer = answer
@@ -91,12 +112,16 @@ class Speaker:
         # Only the current, released answer may reach the speaker: a stale one never plays over a
         # newer turn.
         if answer is self.answer and answer.released and not answer.cancelled:
+            if self.holding == "tool":
+                self.stop_hold()  # the answer's first audio ends the wait
             self.playout.push(chunk)
 
     def drop_answer(self, reason: str) -> None:
         answer, self.answer = self.answer, None
         if answer is not None:
             answer.cancel()
+        if self.holding == "tool":
+            self.stop_hold()
         self.playout.flush()
         log.debug("[%s] answer dropped: %s", self.s.session_id, reason)
 
@@ -167,8 +192,12 @@ class Speaker:
         if self._say_queue:
             self.say(self._say_queue.pop(0), interrupt=False)
             return
-        if self.ends_after_answer:
-            s.spawn(s.end("end_call"), "end")
+        if self.end_after_answer:
+            s.spawn(s.end(self.end_after_answer), "end")
+            return
+        if self.hold_after_answer:
+            reason, self.hold_after_answer = self.hold_after_answer, None
+            self.start_hold(reason)
             return
         if s.state != SessionState.USER_SPEAKING:
             s.set_state(SessionState.LISTENING, "answer done")
@@ -182,10 +211,18 @@ class Speaker:
         origin.tool_names.append(call.name)
         result: Any = None
         error: str | None = None
+        run = asyncio.ensure_future(s.tools.run(call))
         try:
-            result = await s.tools.run(call)
+            if s.cfg.call.hold_after_s > 0:
+                done, _ = await asyncio.wait({run}, timeout=s.cfg.call.hold_after_s)
+                if not done and answer is self.answer:
+                    self.start_hold("tool")  # a slow tool: the caller hears that the line is alive
+            result = await run
         except ToolError as exc:
             error = str(exc)
+        finally:
+            if not run.done():
+                run.cancel()
         s.emit(ToolCalled(s.session_id, turn=answer.turn, name=call.name, arguments=call.arguments,
                           result=result, error=error))
         s.conversation.add_assistant(call.text())
@@ -193,8 +230,10 @@ class Speaker:
                                               else {"name": call.name, "error": error}, default=str))
         tool = s.tools.tools.get(call.name)
         if tool is not None and tool.ends_call and error is None:
-            self.ends_after_answer = True
+            self.end_after_answer = "end_call"
         if answer is not self.answer:
+            if self.holding == "tool":
+                self.stop_hold()
             return
         if first_round:
             follow = self.new_answer(answer.user_text, answer.turn, after_tool=True)
@@ -204,21 +243,29 @@ class Speaker:
         follow.first_sent_at = answer.first_sent_at
         self._play(follow)
 
-    def say(self, text: str, *, interrupt: bool) -> None:
-        """Speak `text` as the agent (greeting, operator `say`), without the LLM."""
+    def say(self, text: str, *, interrupt: bool, then_end: str | None = None) -> None:
+        """Speak `text` as the agent (greeting, operator `say`), without the LLM; `then_end`: hang up after it."""
         s = self.s
-        if interrupt and self.answer is not None:
-            answer = self.answer
-            played = self.playout.played_text()
-            self.playout.flush()
-            answer.cancel()
-            self.finish(answer, interrupted=True, played=played)
+        if then_end:
+            self.end_after_answer = then_end
+        if interrupt:
+            self.interrupt_answer()
         turn = s.turn_taker.current.index if s.turn_taker.current is not None and self.answer is None else 0
         answer = self._spoken(text, turn)
         answer.start()
         self.release(answer)
         if s.state == SessionState.LISTENING:
             s.set_state(SessionState.THINKING, "say")
+
+    def interrupt_answer(self) -> None:
+        """Stop the answer now and close its exchange as interrupted (history keeps what was played)."""
+        answer = self.answer
+        if answer is None:
+            return
+        played = self.playout.played_text()
+        self.playout.flush()
+        answer.cancel()
+        self.finish(answer, interrupted=True, played=played)
 
     def queue_say(self, text: str) -> None:
         """Speak `text` after the current answer (at once when nothing is being said)."""
@@ -230,8 +277,61 @@ class Speaker:
     async def close(self) -> None:
         if self.answer is not None:
             self.answer.cancel()
+        self.stop_hold()
         self.playout.flush()
         await self.playout.aclose()
+
+    # --- hold audio ----------------------------------------------------------------------------
+
+    def resume_from_hold(self) -> None:
+        if not self.holding:
+            raise ControlError("the session is not on hold")
+        self.stop_hold()
+        self.s.set_state(SessionState.LISTENING, "resumed from hold")
+
+    def transfer(self, target: str, reason: str, by: str) -> str:
+        """See `Session.transfer`."""
+        s = self.s
+        target = target.strip()
+        if not target:
+            raise ControlError("transfer needs a non-empty 'target'")
+        summary = tuple(dict(m) for m in s.conversation.turns)
+        s.emit(TransferRequested(s.session_id, target=target, reason=reason, by=by, summary=summary))
+        self.hold_after_answer = "transfer"
+        if by != "llm":  # the model's own follow-up tells the caller when it asked for the transfer
+            self.say(s.cfg.call.transfer_line, interrupt=True)
+        return f"transferring to {target}"
+
+    def start_hold(self, reason: str) -> None:
+        """Play hold audio until `stop_hold()` (what is queued of an answer is dropped first)."""
+        if self.holding is not None:
+            self.holding = reason if reason != "tool" else self.holding
+            return
+        self.holding = reason
+        self.playout.reset()
+        self._hold_task = self.s.spawn(self._hold_loop(), "hold-audio")
+        if reason != "tool":
+            self.s.set_state(SessionState.ON_HOLD, reason)
+        self.s.emit(HoldChanged(self.s.session_id, on=True, reason=reason))
+
+    def stop_hold(self) -> None:
+        if self.holding is None:
+            return
+        reason, self.holding = self.holding, None
+        task, self._hold_task = self._hold_task, None
+        if task is not None:
+            task.cancel()
+        self.playout.flush()
+        self.playout.reset()
+        self.s.emit(HoldChanged(self.s.session_id, on=False, reason=reason))
+
+    async def _hold_loop(self) -> None:
+        rate = self.playout.sample_rate or self.s.models.tts.sample_rate
+        i = 0
+        while True:
+            self.playout.push(hold_chunk(rate, i))
+            i += 1
+            await self.playout.wait_idle()
 
     # --- frames out ----------------------------------------------------------------------------
 
@@ -239,6 +339,16 @@ class Speaker:
         """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard."""
         s = self.s
         now = self.last_frame_at = time.monotonic()
+        if s.recorder is not None:
+            s.recorder.add_agent(frame, now)
+        if self.holding is not None:
+            # Hold audio: to the caller (and the echo guard's reference), nothing else.
+            s.echo_guard.add_reference(frame, now)
+            try:
+                await s.transport.send_audio(self._to_transport_rate(frame))
+            except TransportClosed:
+                await s.end("transport closed")
+            return
         answer = self.answer
         if answer is not None and answer.first_sent_at is None:
             answer.first_sent_at = now
@@ -246,14 +356,8 @@ class Speaker:
         if s.state in (SessionState.THINKING, SessionState.LISTENING) and s.barge_in.candidate is None:
             s.set_state(SessionState.SPEAKING, "audio out")
         s.echo_guard.add_reference(frame, now)
-        out = frame
-        rate = s.transport.output_sample_rate
-        if rate != frame.sample_rate:
-            if self._out_resampler is None or self._out_resampler.from_rate != frame.sample_rate:
-                self._out_resampler = StreamResampler(frame.sample_rate, rate)
-            out = AudioFrame.from_float(self._out_resampler.process(frame.to_float_mono()), rate, frame.timestamp)
         try:
-            await s.transport.send_audio(out)
+            await s.transport.send_audio(self._to_transport_rate(frame))
         except TransportClosed:
             await s.end("transport closed")
             return
@@ -261,3 +365,11 @@ class Speaker:
         if answer is not None and started != self._played_text_sent:
             self._played_text_sent = started
             s.emit(AgentText(s.session_id, turn=answer.turn, text=started, final=False))
+
+    def _to_transport_rate(self, frame: AudioFrame) -> AudioFrame:
+        rate = self.s.transport.output_sample_rate
+        if rate == frame.sample_rate:
+            return frame
+        if self._out_resampler is None or self._out_resampler.from_rate != frame.sample_rate:
+            self._out_resampler = StreamResampler(frame.sample_rate, rate)
+        return AudioFrame.from_float(self._out_resampler.process(frame.to_float_mono()), rate, frame.timestamp)

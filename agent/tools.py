@@ -25,7 +25,6 @@ from rejoinder.engine.tool_format import (
     TOOL_OPEN,
     ToolCall,
     ToolCallFilter,
-    forced_prefix,
     parse_tool_call,
     tools_prompt,
 )
@@ -75,10 +74,6 @@ class ToolRegistry:
         """The tools section of the system prompt ("" without tools)."""
         return tools_prompt([t.schema() for t in self.tools.values()])
 
-    def forced_prefix(self, name: str) -> str:
-        """The start of an answer that calls `name`: the whole call when it takes no arguments."""
-        return forced_prefix(name, with_arguments=self.tools[name].takes_arguments)
-
     async def run(self, call: ToolCall) -> Any:
         tool = self.tools.get(call.name)
         if tool is None:
@@ -94,3 +89,26 @@ class ToolRegistry:
         except Exception as exc:  # a failing tool is reported to the model, not fatal to the session
             raise ToolError(f"{call.name} failed: {type(exc).__name__}: {exc}") from None
         return result
+
+
+def transfer_tool(targets: tuple[str, ...] | list[str], transfer: Callable[..., Any]) -> Tool:
+    """The `transfer_call` tool the LLM gets when transfers are configured (`--transfer-target`).
+
+    `transfer(target, reason=..., by="llm")` is the session's; the model's follow-up answer tells the
+    caller, then the call goes on hold until someone takes it over.
+    """
+    choices = list(dict.fromkeys(targets))
+
+    def transfer_call(target: str, reason: str = "") -> str:
+        if target not in choices:
+            raise ValueError(f"unknown target {target!r}; one of {', '.join(choices)}")
+        return transfer(target, reason=reason, by="llm")
+
+    return Tool(
+        "transfer_call",
+        "Transfer the caller to a person or department when they ask for one or you cannot help.",
+        transfer_call,
+        {"type": "object", "properties": {"target": {"type": "string", "enum": choices},
+                                          "reason": {"type": "string"}},
+         "required": ["target"]},
+    )

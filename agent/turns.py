@@ -31,8 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rejoinder.streaming.asr_stream import ASREvent, without_tail
+from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig, without_tail
+from rejoinder.streaming.listener import Listener
 from rejoinder.streaming.text_metrics import normalize_text
+from rejoinder.streaming.vad import SileroVAD, VADConfig
 
 from .barge_in import is_backchannel, words
 from .config import TurnTakingConfig
@@ -40,6 +42,7 @@ from .events import SessionState, UserSpeech, UserTranscript
 
 if TYPE_CHECKING:
     from .answer import Answer
+    from .models import Models
     from .session import Session
 
 log = logging.getLogger("rejoinder.agent.turns")
@@ -87,6 +90,20 @@ class UserTurn:
     @property
     def text(self) -> str:
         return " ".join(p for p in self.parts if p).strip()
+
+
+def listener_for(models: Models, cfg: TurnTakingConfig) -> Listener:
+    """The session's ears, timed for its turn-taking.
+
+    A pass requested early in a pause covers the end of speech, so the final usually needs no decode
+    of its own once the hang-over confirms the end; with the speculative hand-over that pass is also
+    what the answer is prepared from, so it comes as early as the final's reuse margin allows.
+    """
+    vad = VADConfig(threshold=cfg.vad_threshold, min_speech_s=cfg.min_speech_s, hangover_s=cfg.hangover_s)
+    margin = 0.05 if cfg.speculative else 0.08
+    pause_pass_s = cfg.pause_pass_s if cfg.speculative else margin + 0.05
+    return Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad,
+                    asr_config=StreamingASRConfig(final_reuse_margin_s=margin), pause_pass_s=pause_pass_s)
 
 
 class TurnTaker:
@@ -139,9 +156,13 @@ class TurnTaker:
         if s.state == SessionState.SPEAKING and s.speaker.answer is not None:
             s.barge_in.start(uid, onset)
         elif s.state == SessionState.THINKING:
-            # The user goes on before the answer was heard: drop it; the turn continues.
+            # The user goes on before the answer was heard: drop it; the turn continues (a `say` or
+            # greeting not yet heard is dropped too, and the user's words start a turn of their own).
             s.speaker.drop_answer("user continued")
-            self.reopened_utterance = uid
+            if self.current is None:
+                self.open()
+            else:
+                self.reopened_utterance = uid
             s.set_state(SessionState.USER_SPEAKING, "user continued")
         else:
             if self.current is None:
@@ -199,6 +220,25 @@ class TurnTaker:
         turn.unsure_tail = ev.unsure_tail if without_tail(text, ev.unsure_tail) != text else ""
         turn.asr_final_at = ev.emitted_at
         await self._consider_end(turn)
+
+    def typed(self, text: str) -> None:
+        """A typed message (the page's text box, `user_text`): a user turn like a spoken one, at once."""
+        s = self.s
+        self.cancel_timer()
+        self._pause = None
+        if self._spec is not None:
+            spec, self._spec = self._spec, None
+            self._wasted(spec)
+        if s.barge_in.candidate is not None:
+            s.barge_in.confirm(s.barge_in.candidate, text)
+        elif s.speaker.answer is not None:
+            s.speaker.interrupt_answer()  # typing over the agent interrupts it, as speaking would
+        turn = self.current or self.open()
+        s.emit(UserTranscript(s.session_id, text=text, final=True, utterance_id=0, source="text"))
+        turn.parts.append(text)
+        turn.unsure_tail = ""
+        turn.asr_final_at = time.monotonic()
+        self.end(turn)
 
     # --- end of turn ---------------------------------------------------------------------------
 

@@ -105,9 +105,8 @@ async def one(models: Models, mode: Mode, question: str) -> None:
     await wait_for(lambda: len(session.turns) >= 1 and session.state == SessionState.LISTENING, 40)
     await mic.stop()
     await task
-    for k, v in session.metrics_json()["speculation"].items():
-        if k != "hit_rate":
-            mode.speculation[k] = mode.speculation.get(k, 0) + v
+    for k, v in dataclasses.asdict(session.turn_taker.speculation).items():
+        mode.speculation[k] = mode.speculation.get(k, 0) + v
     line = f"  {mode.name:11s} {question[:40]:40s}"
     if interruption:
         reactions = [b.reaction_s for b in session.barge_ins if b.outcome == "interruption" and b.reaction_s]

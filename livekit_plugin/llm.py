@@ -10,9 +10,7 @@ awaits its token stream.
 from __future__ import annotations
 
 import asyncio
-import difflib
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +19,8 @@ from livekit.agents import APIError, llm, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
 from rejoinder.engine import ContextOverflow, Engine, SamplingParams, TokenStream
-from rejoinder.engine.tool_format import ToolCallFilter, forced_argument, forced_prefix
+from rejoinder.engine.forced_call import ForcedCallError, forced_call
+from rejoinder.engine.tool_format import ToolCallFilter
 from rejoinder.streaming.assets import resolve
 
 from .chat import chat_messages, fit, render, with_tools
@@ -208,123 +207,20 @@ class LLMStream(llm.LLMStream):
                 for c in found
             ]))
 
-    async def _until(self, text: str, done: Callable[[str], int | None], max_new_tokens: int) -> tuple[str, bool]:
-        """Generate after `text` until `done(generated)` returns a cut index; (generated[:cut], found)."""
-        params = SamplingParams(
-            temperature=self._params.temperature, top_p=self._params.top_p, top_k=self._params.top_k,
-            seed=self._params.seed, max_new_tokens=max_new_tokens,
-        )
-        ts = self._start(text, params)
-        out = ""
-        try:
-            async for ev in ts:
-                out += ev.text
-                cut = done(out)
-                if cut is not None:
-                    return out[:cut], True
-        finally:
-            await ts.aclose()  # stops the engine right after the value: no tokens wasted past it
-            self._account(ts)
-        return out, False
-
     async def _forced_call(self, prompt: str, name: str | None, schemas: list[dict[str, Any]]) -> llm.FunctionToolCall:
-        text = prompt + forced_prefix(None)
-        names = [s["function"]["name"] for s in schemas]
-        if name is None:
-            guess, _ = await self._until(text, _string_end, 24)
-            name = (difflib.get_close_matches(_unquote(guess), names, n=1, cutoff=0.0) or names)[0]
-        text = prompt + forced_prefix(name) + "{"
-        schema = next(s["function"] for s in schemas if s["function"]["name"] == name).get("parameters") or {}
-        props: dict[str, Any] = schema.get("properties") or {}
-        # Only required arguments: optional ones have defaults the tool applies, and a small model asked
-        # for every optional field fills them with noise.
-        keys = [k for k in schema.get("required", []) if k in props]
-        args: dict[str, Any] = {}
-        for i, key in enumerate(keys):
-            text += forced_argument(key, i)
-            value = await self._value(text, props[key], name, key)
-            args[key] = value
-            text += json.dumps(value, ensure_ascii=False)
-        return llm.FunctionToolCall(name=name, arguments=json.dumps(args, ensure_ascii=False),
-                                    call_id=utils.shortuuid("call_"))
-
-    async def _value(self, text: str, schema: Mapping[str, Any], tool: str, key: str) -> Any:
-        kind = _first_type(schema)
-        enum = schema.get("enum")
-        if kind == "string" or (enum and all(isinstance(e, str) for e in enum)):
-            raw, _ = await self._until(text + '"', _string_end, 48)
-            value = _unquote(raw)
-            if enum:
-                value = (difflib.get_close_matches(value, enum, n=1, cutoff=0.0) or enum)[0]
-            return value
-        if kind in ("integer", "number", "boolean"):
-            raw, _ = await self._until(text, _scalar_end, 12)
-            token = raw.strip().rstrip(",}").strip()
-            try:
-                value = json.loads(token)
-            except json.JSONDecodeError:
-                value = None
-            ok = (
-                isinstance(value, bool) if kind == "boolean"
-                else isinstance(value, (int, float)) and not isinstance(value, bool)
-            )
-            if not ok:
-                raise APIError(f"the model wrote {token!r} for {tool}.{key} ({kind})", retryable=False)
-            return int(value) if kind == "integer" else value
-        raw, found = await self._until(text, _json_end, 96)
-        if not found:
-            raise APIError(f"the model wrote no valid JSON for {tool}.{key}", retryable=False)
-        return json.JSONDecoder().raw_decode(raw.lstrip())[0]
-
-
-# --- where a value the model is writing ends ------------------------------------------------------
-
-
-def _string_end(s: str) -> int | None:
-    """Index of the first unescaped quote (the end of a JSON string body), or None."""
-    escaped = False
-    for i, ch in enumerate(s):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            return i
-        elif ch == "\n":  # a string value never spans lines here: the model has wandered off
-            return i
-    return None
-
-
-def _unquote(body: str) -> str:
-    try:
-        return json.loads(f'"{body}"')
-    except json.JSONDecodeError:
-        return body
-
-
-def _scalar_end(s: str) -> int | None:
-    stripped = s.lstrip()
-    if not stripped:
-        return None
-    offset = len(s) - len(stripped)
-    for i, ch in enumerate(stripped):
-        if ch in ",}\n" or (ch == " " and i > 0):
-            return offset + i
-    return None
-
-
-def _json_end(s: str) -> int | None:
-    stripped = s.lstrip()
-    if not stripped:
-        return None
-    try:
-        _, end = json.JSONDecoder().raw_decode(stripped)
-    except json.JSONDecodeError:
-        return None
-    # "12" might still become "123": a bare number is complete only once something follows it.
-    if end == len(stripped) and stripped[0] not in "{[\"tfn":
-        return None
-    return len(s) - len(stripped) + end
+        tools = {sch["function"]["name"]: sch["function"].get("parameters") or {} for sch in schemas}
+        ids = self._rllm.engine.tokenizer.encode(prompt)
+        if not self._usage.prompt:
+            self._usage.prompt = len(ids)
+        streams: list[TokenStream] = []
+        try:
+            call = await forced_call(self._rllm.engine, ids, tools, name, self._params, on_stream=streams.append)
+        except ForcedCallError as exc:
+            raise APIError(str(exc), retryable=False) from exc
+        finally:
+            for ts in streams:
+                self._account(ts)
+        return llm.FunctionToolCall(name=call.name, arguments=call.arguments_json, call_id=utils.shortuuid("call_"))
 
 
 # --- tool choice and schemas ----------------------------------------------------------------------
@@ -347,14 +243,3 @@ def _forced_tool(tool_choice: NotGivenOr[llm.ToolChoice], schemas: list[dict[str
         return True, name
     # "required"
     return True, schemas[0]["function"]["name"] if len(schemas) == 1 else None
-
-
-def _first_type(schema: Mapping[str, Any]) -> str | None:
-    t = schema.get("type")
-    if isinstance(t, list):
-        t = next((x for x in t if x != "null"), None)
-    if t is None:
-        for alt in schema.get("anyOf", []) or schema.get("oneOf", []):
-            if isinstance(alt, Mapping) and alt.get("type") not in (None, "null"):
-                return _first_type(alt)
-    return t

@@ -110,9 +110,31 @@ async def test_tool_registry_runs_sync_and_async_tools_and_reports_errors():
         await reg.run(ToolCall("fly", {}))
     with pytest.raises(Exception, match="bad arguments"):
         await reg.run(ToolCall("lookup", {"wrong": 1}))
-    assert reg.forced_prefix("end_call") == ToolCall("end_call", {}).text()
-    assert reg.forced_prefix("lookup").endswith('"arguments": ')
     assert '"lookup"' in reg.system_prompt()
+
+
+async def test_forced_calls_are_written_from_the_schema_on_the_real_model(engine):
+    """engine.forced_call: the embedded 135M model, which cannot write arguments by itself, still makes
+    well-formed calls: enum values from the choices, integers as integers, no-argument tools whole."""
+    from rejoinder.engine import SamplingParams
+    from rejoinder.engine.forced_call import forced_call
+
+    prompt = engine.chat_ids([{"role": "system", "content": DEFAULT_PERSONA},
+                              {"role": "user", "content": "Put me through to sales, and book 3 seats."}])
+    tools = {"transfer_call": {"type": "object", "properties": {"target": {"type": "string", "enum": ["sales",
+             "support"]}, "reason": {"type": "string"}}, "required": ["target"]},
+             "book": {"type": "object", "properties": {"seats": {"type": "integer"}}, "required": ["seats"]},
+             "end_call": {"type": "object", "properties": {}}}
+    params = SamplingParams(max_new_tokens=60)
+    call = await forced_call(engine, prompt, tools, "transfer_call", params)
+    assert call.name == "transfer_call" and call.arguments["target"] in ("sales", "support")
+    assert set(call.arguments) == {"target"}  # optional arguments are left to the tool's defaults
+    call = await forced_call(engine, prompt, tools, "book", params)
+    assert call.name == "book" and isinstance(call.arguments["seats"], int)
+    call = await forced_call(engine, prompt, tools, "end_call", params)
+    assert call == ToolCall("end_call", {})
+    call = await forced_call(engine, prompt, tools, None, params)  # the model picks the tool
+    assert call.name in tools
 
 
 def test_tool_call_filter_keeps_markup_out_of_speech():

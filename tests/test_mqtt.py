@@ -205,7 +205,8 @@ def test_parse_control_accepts_and_fills_defaults():
     assert info.value.id == "req-1"
     schema = control_json_schema()
     names = [v["properties"]["command"]["const"] for v in schema["oneOf"]]
-    assert names == ["say", "interrupt", "end", "mute", "unmute", "set_persona", "status"]
+    assert names == ["say", "interrupt", "end", "mute", "unmute", "set_persona", "status", "user_text", "hold",
+                     "resume", "transfer"]
 
 
 # --- events out -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from agent_harness import Mic, frames_sent_between, wait_for
 from speech import espeak_say, have_espeak, shared_whisper
 
 from rejoinder.agent.config import AgentConfig
+from rejoinder.agent.control import run_command
 from rejoinder.agent.events import SessionState
 from rejoinder.agent.models import Models
 from rejoinder.agent.session import Session
@@ -221,7 +222,7 @@ async def test_forced_tool_call_round_trip_ends_the_call(models):
 
     tool = Tool("end_call", "End the phone call.", end_call, ends_call=True)
     async with live_session(models, tools=[tool]) as (session, transport, mic):
-        assert (await session.control("force_tool", {"name": "end_call"}))["ok"]
+        assert (await run_command(session, "force_tool", {"name": "end_call"}))["ok"]
         await mic.speak(espeak_say("Please hang up now."))
         assert await wait_for(lambda: session.end_reason != "", 40)
     assert calls == [{}]
@@ -238,16 +239,16 @@ async def test_forced_tool_call_round_trip_ends_the_call(models):
 
 async def test_control_say_mute_and_bad_commands(models):
     async with live_session(models) as (session, transport, mic):
-        assert (await session.control("say", {"text": "Hello there, caller."}))["ok"]
+        assert (await run_command(session, "say", {"text": "Hello there, caller."}))["ok"]
         assert await wait_for(lambda: any(e["final"] for e in transport.events_of("agent_text")), 15)
-        assert (await session.control("mute"))["muted"] is True
+        assert (await run_command(session, "mute"))["muted"] is True
         await mic.speak(espeak_say("What is the capital of France?"))
         await asyncio.sleep(1.5)
-        assert (await session.control("unmute"))["muted"] is False
-        assert not (await session.control("say", {"text": "  "}))["ok"]
-        assert not (await session.control("fly", {}))["ok"]
-        assert not (await session.control("say", {"text": "x", "mode": "sideways"}))["ok"]
-        status = await session.control("status")
+        assert (await run_command(session, "unmute"))["muted"] is False
+        assert not (await run_command(session, "say", {"text": "  "}))["ok"]
+        assert not (await run_command(session, "fly", {}))["ok"]
+        assert not (await run_command(session, "say", {"text": "x", "mode": "sideways"}))["ok"]
+        status = await run_command(session, "status")
     assert status["ok"] and status["state"] == "listening"
     final_texts = [e["text"] for e in transport.events_of("agent_text") if e["final"]]
     assert final_texts == ["Hello there, caller."]

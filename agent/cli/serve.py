@@ -12,7 +12,7 @@ from .. import config
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the web page and WebRTC sessions (talk from a browser)")
-    config.add_flags(p, ("serve", "models", "generation", "turns", "echo", "mqtt"))
+    config.add_flags(p, ("serve", "models", "generation", "turns", "echo", "call", "mqtt"))
     p.set_defaults(func=run)
     return p
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -43,7 +44,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--stereo", action="store_true", help="write caller (left) and agent (right) together")
     p.add_argument("--greeting", help="say this when the session starts (default: nothing)")
     p.add_argument("--speed", type=float, default=1.0, help="feed faster than real time (latencies then mean little)")
-    config.add_flags(p, ("models", "generation", "turns", "echo", "mqtt"))
+    config.add_flags(p, ("models", "generation", "turns", "echo", "call", "mqtt"))
     p.set_defaults(func=run)
     return p
 
@@ -183,10 +184,16 @@ def print_table(session: Session, out: TextIO = sys.stdout) -> None:
 
 
 def metrics_document(session: Session) -> dict[str, Any]:
-    """{"turns": [...], "barge_ins": [...], "summary": {...}} as --metrics-json writes it."""
-    doc = session.metrics_json()
-    doc["summary"] = summary(session)
-    return doc
+    """{"turns": [...], "barge_ins": [...], "speculation": {...}, "summary": {...}} as --metrics-json writes it."""
+    spec = session.turn_taker.speculation
+    return {
+        "session_id": session.session_id,
+        "turns": [t.to_dict() for t in session.turns],
+        "barge_ins": [b.to_dict() for b in session.barge_ins if b.outcome != "echo"],
+        "echo_suppressed": sum(b.outcome == "echo" for b in session.barge_ins),
+        "speculation": {**dataclasses.asdict(spec), "hit_rate": spec.hit_rate},
+        "summary": summary(session),
+    }
 
 
 def write_outputs(agent: np.ndarray, agent_rate: int, caller: np.ndarray, caller_rate: int, out: Path,
