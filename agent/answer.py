@@ -77,6 +77,7 @@ class Answer:
         self.released = False  # the session lets the chunks play
         self.error: BaseException | None = None
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.first_sent_at: float | None = None  # set by the session when its first frame goes out
         # What travels with the answer through the session (declared here, never patched on):
         self.user_turn: UserTurn | None = None  # the user turn it answers (None: greeting, `say`)
@@ -114,6 +115,15 @@ class Answer:
         await self.done.wait()
 
     # --- what was made ---------------------------------------------------------------------------
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: generated tokens after the first, over the time they took."""
+        n = len(self.token_ids)
+        if self.first_token_at is None or self.last_token_at is None or n < 3:
+            return None
+        span = self.last_token_at - self.first_token_at
+        return (n - 1) / span if span > 0 else None
 
     @property
     def tts_metrics(self):
@@ -179,6 +189,7 @@ class Answer:
             async for ev in stream:
                 if self.first_token_at is None:
                     self.first_token_at = ev.t
+                self.last_token_at = ev.t
                 self.token_ids.append(ev.token_id)
                 out = self._filtered(ev.text)
                 if out:

@@ -37,7 +37,7 @@ DEFAULT_PERSONA = (
     "suitable to be spoken aloud."
 )
 
-Group = Literal["models", "generation", "turns", "echo", "serve", "mqtt", "livekit", "call"]
+Group = Literal["models", "generation", "turns", "echo", "serve", "mqtt", "livekit", "call", "telemetry"]
 
 
 def _f(default: Any, help: str, group: Group = "models", **meta: Any) -> Any:
@@ -131,6 +131,22 @@ class CallSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """Metrics and traces for operators (Prometheus at /metrics; OpenTelemetry traces when asked)."""
+
+    otlp_endpoint: str = field(default="", metadata={
+        "help": "send a trace per turn (a span per stage) to this OTLP/HTTP endpoint, e.g. "
+        "http://127.0.0.1:4318/v1/traces (default: no traces)"})
+    metrics_port: int = field(default=0, metadata={
+        "help": "`rejoinder livekit`: serve Prometheus metrics on this port (0: off; `serve` has /metrics)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address the metrics port binds"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port")
+
+
+@dataclass(frozen=True)
 class MQTTSettings:
     """Where to publish events and take control commands (empty url: MQTT off)."""
 
@@ -199,6 +215,7 @@ class AgentConfig:
     mqtt: MQTTSettings = field(default_factory=MQTTSettings, metadata={"group": "mqtt"})
     livekit: LiveKitSettings = field(default_factory=LiveKitSettings, metadata={"group": "livekit"})
     call: CallSettings = field(default_factory=CallSettings, metadata={"group": "call"})
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings, metadata={"group": "telemetry"})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:
@@ -324,7 +341,8 @@ def add_flags(parser: argparse.ArgumentParser, groups: Sequence[Group]) -> None:
     """Flags for every setting of `groups` (dest "field" or "group__field"; None when not given)."""
     titles = {"models": "models and devices", "generation": "generation", "turns": "turn-taking and barge-in",
               "echo": "echo guard", "serve": "web server", "mqtt": "call-center events (MQTT)",
-              "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording"}
+              "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording",
+              "telemetry": "metrics and traces"}
     by_group: dict[str, argparse._ArgumentGroup] = {}
     for s in _settings():
         if s.group not in groups or s.flag is None:

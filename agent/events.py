@@ -115,6 +115,7 @@ class TurnMetrics(SessionEvent):
     first_tts_audio_at: float | None
     first_audio_sent_at: float | None
     llm_tokens: int = 0
+    llm_tokens_per_s: float | None = None  # decode speed of the answer (first to last token)
     tool_calls: tuple[str, ...] = ()
 
     @property

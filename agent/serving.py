@@ -15,21 +15,23 @@ module puts the agent behind them:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rejoinder.streaming.signalling import PeerSession, SessionFactory
+from rejoinder.streaming.signalling import SERVER_KEY, PeerSession, Route, SessionFactory
 from rejoinder.streaming.transport import Transport
 
 from .config import AgentConfig
 from .control import Channel, CommandRefused, dispatch, parse_command
+from .events import EventListener
+from .metrics import CONTENT_TYPE, AgentMetrics
 from .models import Models
 from .mqtt import MQTTBridge
 from .session import Session
 
 log = logging.getLogger("rejoinder.agent.serving")
 
-__all__ = ["AgentPeer", "agent_session_factory", "answer_control"]
+__all__ = ["AgentPeer", "agent_session_factory", "answer_control", "metrics_route"]
 
 
 async def answer_control(session: Session, msg: Mapping[str, Any] | bytes | str, channel: Channel) -> dict[str, Any]:
@@ -70,10 +72,23 @@ class AgentPeer:
         return await answer_control(self.session, msg, "data_channel")
 
 
-def agent_session_factory(models: Models, cfg: AgentConfig, *, mqtt: MQTTBridge | None = None) -> SessionFactory:
-    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given."""
+def metrics_route(metrics: AgentMetrics) -> Route:
+    """GET /metrics in the Prometheus text format (behind the server's --token when one is set)."""
+    from aiohttp import web
+
+    async def scrape(request: web.Request) -> web.Response:
+        request.app[SERVER_KEY].check_token(request)
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    return ("GET", "/metrics", scrape)
+
+
+def agent_session_factory(models: Models, cfg: AgentConfig, *, mqtt: MQTTBridge | None = None,
+                          listeners: Sequence[EventListener] = ()) -> SessionFactory:
+    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given, and
+    their events to `listeners` (metrics)."""
 
     def make(transport: Transport, peer_id: str) -> PeerSession:
-        return AgentPeer(Session(models, cfg, transport), mqtt)
+        return AgentPeer(Session(models, cfg, transport, listeners=listeners), mqtt)
 
     return make

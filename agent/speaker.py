@@ -183,6 +183,7 @@ class Speaker:
                 first_tts_audio_at=tm.first_audio_at if tm else None,
                 first_audio_sent_at=answer.first_sent_at or origin.first_sent_at,
                 llm_tokens=len(origin.token_ids),
+                llm_tokens_per_s=origin.tokens_per_s,
                 tool_calls=tuple(origin.tool_names),
             ))
         if s.turn_taker.current is turn:

@@ -30,7 +30,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +51,7 @@ log = logging.getLogger("rejoinder.streaming.signalling")
 __all__ = [
     "OfferError",
     "PeerSession",
+    "Route",
     "ServeConfig",
     "SessionFactory",
     "create_app",
@@ -169,6 +170,7 @@ class Server:
         self.peers: dict[str, Peer] = {}
         self._admitted = 0  # peers negotiating or running; counted before any await, so no race
         self.ended: list[tuple[str, str]] = []  # (peer id, reason) of recent ends, for tests and health
+        self.on_refused: Callable[[str], None] | None = None  # told the code of every refused request
         self.rtc_options = WebRTCOptions(
             media_timeout_s=cfg.media_timeout_s, first_media_timeout_s=cfg.connect_timeout_s + 5.0
         )
@@ -375,10 +377,17 @@ def validate_offer(sdp: str) -> None:
 SERVER_KEY: web.AppKey[Server] = web.AppKey("rejoinder_server", Server)
 
 
-def create_app(cfg: ServeConfig, factory: SessionFactory) -> web.Application:
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+
+
+def create_app(cfg: ServeConfig, factory: SessionFactory, *, routes: Sequence[Route] = (),
+               on_refused: Callable[[str], None] | None = None) -> web.Application:
+    """The aiohttp app; `routes` are extra (method, path, handler) routes (the agent's /metrics),
+    `on_refused(code)` hears every refused request (metrics)."""
     if cfg.ice_hosts:
         restrict_ice_hosts(cfg.ice_hosts)
     server = Server(cfg, factory)
+    server.on_refused = on_refused
     # aiohttp's own limit backs ours up for bodies read any other way.
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors_middleware])
     app[SERVER_KEY] = server
@@ -446,6 +455,8 @@ def create_app(cfg: ServeConfig, factory: SessionFactory) -> web.Application:
     app.router.add_post("/whip", whip)
     app.router.add_route("OPTIONS", "/whip", preflight)
     app.router.add_delete("/whip/{peer_id}", whip_delete)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     app.router.add_route("OPTIONS", "/whip/{peer_id}", preflight)
     if cfg.web_dir.is_dir():
         async def index(request: web.Request) -> web.FileResponse:
@@ -465,6 +476,9 @@ async def _errors_middleware(request: web.Request, handler: Callable[[web.Reques
         return await handler(request)
     except OfferError as exc:
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
+        hook = request.app[SERVER_KEY].on_refused
+        if hook is not None:
+            hook(exc.code)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _error(exc.status, exc.code, exc.message, headers)
     except web.HTTPRequestEntityTooLarge:
@@ -486,9 +500,10 @@ def _session_id(peer: Peer) -> str:
     return (peer.session.session_id if peer.session is not None else "") or peer.id
 
 
-async def serve(cfg: ServeConfig, factory: SessionFactory, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run the server until cancelled."""
-    app = create_app(cfg, factory)
+async def serve(cfg: ServeConfig, factory: SessionFactory, *, ready: Callable[[str], None] | None = None,
+                routes: Sequence[Route] = (), on_refused: Callable[[str], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (or cancelled); see `create_app` for the rest."""
+    app = create_app(cfg, factory, routes=routes, on_refused=on_refused)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)

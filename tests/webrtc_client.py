@@ -311,10 +311,11 @@ class ServerThread:
     monotonic clock and the server's event times compare directly with the client's.
     """
 
-    def __init__(self, cfg: Any, factory: Any) -> None:
+    def __init__(self, cfg: Any, factory: Any, **app_options: Any) -> None:
         import dataclasses
         import threading
 
+        self.app_options = app_options  # create_app's routes= and on_refused=
         # Loopback only: the port, and the ICE host candidates the server offers (DESIGN.md,
         # "Network in tests"); a config that names other ICE hosts keeps them (the test asked).
         self.cfg = dataclasses.replace(cfg, host="127.0.0.1", port=_free_port(), ice_hosts=cfg.ice_hosts or LOOPBACK)
@@ -337,7 +338,7 @@ class ServerThread:
 
         from rejoinder.streaming.signalling import SERVER_KEY, create_app
 
-        app = create_app(self.cfg, self.factory)
+        app = create_app(self.cfg, self.factory, **self.app_options)
         self.server = app[SERVER_KEY]
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -40,7 +40,7 @@ DEV_URL, DEV_KEY, DEV_SECRET = "ws://localhost:7880", "devkey", "secret"
 CONTROL_TOPIC = "rejoinder.control"
 CONTROL_REPLY_TOPIC = "rejoinder.control.reply"
 CHAT_TOPIC = "lk.chat"  # livekit-agents' convention for typed chat in a room
-_JOB_GROUPS: tuple[config.Group, ...] = ("models", "generation", "turns", "echo", "call", "mqtt")
+_JOB_GROUPS: tuple[config.Group, ...] = ("models", "generation", "turns", "echo", "call", "mqtt", "telemetry")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         api_secret=secret,
     )
     server.rtc_session(entrypoint, agent_name=cfg.livekit.agent_name)
+    if cfg.telemetry.metrics_port:
+        serve_metrics(cfg.telemetry.metrics_host, cfg.telemetry.metrics_port)
     level = cfg.livekit.log_level or ("DEBUG" if dev else "INFO")
     logging.getLogger("livekit").setLevel(level)
     log.setLevel(level)
@@ -130,6 +132,23 @@ async def run_server(server: Any, dev: bool) -> None:
         if not worker.done():
             worker.cancel()
         await asyncio.gather(worker, stopper, return_exceptions=True)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Prometheus metrics of every job process, summed, on host:port (multiprocess mode).
+
+    PROMETHEUS_MULTIPROC_DIR must be set before any job process starts: they inherit it, and
+    prometheus-client then records their metrics in files this process reads at each scrape.
+    """
+    import tempfile
+
+    from prometheus_client import start_http_server
+
+    from ..metrics import multiprocess_registry
+
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rejoinder-metrics-"))
+    start_http_server(port, addr=host, registry=multiprocess_registry())
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def prewarm(proc: Any) -> None:
@@ -183,7 +202,16 @@ async def entrypoint(ctx: Any) -> None:
     ctx.room.on("participant_disconnected", on_left)
     ctx.add_shutdown_callback(transport.close)
 
-    session = Session(models, cfg, transport, listeners=[_log_event])
+    from ..metrics import AgentMetrics
+    from ..tracing import start_tracing
+
+    listeners: list[Any] = [_log_event]
+    if cfg.telemetry.metrics_port:  # recorded in the worker's multiprocess files (serve_metrics)
+        listeners.append(AgentMetrics().listener)
+    tracer = start_tracing(cfg.telemetry.otlp_endpoint)
+    if tracer is not None:
+        listeners.append(tracer.listener)
+    session = Session(models, cfg, transport, listeners=listeners)
 
     def on_data(packet: rtc.DataPacket) -> None:
         if packet.topic == CONTROL_TOPIC:
@@ -215,6 +243,8 @@ async def entrypoint(ctx: Any) -> None:
         await transport.close()
         if mqtt is not None:
             await mqtt.close()
+        if tracer is not None:
+            await asyncio.to_thread(tracer.close)
 
 
 async def _typed(session: Any, reader: Any) -> None:

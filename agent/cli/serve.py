@@ -12,7 +12,7 @@ from .. import config
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the web page and WebRTC sessions (talk from a browser)")
-    config.add_flags(p, ("serve", "models", "generation", "turns", "echo", "call", "mqtt"))
+    config.add_flags(p, ("serve", "models", "generation", "turns", "echo", "call", "mqtt", "telemetry"))
     p.set_defaults(func=run)
     return p
 
@@ -20,9 +20,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.signalling import serve
 
+    from ..metrics import AgentMetrics
     from ..models import Models
     from ..mqtt import start_bridge
-    from ..serving import agent_session_factory
+    from ..serving import agent_session_factory, metrics_route
+    from ..tracing import start_tracing
 
     cfg = config.from_args(args)
     scfg = cfg.serve
@@ -35,13 +37,20 @@ def run(args: argparse.Namespace) -> int:
             print("note: browsers only allow the microphone on https:// or http://localhost pages; "
                   "put a TLS proxy in front for other hosts", file=sys.stderr)
 
+    metrics = AgentMetrics()
+
     async def main() -> None:
         bridge = await start_bridge(cfg.mqtt)  # None unless --mqtt / REJOINDER_MQTT_URL
+        tracer = start_tracing(cfg.telemetry.otlp_endpoint)
+        listeners = [metrics.listener, *([tracer.listener] if tracer else [])]
         try:
-            await serve(scfg, agent_session_factory(models, cfg, mqtt=bridge), ready=ready)
+            await serve(scfg, agent_session_factory(models, cfg, mqtt=bridge, listeners=listeners), ready=ready,
+                        routes=[metrics_route(metrics)], on_refused=metrics.on_refused)
         finally:
             if bridge is not None:
                 await bridge.close()
+            if tracer is not None:
+                await asyncio.to_thread(tracer.close)  # flushes the last traces
 
     try:
         asyncio.run(main())

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -28,6 +29,7 @@ from .. import config
 from ..config import AgentConfig
 
 if TYPE_CHECKING:
+    from ..events import EventListener
     from ..models import Models
     from ..mqtt import MQTTBridge
     from ..session import Session
@@ -44,7 +46,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--stereo", action="store_true", help="write caller (left) and agent (right) together")
     p.add_argument("--greeting", help="say this when the session starts (default: nothing)")
     p.add_argument("--speed", type=float, default=1.0, help="feed faster than real time (latencies then mean little)")
-    config.add_flags(p, ("models", "generation", "turns", "echo", "call", "mqtt"))
+    config.add_flags(p, ("models", "generation", "turns", "echo", "call", "mqtt", "telemetry"))
     p.set_defaults(func=run)
     return p
 
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """A whole session over a recorded conversation, in real time; per-turn metrics out."""
     from ..models import Models
     from ..mqtt import start_bridge
+    from ..tracing import start_tracing
 
     cfg = config.from_args(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
@@ -69,12 +72,15 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
         bridge = await start_bridge(cfg.mqtt)
+        tracer = start_tracing(cfg.telemetry.otlp_endpoint)
         try:
             return await talk(models, cfg, samples, rate, speed=args.speed, greeting=args.greeting or "",
-                              bridge=bridge)
+                              bridge=bridge, listeners=[tracer.listener] if tracer else [])
         finally:
             if bridge is not None:
                 await bridge.close()
+            if tracer is not None:
+                await asyncio.to_thread(tracer.close)  # flushes the last traces
 
     try:
         session, agent, _ = asyncio.run(main())
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def talk(models: Models, cfg: AgentConfig, samples: np.ndarray, rate: int, *, speed: float = 1.0,
                greeting: str = "", tail_s: float = 30.0, bridge: MQTTBridge | None = None,
-               ) -> tuple[Session, np.ndarray, InProcessTransport]:
+               listeners: Sequence[EventListener] = ()) -> tuple[Session, np.ndarray, InProcessTransport]:
     """Run one session over `samples`; returns (session, agent audio on the input timeline, transport).
 
     With `bridge`, the session's events go out on MQTT and its control topic steers it.
@@ -99,7 +105,7 @@ async def talk(models: Models, cfg: AgentConfig, samples: np.ndarray, rate: int,
 
     x = resample(samples, rate, FEED_RATE).astype(np.float32)
     transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    session = Session(models, cfg, transport, greeting=greeting)
+    session = Session(models, cfg, transport, greeting=greeting, listeners=listeners)
     detach = bridge.attach(session) if bridge is not None else None
     run = asyncio.create_task(session.run())
     t0 = time.monotonic()
