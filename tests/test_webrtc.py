@@ -151,6 +151,10 @@ def echo_server():
 
 async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
     sentence = "Please remind me to call my sister after lunch tomorrow."
+    # Synthesised and the recogniser loaded before connecting: loading a model blocks this loop for
+    # seconds, and a caller that sends nothing that long is (rightly) dropped as vanished.
+    speech = with_tail(trim(piper_say(sentence)))
+    shared_whisper()
     client = RTCClient(echo_server.url)
     await client.connect()
     try:
@@ -159,7 +163,7 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         assert started["session_id"] == client.session_id
         stats = echo_server.call(lambda: next(p.transport.stats for p in echo_server.server.peers.values()
                                               if p.session.session_id == client.session_id))
-        said = await client.say(with_tail(trim(piper_say(sentence))), 16_000)
+        said = await client.say(speech, 16_000)
         done = await client.wait_event(lambda e: e["type"] == "echo_done", 20)
         await asyncio.sleep(0.3)  # the last frames through the jitter buffer
         heard = transcribe48(client.received_audio(since=said.start))
@@ -210,11 +214,12 @@ async def test_ice_stays_on_the_loopback_when_configured(echo_server):
 
 
 async def test_whip_offer_answer_and_delete(echo_server):
+    speech = with_tail(trim(piper_say("Turn left at the bakery.")))
     client = RTCClient(echo_server.url, use_whip=True)
     await client.connect()
     assert client.resource and client.resource.startswith("/whip/")
     await client.wait_event(lambda e: e["type"] == "session_started", 5)
-    said = await client.say(with_tail(trim(piper_say("Turn left at the bakery."))), 16_000)
+    said = await client.say(speech, 16_000)
     await client.wait_event(lambda e: e["type"] == "echo_done", 20)
     assert client.first_speech_after(said.start) is not None, "no audio came back over the WHIP session"
     assert await client.hang_up() == 200
@@ -482,11 +487,12 @@ async def wait_greeting(client: RTCClient) -> dict:
 
 @pytest.mark.slow
 async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
+    question = trim(piper_say(QUESTION))  # before connecting: see test_speech_survives_opus_both_ways…
+    shared_whisper()
     client = RTCClient(agent_server.url)
     await client.connect()
     try:
         await wait_greeting(client)
-        question = trim(piper_say(QUESTION))
         mark = time.monotonic()
         said = await client.say(with_tail(question, 1.5), 16_000)
         speech_end = said.start + question.size / 16_000
@@ -523,6 +529,7 @@ async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
 @pytest.mark.slow
 async def test_two_callers_at_once_get_their_own_sessions(agent_server):
     questions = {"france": "What is the capital of France?", "week": "How many days are in a week?"}
+    spoken = {k: with_tail(trim(piper_say(q)), 1.5) for k, q in questions.items()}
     clients = {k: RTCClient(agent_server.url) for k in questions}
     try:
         await asyncio.gather(*(c.connect() for c in clients.values()))
@@ -531,7 +538,7 @@ async def test_two_callers_at_once_get_their_own_sessions(agent_server):
         await asyncio.gather(*(wait_greeting(c) for c in clients.values()))
         mark = time.monotonic()
         await asyncio.gather(*(
-            clients[k].say(with_tail(trim(piper_say(q)), 1.5), 16_000) for k, q in questions.items()))
+            clients[k].say(spoken[k], 16_000) for k in questions))
         finals = await asyncio.gather(*(
             c.wait_event(lambda e: e["type"] == "metrics", 120, after=mark) for c in clients.values()))
         for (key, other), m in zip((("france", "week"), ("week", "france")), finals):
