@@ -25,7 +25,7 @@ import aiohttp
 import numpy as np
 import pytest
 from speech import piper_say, trim
-from webrtc_client import EchoSession, ServerThread, shared_agent
+from webrtc_server import EchoSession, ServerThread, shared_agent
 
 from rejoinder.agent.serving import agent_session_factory
 from rejoinder.streaming.audio import resample, write_wav

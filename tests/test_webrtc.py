@@ -29,10 +29,12 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from speech import long_text, piper_say, shared_whisper, trim
-from webrtc_client import EchoSession, RTCClient, ServerThread, SignallingError, shared_agent
+from webrtc_client import RTCClient, SignallingError
+from webrtc_server import EchoSession, ServerThread, shared_agent
 
 from rejoinder.agent.serving import agent_session_factory
 from rejoinder.streaming.audio import resample, write_wav
+from rejoinder.streaming.rtc_jitter import AudioJitterBuffer
 from rejoinder.streaming.signalling import OfferError, ServeConfig, validate_offer
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
 from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
@@ -139,6 +141,62 @@ def test_av_frame_to_audio_frame_keeps_channels_and_dates_the_first_sample():
     assert out.timestamp == pytest.approx(100.0 - 0.02)
 
 
+def rtp(seq: int, ts: int, data: bytes = b"opus"):
+    from aiortc.rtp import RtpPacket
+
+    packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=ts)
+    packet._data = data  # aiortc depayloads before the jitter buffer sees a packet
+    return packet
+
+
+def test_jitter_buffer_releases_in_order_packets_at_once_and_skips_gaps():
+    buf = AudioJitterBuffer(0)
+    base = 4_294_960_000  # near the 32-bit wrap, as a random RTP origin can be
+    seqs = [65534, 65535, 0, 1]  # across the 16-bit wrap
+    out = [buf.add(rtp(s, (base + 960 * k) & 0xFFFFFFFF))[1] for k, s in enumerate(seqs)]
+    assert all(f is not None for f in out), "an in-order packet must not wait for the next one"
+    # A gap (two packets lost): the next packet is decoded at once rather than waited for.
+    after_gap = buf.add(rtp(4, (base + 960 * 6) & 0xFFFFFFFF))[1]
+    assert after_gap is not None and buf.lost == 2
+    # A packet older than what was already released is out of place: dropped, not played late.
+    assert buf.add(rtp(2, (base + 960 * 4) & 0xFFFFFFFF))[1] is None and buf.late == 1
+    # Stamps are found by the decoded frame's pts (RTP timestamp since the first frame).
+    arrived, released = buf.stamps(960 * 6)
+    assert arrived == released and buf.stamps(960 * 6) is None  # taken once
+    assert buf.stamps(960 * 3) is not None  # across the 32-bit wrap
+    # depth=4 is aiortc's own buffer: the first frame only after four more packets.
+    deep = AudioJitterBuffer(4)
+    got = [deep.add(rtp(s, 960 * s))[1] for s in range(6)]
+    assert got[:4] == [None] * 4 and got[4].timestamp == 0 and got[5].timestamp == 960
+
+
+async def test_audio_at_another_rate_leaves_at_once_and_intact():
+    from rejoinder.streaming.frames import AudioFrame
+    from rejoinder.streaming.webrtc import WebRTCTransport
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    transport = WebRTCTransport(pc)
+    t = np.arange(16_000) / 16_000
+    x = (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    out = []
+    for k in range(50):
+        await transport.send_audio(AudioFrame((x[k * 320:(k + 1) * 320] * 32767).astype(np.int16), 16_000, 1, 0.0))
+        if k == 0:
+            # The resampler's few samples of delay do not hold the first frame back for 20 ms.
+            assert transport.output_track.queued_frames == 1
+        out.append((await transport.output_track.recv()).to_ndarray().reshape(-1))
+    y = np.concatenate(out).astype(np.float32) / 32767
+    ideal = (0.4 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000)).astype(np.float32)
+    lags = range(0, 200)
+    corr = [float(np.dot(y[lag:lag + 40_000], ideal[:40_000])) for lag in lags]
+    lag = int(np.argmax(corr))
+    assert lag < 96, f"{lag / 48:.1f} ms of delay from resampling and framing"
+    err = y[lag:lag + 40_000] - ideal[:40_000]
+    assert float(np.sqrt(np.mean(err ** 2))) < 0.01, "the tone did not come through intact"
+    transport.output_track.stop()
+    await pc.close()
+
+
 # --- the transport and the server, with a stand-in agent -----------------------------------------
 
 
@@ -181,6 +239,42 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         client.send_raw("this is not json")
         bad = await client.wait_event(lambda e: e["type"] == "error" and e.get("where") == "data_channel", 5)
         assert "JSON" in bad["message"]
+    finally:
+        await client.close()
+
+
+async def test_each_stage_is_timed_and_both_ends_name_frames_alike(echo_server):
+    """The per-stage stamps a benchmark reads: the server's of the caller's own frames, and back."""
+    speech = with_tail(trim(piper_say("Turn left at the bakery.")))
+    client = RTCClient(echo_server.url)
+    await client.connect()
+    try:
+        await client.wait_event(lambda e: e["type"] == "session_started", 5)
+        await client.say(speech, 16_000)
+        await client.wait_event(lambda e: e["type"] == "echo_done", 20)
+        await asyncio.sleep(0.3)
+        loud = [f for f in client.mic.sent if f.loud]
+        st = await client.server_stats(frames_in=[loud[0].ts, loud[-1].ts])
+        for mine in (loud[0], loud[-1]):
+            rec = st["frames_in"][str(mine.ts)]
+            assert rec is not None, f"the server has no stamps of frame {mine.ts}"
+            assert rec["arrived_at"] <= rec["released_at"] <= rec["received_at"] <= rec["done_at"], rec
+            # It left the caller complete (20 ms after its first sample) and reached the session
+            # soon after: nothing on the way holds packets back (loose bound: a loaded 2-core box).
+            assert mine.slot_at + 0.02 <= mine.handed_at <= rec["arrived_at"], (mine, rec)
+            assert rec["received_at"] - (mine.slot_at + 0.02) < 0.5, (mine, rec)
+        # Decoded on arrival, at both ends: no packet waited in a jitter buffer.
+        assert st["stages"]["in_jitter"]["n"] > 50 and st["stages"]["in_jitter"]["max_ms"] == 0, st["stages"]
+        assert client.stages["in_jitter"].count > 50 and client.stages["in_jitter"].max_s == 0
+        for name in ("in_decode", "in_session", "out_queue", "out_slot_late", "out_encode_send"):
+            assert st["stages"][name]["n"] > 0 and st["stages"][name]["p50_ms"] is not None, (name, st["stages"])
+        # The echo's first frame as the server sent it is the first loud frame the caller got.
+        run = st["runs"][0]
+        first = client.frame_at(run["start_ts"])
+        before = client.frame_at(run["start_ts"] - FRAME_SAMPLES)
+        assert first is not None and np.abs(first.pcm).max() > 300 and not np.any(before.pcm), (run, first)
+        assert 0 <= first.at - run["first_handed_at"] < 0.5
+        assert st["out_queued_frames"] <= 3 and st["max_out_queue"] <= 3
     finally:
         await client.close()
 
@@ -552,6 +646,9 @@ async def test_two_callers_at_once_get_their_own_sessions(agent_server):
 
 @pytest.mark.slow
 async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
+    text = long_text(60)
+    full_s = len(piper_say(text)) / 16_000
+    interruption = trim(piper_say("Stop, stop. Wait a moment please."))  # before connecting (model load)
     client = RTCClient(agent_server.url)
     await client.connect()
     try:
@@ -562,12 +659,11 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
         assert refused["ok"] is False and "not allowed" in refused["error"]
         refused = await client.control("say", {"text": 123})
         assert refused["ok"] is False and "must be a string" in refused["error"]
-        text = long_text(60)
         mark = time.monotonic()
         assert (await client.control("say", {"text": text}))["ok"] is True
         began = await client.wait_event(lambda e: e["type"] == "agent_speech" and e["started"], 30, after=mark)
         await asyncio.sleep(2.0)  # well into the answer
-        interruption = trim(piper_say("Stop, stop. Wait a moment please."))
+        assert not client.gate.muted, "nothing should have muted the agent yet"
         said = await client.say(with_tail(interruption, 1.5), 16_000)
         onset = said.start
         barge = await client.wait_event(lambda e: e["type"] == "barge_in" and e["outcome"] == "interruption", 30,
@@ -578,24 +674,39 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
         assert barge["reaction_s"] is not None and barge["reaction_s"] < 0.6, barge
         assert cut["interrupted"] is True
         assert 0 < len(cut["text"]) < len(text) * 0.6, "history must keep only what was played"
-        # The audio itself: speech arriving at the client stops soon after the onset and stays
-        # stopped until the agent's next answer (if any) begins.
+        # The agent answers the interruption: its voice plays again (the page unmutes for it).
+        nxt = await client.wait_event(
+            lambda e: e["type"] == "agent_speech" and e["started"] and e["turn"] != began["turn"], 90, after=onset)
         await asyncio.sleep(1.0)
-        nxt = [e["_received_at"] for e in client.events_of("agent_speech")
-               if e["started"] and e["turn"] != began["turn"]]
-        horizon = min(nxt) if nxt else time.monotonic()
+        horizon = nxt["_received_at"]
+        # The audio itself, as the server sent it: speech arriving stops soon after the onset and
+        # stays stopped until the next answer begins.
         speech = [f.at for f in client.speech_frames() if onset <= f.at < horizon]
         last = max(speech) if speech else onset
         assert last - onset < 1.0, f"agent audio went on {last - onset:.2f} s after the user started talking"
         # A real gap, not one lost frame: at least 0.5 s of silence after the last interrupted frame.
         assert horizon - last >= 0.5
-        full_s = len(piper_say(text)) / 16_000
         played_s = sum(1 for f in client.speech_frames() if f.at >= mark and f.at < horizon) * 0.02
         assert played_s < full_s * 0.6
+        # As the page lets a person hear it: muted the moment the session paused for the barge-in
+        # (before it knew it was one), nothing heard after that, and heard again for the next answer.
+        closed = [(at, why) for at, muted, why in client.mutes if muted and at >= onset]
+        assert closed and closed[0][1] == "state:user_speaking", client.mutes
+        muted_at = closed[0][0]
+        assert muted_at - onset < 1.0 and muted_at <= barge["_received_at"]
+        heard = [f.at for f in client.speech_frames(heard=True) if onset <= f.at < horizon]
+        assert not heard or max(heard) <= muted_at
+        heard_stop = min(muted_at, max(heard) + 0.02) if heard else muted_at
+        assert heard_stop <= last + 0.02
+        assert any(m is False and at >= onset for at, m, _ in client.mutes), client.mutes
+        assert not client.gate.muted and client.first_speech_after(horizon, heard=True) is not None, \
+            "the next answer was not heard"
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "webrtc_barge_in.json").write_text(json.dumps({
             "server_reaction_s": barge["reaction_s"],
-            "client_audio_stopped_after_onset_s": last - onset,  # includes both jitter buffers and Opus
+            "client_audio_stopped_after_onset_s": last - onset,  # what arrived: the server's queue and Opus
+            "heard_stopped_after_onset_s": heard_stop - onset,  # with the page's mute
+            "muted_after_onset_s": muted_at - onset,
             "played_text": cut["text"], "played_s": played_s, "full_answer_s": full_s,
         }, indent=2))
     finally:
