@@ -275,6 +275,10 @@ async def test_page_talks_to_the_agent_in_chromium(tmp_path):
             assert stats["inboundAudioBytes"] > 20_000, stats
             assert stats["inboundAudioEnergy"] > 0.01, stats
             assert stats["outboundAudioBytes"] > 20_000, stats
+            # What the browser's own receive path adds (its adaptive jitter buffer, NetEq): the part
+            # of "as heard" the aiortc test caller, which plays frames on arrival, does not have.
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "web_chromium_stats.json").write_text(json.dumps(stats, indent=2))
 
             await page.eval("document.querySelector('.transcript').scrollTop = 0")
             await browser.screenshot(ARTIFACTS / "web_chromium.png")
