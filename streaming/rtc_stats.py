@@ -152,6 +152,7 @@ class WebRTCStats:
     packets_lost: int = 0
     max_in_queue: int = 0  # decoded frames waiting for audio_in() (the session fell behind)
     max_out_queue: int = 0  # speech frames waiting in the outgoing track
+    clock_jumps: int = 0  # the loop stalled: the RTP clock moved over the missed slots instead of bursting
     stages: dict[str, StageStats] = field(
         default_factory=lambda: {k: StageStats() for k in INBOUND_STAGES + OUTBOUND_STAGES})
     inbound: FrameLog = field(default_factory=FrameLog)

@@ -97,6 +97,8 @@ class AgentAudioTrack(MediaStreamTrack):
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._due: float | None = None  # monotonic time the next frame is due
+        self._t0 = 0.0  # monotonic time of pts 0
+        self._prev_pts: int | None = None
         self._speaking = False
         self._pts = 0
         self._last_pull: float | None = None  # the encoder's last recv(); None: not started yet
@@ -151,9 +153,20 @@ class AgentAudioTrack(MediaStreamTrack):
         now = time.monotonic()
         self._sent(now)
         self._last_pull = now
-        if self._due is None or now - self._due > 0.2:
-            # First pull, or the loop stalled: restart the clock rather than burst stale slots.
+        if self._due is None:
+            self._due = self._t0 = now  # pts 0 is now: the RTP clock is the wall clock
+        elif now - self._due > (0.2 if self._speaking else frame_s):
+            # The loop stalled (in silence: by a slot or more; in speech: far past the grace).
+            # Sending the missed slots late, in a burst, tells the peer's jitter buffer the network
+            # is that slow: a browser then plays everything after it up to that much later, for
+            # many seconds (measured: 0.3 s stalls took Chromium's target from 0.12 to 0.88 s for
+            # 15 s). Instead the RTP clock moves over the missed time (as DTX would) on a silence
+            # frame: aiortc's encoder stamps the frame at a jump with the old count, so no speech
+            # frame ever carries one.
+            self._pts = max(self._pts, int((now - self._t0) * RTC_RATE) // FRAME_SAMPLES * FRAME_SAMPLES)
             self._due = now
+            self.stats.clock_jumps += 1
+            return self._out(None, False)
         item = self._queue.popleft() if self._queue else None
         if item is None:
             deadline = self._due + (self.options.late_frame_grace_s if self._speaking else 0.0)
@@ -169,44 +182,49 @@ class AgentAudioTrack(MediaStreamTrack):
                     self.stats.late_frames += 1
         now = time.monotonic()
         started = False
-        if item is not None:
-            pcm, queued_at = item
-            if not self._speaking:
-                # Speech starting after silence goes out now, and the slot clock restarts on it, so
-                # the playout's frames (paced on the same monotonic clock) land in phase.
-                self._due = now
-                self.stats.speech_runs += 1
-                started = True
-            elif self._due > now:
-                await asyncio.sleep(self._due - now)
-            if self.stats.first_speech_out_at is None:
-                self.stats.first_speech_out_at = time.monotonic()
-            self._speaking = True
-            self.stats.frames_out_speech += 1
-        else:
-            if self._due > now:
-                await asyncio.sleep(self._due - now)
-            if self._speaking and self.stats.runs:
-                last = self._last_out
-                run = self.stats.runs[-1]
-                if last is not None and last.speech:
-                    run.end_ts, run.last_handed_at = last.ts, last.handed_at
-            self._speaking = False
-            self.stats.frames_out_silence += 1
-            pcm, queued_at = self._silence, None
-        slot = self._due
-        self._due += frame_s
-        self._has_room.set()
+        if item is not None and not self._speaking:
+            # Speech starting after silence goes out now, and the slot clock restarts on it, so
+            # the playout's frames (paced on the same monotonic clock) land in phase.
+            self._due = now
+            self.stats.speech_runs += 1
+            started = True
+        elif self._due > now:
+            await asyncio.sleep(self._due - now)
+        return self._out(item, started)
+
+    def _out(self, item: tuple[np.ndarray, float] | None, started: bool) -> av.AudioFrame:
+        """The frame for this slot (silence when `item` is None), stamped and counted."""
         if self.readyState != "live":
             raise MediaStreamError
+        stats = self.stats
+        if item is not None:
+            pcm, queued_at = item
+            if stats.first_speech_out_at is None:
+                stats.first_speech_out_at = time.monotonic()
+            self._speaking = True
+            stats.frames_out_speech += 1
+        else:
+            last = self._last_out
+            if self._speaking and stats.runs and last is not None and last.speech:
+                stats.runs[-1].end_ts, stats.runs[-1].last_handed_at = last.ts, last.handed_at
+            self._speaking = False
+            stats.frames_out_silence += 1
+            pcm, queued_at = self._silence, None
+        slot = self._due
+        self._due += FRAME_MS / 1000
+        self._has_room.set()
         handed = time.monotonic()
-        rec = OutboundFrame(self._pts, item is not None, queued_at, slot, handed)
-        self.stats.outbound.put(self._pts, rec)
-        self.stats.stage("out_slot_late", handed - slot)
+        # The RTP timestamp it will carry: aiortc's encoder stamps each frame one frame after the
+        # previous one's pts (equal to its own pts except on a clock jump).
+        wire = self._pts if self._prev_pts is None else self._prev_pts + FRAME_SAMPLES
+        self._prev_pts = self._pts
+        rec = OutboundFrame(wire, item is not None, queued_at, slot, handed)
+        stats.outbound.put(wire, rec)
+        stats.stage("out_slot_late", handed - slot)
         if queued_at is not None:
-            self.stats.stage("out_queue", handed - queued_at)
+            stats.stage("out_queue", handed - queued_at)
         if started:
-            self.stats.runs.append(SpeechRun(self._pts, queued_at, handed))
+            stats.runs.append(SpeechRun(wire, queued_at, handed))
         self._last_out = rec
         out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         out.sample_rate = RTC_RATE

@@ -65,12 +65,19 @@ def tone(k: int) -> np.ndarray:
 async def test_track_paces_in_real_time_and_fills_gaps_with_silence():
     track = AgentAudioTrack()
     t0 = time.monotonic()
-    frames = [await track.recv() for _ in range(25)]
+    frames, handed = [], []
+    for _ in range(25):
+        frames.append(await track.recv())
+        handed.append(time.monotonic())
     elapsed = time.monotonic() - t0
     # 25 frames of 20 ms: the first goes at once, the rest every 20 ms -> 480 ms.
     assert 0.42 <= elapsed <= 0.8, elapsed
     assert all(f.sample_rate == 48_000 and f.samples == FRAME_SAMPLES for f in frames)
-    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(25)]
+    # The RTP clock is the wall clock: each frame's pts says when it left (within a frame; a busy
+    # box may make the track skip a slot, never send two for one).
+    pts = [f.pts for f in frames]
+    assert pts[0] == 0 and all(b - a >= FRAME_SAMPLES and (b - a) % FRAME_SAMPLES == 0 for a, b in zip(pts, pts[1:]))
+    assert all(abs(f.pts / 48_000 - (h - t0)) < 0.025 for f, h in zip(frames, handed)), (pts, handed)
     assert all(not np.any(f.to_ndarray()) for f in frames), "nothing queued must mean silence"
     assert track.stats.frames_out_silence == 25
     track.stop()
@@ -124,6 +131,36 @@ async def test_track_sends_a_slightly_late_speech_frame_instead_of_silence():
     # With nothing coming, the next slot (after the grace) is silence again.
     third = await track.recv()
     assert not np.any(third.to_ndarray())
+    track.stop()
+
+
+async def test_track_moves_its_clock_over_a_stall_instead_of_bursting():
+    # A stalled event loop (the box is busy) must not be followed by the missed slots in a burst:
+    # a browser's jitter buffer would take the burst for network delay and play everything after
+    # it later. The RTP clock moves over the missed time instead, on a silence frame.
+    track = AgentAudioTrack()
+    await track.recv()
+    t0 = track._t0
+    time.sleep(0.15)  # the loop is blocked: 7 slots missed
+    jumped = await track.recv()
+    assert not np.any(jumped.to_ndarray()) and track.stats.clock_jumps == 1
+    after = await track.recv()
+    assert abs(after.pts / 48_000 - (time.monotonic() - t0)) < 0.025
+    # In speech: a short stall is caught up (no gap in the words); a long one moves the clock on a
+    # silence frame, and the speech carries on from where it was, nothing dropped.
+    for k in range(3):
+        await track.put(tone(k))
+    got = [await track.recv()]
+    time.sleep(0.03)
+    got.append(await track.recv())
+    assert track.stats.clock_jumps == 1
+    time.sleep(0.3)
+    gap = await track.recv()
+    assert not np.any(gap.to_ndarray()) and track.stats.clock_jumps == 2
+    got.append(await track.recv())
+    for k, g in enumerate(got):
+        np.testing.assert_array_equal(g.to_ndarray().reshape(-1), tone(k))
+    assert abs(got[-1].pts / 48_000 - (time.monotonic() - t0)) < 0.025
     track.stop()
 
 
