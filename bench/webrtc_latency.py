@@ -20,7 +20,8 @@ Voice-to-voice as heard = first audible answer frame at the caller - the caller'
     answer lead-in      quiet start of the answer audio until it is audible (RMS > -40 dBFS)
 
 Barge-in as heard = when the caller stops hearing the agent - its speech onset: the page-equivalent
-mute closes when the session's pause reaches it (`state` user_speaking "barge-in"), or the audio ends.
+mute closes when the session's pause reaches it (`state` user_speaking "barge-in"), or the last frame
+the server sent as the agent's speech has played (arrival + 20 ms), whichever comes first.
 
 `--compare` also runs the "before" transport: aiortc's 4-packet jitter buffer at both ends
 (`--receive-jitter-packets 4`, the caller's `jitter_packets=4`) and no mute on barge-in.
@@ -68,6 +69,7 @@ AUDIBLE_RMS = 300.0  # int16 RMS, about -40 dBFS: the answer is audible from her
 TAIL_S = 1.5  # silence after each utterance, so the far end's endpointing sees it end
 STAGES = ("mic_packetisation", "in_transport", "server", "out_resample", "out_track_queue", "out_wire",
           "answer_lead_in")
+TRANSPORT_STAGES = ("mic_packetisation", "in_transport", "out_resample", "out_track_queue", "out_wire")
 BARGE_STAGES = ("mic_packetisation", "in_transport", "server_decision", "event_to_caller")
 TARGETS = {"heard_v2v_p50_s": 0.7, "barge_in_heard_p95_s": 0.3}
 
@@ -169,7 +171,8 @@ async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float
     mic = next((m for m in reversed(client.mic.sent) if m.ts == ts_end), None)
     detail = {}
     if mic is not None and mic.sent_at is not None and got.get("arrived_at") is not None:
-        detail = {"caller_encode_send": mic.sent_at - mic.handed_at, "loopback": got["arrived_at"] - mic.sent_at,
+        detail = {"caller_mic_late": mic.handed_at - frame_end, "caller_encode_send": mic.sent_at - mic.handed_at,
+                  "loopback": got["arrived_at"] - mic.sent_at,
                   "server_jitter_buffer": got["released_at"] - got["arrived_at"],
                   "server_decode_queue": received - got["released_at"]}
     if first.arrived_at is not None:
@@ -205,9 +208,12 @@ async def _interrupt(client: RTCClient, text: str, audio: np.ndarray, long: str,
     ts_on = client.mic.ts_at(onset + 1e-6)  # onset is a frame boundary: the frame that starts there
     st = await client.server_stats(frames_in=[ts_on])
     got = st["frames_in"].get(str(ts_on))
-    window = [f for f in client.frames if onset <= f.at < horizon and rms(f.pcm) > AUDIBLE_RMS]
+    # The agent's audio: frames the server sent as speech (its runs), pauses between words included,
+    # so a natural pause in the agent's sentence does not count as "stopped".
+    runs = [(r["start_ts"], r["end_ts"] if r["end_ts"] is not None else 1 << 62) for r in st["runs"]]
+    window = [f for f in client.frames if onset <= f.at < horizon and any(a <= f.ts <= b for a, b in runs)]
     heard = [f for f in window if not f.muted]
-    mutes = [at for at, muted, _ in client.mutes if muted and onset <= at < horizon]
+    mutes = [at for at, muted, _ in client.mutes if muted and onset <= at < horizon] if client.honour_mute else []
     muted_at = mutes[0] if mutes else None
     heard_end = heard[-1].at + FRAME / RATE if heard else onset
     heard_stop = min(heard_end, muted_at) if muted_at is not None else heard_end
@@ -293,16 +299,57 @@ def summarise(turns: list[dict], barges: list[dict]) -> dict[str, Any]:
             out[n] = float(np.mean(v)) if v else None
         return out
 
+    transport = [sum(r["stages_s"][n] for n in TRANSPORT_STAGES) for r in turns
+                 if all(r.get("stages_s", {}).get(n) is not None for n in TRANSPORT_STAGES)]
+    lead_in = col([r.get("stages_s", {}) for r in turns], "answer_lead_in")
     return {
         "answered": len(heard), "asked": len(turns),
+        "transport_p50_s": pct(transport, 50), "transport_p95_s": pct(transport, 95),
+        "answer_lead_in_p50_s": pct(lead_in, 50),
         "heard_v2v_p50_s": pct(heard, 50), "heard_v2v_p95_s": pct(heard, 95),
         "first_frame_v2v_p50_s": pct(first, 50), "server_v2v_p50_s": pct(srv, 50), "server_v2v_p95_s": pct(srv, 95),
-        "transport_share_p50_s": (pct(heard, 50) - pct(srv, 50)) if heard and srv else None,
         "v2v_stage_means_s": stage_means(turns, STAGES),
         "barge_ins": len(b_heard), "barge_in_heard_p50_s": pct(b_heard, 50), "barge_in_heard_p95_s": pct(b_heard, 95),
         "barge_in_unmuted_p50_s": pct(b_raw, 50), "barge_in_unmuted_p95_s": pct(b_raw, 95),
         "barge_in_server_p50_s": pct(b_srv, 50), "barge_in_stage_means_s": stage_means(barges, BARGE_STAGES),
     }
+
+
+def resampling_delay() -> dict[str, dict[str, float]]:
+    """How long 22.05 kHz TTS audio waits in resampling to 48 kHz and re-framing into 20 ms frames.
+
+    No server, no clock: frames of 441 samples are handed over every 20 ms (call k covers content
+    [20k, 20k+20) ms); a 48 kHz sample leaves with the first whole 960-sample frame that holds it.
+    Delay = leaving call's time - the sample's content time; a path with no resampling gives -10 ms
+    on average (a sample waits for the rest of its frame) and 0 for the first one. "soxr HQ" is
+    what the session's speaker uses today (streaming.resample.StreamResampler, in agent/speaker.py,
+    because the transport asks for 48 kHz); "swr" is the transport's own path (rtc_audio.Resampler,
+    first frame sent at once), used when the session hands it TTS-rate audio.
+    """
+    from rejoinder.streaming.resample import StreamResampler
+    from rejoinder.streaming.rtc_audio import Resampler
+
+    def run(rs: Any, pad_first: bool) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        emitted, buf, sent, pad = [], 0, 0, None
+        for _ in range(100):
+            y = rs.process((rng.standard_normal(441) * 0.1).astype(np.float32)).size
+            if pad is None and y:
+                pad = (FRAME - y) if pad_first and y < FRAME else 0
+                buf += pad
+            buf += y
+            while buf >= FRAME:
+                buf -= FRAME
+                sent += FRAME
+            emitted.append(sent)
+        pad = pad or 0
+        d = []
+        for j in range(0, emitted[-1] - pad - 4000, 97):
+            k = next(k for k, e in enumerate(emitted) if e > j + pad)
+            d.append(k * 0.02 - j / RATE)
+        return {"first_ms": 1000 * d[0], "mean_ms": float(1000 * np.mean(d)), "max_ms": float(1000 * np.max(d))}
+
+    return {"soxr_hq_speaker": run(StreamResampler(22_050, RATE), False), "swr_transport": run(Resampler(22_050), True)}
 
 
 def run_config(label: str, *, server_jitter: int, caller_jitter: int, mute: bool, args: argparse.Namespace,
@@ -331,7 +378,8 @@ def print_tables(docs: dict[str, dict]) -> None:
     print("\nvoice-to-voice as heard, mean per stage (ms):   " + "  ".join(f"{k:>8s}" for k in labels))
     for n in STAGES:
         print(f"  {n:42s}" + "  ".join(f"{_ms(docs[k]['summary']['v2v_stage_means_s'][n]):>8s}" for k in labels))
-    for key in ("heard_v2v_p50_s", "heard_v2v_p95_s", "server_v2v_p50_s", "transport_share_p50_s"):
+    for key in ("transport_p50_s", "transport_p95_s", "answer_lead_in_p50_s", "heard_v2v_p50_s", "heard_v2v_p95_s",
+                "server_v2v_p50_s"):
         print(f"  {key:42s}" + "  ".join(f"{_ms(docs[k]['summary'][key]):>8s}" for k in labels))
     print("barge-in as heard, mean per stage (ms):")
     for n in BARGE_STAGES:
@@ -364,18 +412,23 @@ def plot(doc: dict, path: Path) -> None:
     ax[0].legend()
     bottom = np.zeros(len(labels))
     for n in STAGES:
-        v = np.array([runs[k]["summary"]["v2v_stage_means_s"][n] or 0.0 for k in labels])
+        if n == "server":
+            continue
+        v = np.array([1000 * (runs[k]["summary"]["v2v_stage_means_s"][n] or 0.0) for k in labels])
         ax[1].bar(labels, v, bottom=bottom, label=n)
         bottom += v
-    ax[1].set_ylabel("mean seconds per stage")
-    ax[1].set_title("where voice-to-voice goes")
+    server = ", ".join(f"{k} {runs[k]['summary']['v2v_stage_means_s']['server']:.2f} s" for k in labels)
+    ax[1].set_ylabel("mean ms per stage")
+    ax[1].set_title(f"voice-to-voice outside the server (server: {server})", fontsize=9)
     ax[1].legend(fontsize=7)
     groups = []
     names = []
     for k in labels:
-        for key, tag in (("heard_stop_after_onset_s", "heard"), ("unmuted_stop_after_onset_s", "no mute")):
-            groups.append([r[key] for r in runs[k]["barge_ins"] if r.get(key) is not None])
-            names.append(f"{k}\n{tag}")
+        muting = runs[k].get("config", {}).get("caller_honours_mute", True)
+        for key, tag in (("heard_stop_after_onset_s", "heard (mute)"), ("unmuted_stop_after_onset_s", "no mute")):
+            if muting or key == "unmuted_stop_after_onset_s":
+                groups.append([r[key] for r in runs[k]["barge_ins"] if r.get(key) is not None])
+                names.append(f"{k}\n{tag}")
     ax[2].boxplot(groups)
     ax[2].set_xticks(range(1, len(names) + 1), names, fontsize=8)
     ax[2].axhline(TARGETS["barge_in_heard_p95_s"], color="r", ls="--", label="target p95 0.3 s")
@@ -394,29 +447,46 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=60)
     ap.add_argument("--timeout", type=float, default=600.0, help="bound on each configuration's caller run (s)")
     ap.add_argument("--compare", action="store_true", help="also run the 'before' transport (aiortc's buffers)")
+    ap.add_argument("--from-json", action="store_true",
+                    help="measure nothing: re-summarise and re-plot the rows already in --json")
     args = ap.parse_args()
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    runs = {"after": run_config("after", server_jitter=0, caller_jitter=0, mute=True, args=args, results=path.parent)}
-    if args.compare:
-        runs["before"] = run_config("before", server_jitter=4, caller_jitter=4, mute=False, args=args,
-                                    results=path.parent)
-    doc: dict[str, Any] = {"runs": runs, "targets": TARGETS, "cpus": os.cpu_count(),
-                           "load_average": os.getloadavg()}
+    if args.from_json:
+        old = json.loads(path.read_text())
+        runs = old["runs"]
+        for r in runs.values():
+            r["summary"] = summarise(r["turns"], r["barge_ins"])
+        doc: dict[str, Any] = {k: v for k, v in old.items() if not k.startswith("ratio_")}
+    else:
+        runs = {"after": run_config("after", server_jitter=0, caller_jitter=0, mute=True, args=args,
+                                    results=path.parent)}
+        if args.compare:
+            runs["before"] = run_config("before", server_jitter=4, caller_jitter=4, mute=False, args=args,
+                                        results=path.parent)
+        doc = {"runs": runs, "targets": TARGETS, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    doc["resampling_delay"] = resampling_delay()
     a = runs["after"]["summary"]
     if "before" in runs:
         b = runs["before"]["summary"]
-        doc["ratio_heard_v2v_p50_before_over_after"] = (b["heard_v2v_p50_s"] / a["heard_v2v_p50_s"]
-                                                         if a["heard_v2v_p50_s"] and b["heard_v2v_p50_s"] else None)
-        doc["ratio_transport_share_before_over_after"] = (
-            b["transport_share_p50_s"] / a["transport_share_p50_s"]
-            if a["transport_share_p50_s"] and b["transport_share_p50_s"] else None)
-        doc["ratio_barge_in_heard_p95_before_unmuted_over_after"] = (
-            b["barge_in_unmuted_p95_s"] / a["barge_in_heard_p95_s"]
-            if a["barge_in_heard_p95_s"] and b["barge_in_unmuted_p95_s"] else None)
+
+        def ratio(kb: str, ka: str) -> float | None:
+            return b[kb] / a[ka] if a[ka] and b[kb] else None
+
+        # The transport's own share is the comparison that means something: the server's part
+        # (seconds on a loaded 2-core box) varies more between two runs than the transport's whole.
+        doc["ratio_transport_p50_before_over_after"] = ratio("transport_p50_s", "transport_p50_s")
+        doc["ratio_heard_v2v_p50_before_over_after"] = ratio("heard_v2v_p50_s", "heard_v2v_p50_s")
+        doc["ratio_barge_in_heard_p50_before_unmuted_over_after"] = ratio("barge_in_unmuted_p50_s",
+                                                                           "barge_in_heard_p50_s")
+        doc["ratio_barge_in_heard_p95_before_unmuted_over_after"] = ratio("barge_in_unmuted_p95_s",
+                                                                           "barge_in_heard_p95_s")
     path.write_text(json.dumps(doc, indent=2))
     plot(doc, path.with_suffix(".png"))
     print_tables(runs)
+    rd = doc["resampling_delay"]
+    print("22.05 kHz -> 48 kHz and 20 ms frames (first sample / mean / max ms; no resampling: 0 / -10 / 0): "
+          + "; ".join(f"{k} {v['first_ms']:.0f} / {v['mean_ms']:.0f} / {v['max_ms']:.0f}" for k, v in rd.items()))
     met = {k: (a[k] is not None and a[k] <= v) for k, v in TARGETS.items()}
     print(f"targets: heard v2v p50 <= 0.7 s: {'met' if met['heard_v2v_p50_s'] else 'MISSED'}; "
           f"barge-in heard p95 <= 0.3 s: {'met' if met['barge_in_heard_p95_s'] else 'MISSED'}")
