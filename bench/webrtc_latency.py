@@ -292,11 +292,11 @@ def summarise(turns: list[dict], barges: list[dict]) -> dict[str, Any]:
     b_heard, b_raw, b_srv = (col(barges, k) for k in ("heard_stop_after_onset_s", "unmuted_stop_after_onset_s",
                                                       "server_reaction_s"))
 
-    def stage_means(rows: list[dict], names: Sequence[str]) -> dict[str, float | None]:
+    def stage_means(rows: list[dict], names: Sequence[str], f: Any = np.mean) -> dict[str, float | None]:
         out = {}
         for n in names:
             v = [r["stages_s"][n] for r in rows if r.get("stages_s", {}).get(n) is not None]
-            out[n] = float(np.mean(v)) if v else None
+            out[n] = float(f(v)) if v else None
         return out
 
     transport = [sum(r["stages_s"][n] for n in TRANSPORT_STAGES) for r in turns
@@ -309,9 +309,11 @@ def summarise(turns: list[dict], barges: list[dict]) -> dict[str, Any]:
         "heard_v2v_p50_s": pct(heard, 50), "heard_v2v_p95_s": pct(heard, 95),
         "first_frame_v2v_p50_s": pct(first, 50), "server_v2v_p50_s": pct(srv, 50), "server_v2v_p95_s": pct(srv, 95),
         "v2v_stage_means_s": stage_means(turns, STAGES),
+        "v2v_stage_p50_s": stage_means(turns, STAGES, np.median),
         "barge_ins": len(b_heard), "barge_in_heard_p50_s": pct(b_heard, 50), "barge_in_heard_p95_s": pct(b_heard, 95),
         "barge_in_unmuted_p50_s": pct(b_raw, 50), "barge_in_unmuted_p95_s": pct(b_raw, 95),
         "barge_in_server_p50_s": pct(b_srv, 50), "barge_in_stage_means_s": stage_means(barges, BARGE_STAGES),
+        "barge_in_stage_p50_s": stage_means(barges, BARGE_STAGES, np.median),
     }
 
 
@@ -375,15 +377,15 @@ def _ms(v: float | None) -> str:
 
 def print_tables(docs: dict[str, dict]) -> None:
     labels = list(docs)
-    print("\nvoice-to-voice as heard, mean per stage (ms):   " + "  ".join(f"{k:>8s}" for k in labels))
+    print("\nvoice-to-voice as heard, median per stage (ms): " + "  ".join(f"{k:>8s}" for k in labels))
     for n in STAGES:
-        print(f"  {n:42s}" + "  ".join(f"{_ms(docs[k]['summary']['v2v_stage_means_s'][n]):>8s}" for k in labels))
+        print(f"  {n:42s}" + "  ".join(f"{_ms(docs[k]['summary']['v2v_stage_p50_s'][n]):>8s}" for k in labels))
     for key in ("transport_p50_s", "transport_p95_s", "answer_lead_in_p50_s", "heard_v2v_p50_s", "heard_v2v_p95_s",
                 "server_v2v_p50_s"):
         print(f"  {key:42s}" + "  ".join(f"{_ms(docs[k]['summary'][key]):>8s}" for k in labels))
-    print("barge-in as heard, mean per stage (ms):")
+    print("barge-in as heard, median per stage (ms):")
     for n in BARGE_STAGES:
-        print(f"  {n:42s}" + "  ".join(f"{_ms(docs[k]['summary']['barge_in_stage_means_s'].get(n)):>8s}"
+        print(f"  {n:42s}" + "  ".join(f"{_ms(docs[k]['summary']['barge_in_stage_p50_s'].get(n)):>8s}"
                                         for k in labels))
     for key in ("barge_in_heard_p50_s", "barge_in_heard_p95_s", "barge_in_unmuted_p95_s", "barge_in_server_p50_s"):
         print(f"  {key:42s}" + "  ".join(f"{_ms(docs[k]['summary'][key]):>8s}" for k in labels))
@@ -414,11 +416,11 @@ def plot(doc: dict, path: Path) -> None:
     for n in STAGES:
         if n == "server":
             continue
-        v = np.array([1000 * (runs[k]["summary"]["v2v_stage_means_s"][n] or 0.0) for k in labels])
+        v = np.array([1000 * (runs[k]["summary"]["v2v_stage_p50_s"][n] or 0.0) for k in labels])
         ax[1].bar(labels, v, bottom=bottom, label=n)
         bottom += v
-    server = ", ".join(f"{k} {runs[k]['summary']['v2v_stage_means_s']['server']:.2f} s" for k in labels)
-    ax[1].set_ylabel("mean ms per stage")
+    server = ", ".join(f"{k} {runs[k]['summary']['v2v_stage_p50_s']['server']:.2f} s" for k in labels)
+    ax[1].set_ylabel("median ms per stage")
     ax[1].set_title(f"voice-to-voice outside the server (server: {server})", fontsize=9)
     ax[1].legend(fontsize=7)
     groups = []
