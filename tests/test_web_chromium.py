@@ -4,7 +4,8 @@ Chromium is driven over the DevTools protocol (a websocket, with aiohttp: no ext
 browser download). Its microphone is a WAV synthesised at test time; everything the test checks is
 read back through the page itself (its DOM and the state it exposes as `window.rejoinder`), so it
 checks what a person would see: their words, the agent's reply, the latency read-out, audio that
-actually arrived (WebRTC getStats), and the messages shown when things go wrong.
+actually arrived (WebRTC getStats), the messages shown when things go wrong, and the agent's voice
+silenced the moment the session pauses it for a barge-in (and playing again for what follows).
 
 A screenshot of the conversation is saved to artifacts/web_chromium.png.
 """
