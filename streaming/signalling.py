@@ -122,6 +122,11 @@ class ServeConfig:
     ice_hosts: tuple[str, ...] = field(default=(), metadata=_m(
         "only offer these addresses as ICE host candidates (default: every interface); repeatable",
         flag="--ice-host", metavar="ADDRESS"))
+    # Inbound RTP packets held back before decoding. 0: each in-order packet is decoded the moment
+    # it arrives (the VAD and recogniser need no smoothed timeline); 4 is aiortc's own buffer
+    # (80-100 ms later), for comparison or a network that truly reorders packets.
+    receive_jitter_packets: int = field(default=0, metadata=_m(
+        "received audio packets held before decoding (0: none; 4: aiortc's default)"))
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -130,6 +135,8 @@ class ServeConfig:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if self.max_body_bytes < 1024:
             raise ConfigError("--max-body-bytes must be at least 1024")
+        if not 0 <= self.receive_jitter_packets <= 15:
+            raise ConfigError("--receive-jitter-packets must be between 0 and 15")
 
     @property
     def max_session_s(self) -> float:
@@ -172,7 +179,8 @@ class Server:
         self.ended: list[tuple[str, str]] = []  # (peer id, reason) of recent ends, for tests and health
         self.on_refused: Callable[[str], None] | None = None  # told the code of every refused request
         self.rtc_options = WebRTCOptions(
-            media_timeout_s=cfg.media_timeout_s, first_media_timeout_s=cfg.connect_timeout_s + 5.0
+            media_timeout_s=cfg.media_timeout_s, first_media_timeout_s=cfg.connect_timeout_s + 5.0,
+            receive_jitter_packets=cfg.receive_jitter_packets,
         )
 
     # --- admission ---------------------------------------------------------------------------------
@@ -309,6 +317,8 @@ class Server:
     async def on_channel_message(self, peer: Peer, msg: dict[str, Any]) -> Mapping[str, Any] | None:
         if msg.get("type") == "ping":  # round-trip probe: answered here, the session never sees it
             return {"type": "pong", "id": msg.get("id"), "t": msg.get("t")}
+        if msg.get("type") == "transport_stats":  # this connection's per-stage timings (rtc_stats)
+            return {**peer.transport.stats_snapshot(msg), "type": "transport_stats", "id": msg.get("id")}
         if peer.session is None:
             return None
         return await peer.session.on_message(msg)

@@ -10,10 +10,16 @@ makes. What WebRTC asks of us that a plain socket would not:
   frames queued, so a barge-in flush in the playout is heard within ~one frame, not after a backlog.
 - A speech frame that arrives a little late must not be replaced by silence (a click mid-word):
   while speaking, the track waits a short grace past each frame's slot before giving up.
+- Nothing waits that need not: received packets go to the decoder the moment they arrive in order
+  (`rtc_jitter`: aiortc's buffer would hold four), and audio at another rate is resampled with a
+  few samples of delay (libswresample) and its first frame sent at once, not when a second arrives.
 - The data channel is opened by the client, possibly after the session has already sent events:
   those are held in a small bounded buffer and delivered when it opens.
 - A peer can vanish without a goodbye. Connection state `failed`/`closed`, or no inbound audio for
   `media_timeout_s`, ends `audio_in()`, which ends the session.
+
+Every stage of both directions is timed (`rtc_stats.WebRTCStats`, on the transport as `stats`;
+`stats_snapshot()` is what a peer gets for `{"type": "transport_stats"}` on the data channel).
 
 This module never imports `rejoinder.agent`: control messages from the data channel are handed to
 whatever callback the server installs.
@@ -26,7 +32,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +42,10 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from .frames import AudioFrame, to_pcm16
-from .resample import StreamResampler
+from .rtc_audio import RTC_RATE, Resampler, av_to_audio_frame, to_int16_mono
+from .rtc_ice import restrict_ice_hosts
+from .rtc_jitter import AudioJitterBuffer, install_jitter_buffer
+from .rtc_stats import InboundFrame, OutboundFrame, SpeechRun, WebRTCStats
 from .transport import TransportClosed, event_json
 
 log = logging.getLogger("rejoinder.streaming.webrtc")
@@ -44,44 +53,9 @@ log = logging.getLogger("rejoinder.streaming.webrtc")
 __all__ = ["AgentAudioTrack", "WebRTCOptions", "WebRTCStats", "WebRTCTransport", "av_to_audio_frame",
            "restrict_ice_hosts"]
 
-RTC_RATE = 48_000  # Opus always runs at 48 kHz; handing it anything else costs a second resampling
 FRAME_MS = 20
 FRAME_SAMPLES = RTC_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
-
-def restrict_ice_hosts(hosts: Sequence[str] | None) -> None:
-    """Use only `hosts` for ICE, for every peer connection of this process.
-
-    Both ends of every candidate pair: only these addresses are offered as host candidates, and
-    connectivity checks (STUN) arriving from any other address are ignored, so a peer on the same
-    machine that also gathers its other interface addresses (a browser) can only pair over these.
-    aioice gathers host candidates from every interface address except 127.0.0.1 and has no
-    per-connection setting for it, so the choice is process-wide: tests, benchmarks and load suites
-    give ("127.0.0.1",) to keep all media on the loopback; `None` or () restores aioice's defaults.
-    """
-    import aioice.ice
-
-    state = aioice.ice.__dict__.setdefault("_rejoinder_originals", {
-        "hosts": aioice.ice.get_host_addresses, "received": aioice.ice.StunProtocol.datagram_received})
-    if not hosts:
-        aioice.ice.get_host_addresses = state["hosts"]
-        aioice.ice.StunProtocol.datagram_received = state["received"]
-        return
-    chosen = [h for h in dict.fromkeys(hosts) if h]
-    allowed = frozenset(chosen)
-    received = state["received"]
-
-    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [h for h in chosen if (":" in h and use_ipv6) or (":" not in h and use_ipv4)]
-
-    def datagram_received(self: Any, data: bytes | str, addr: tuple[Any, ...]) -> None:
-        if addr[0] in allowed:
-            received(self, data, addr)
-
-    aioice.ice.get_host_addresses = host_addresses
-    aioice.ice.StunProtocol.datagram_received = datagram_received
-    log.info("ICE restricted to %s", ", ".join(chosen))
-
 
 ControlHandler = Callable[[dict[str, Any]], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"]
 
@@ -104,45 +78,9 @@ class WebRTCOptions:
     max_channel_buffered_bytes: int = 1 << 20
     # Data channel messages larger than this are ignored (a control message is tiny).
     max_message_bytes: int = 16 << 10
-
-
-@dataclass
-class WebRTCStats:
-    frames_in: int = 0
-    frames_out_speech: int = 0
-    frames_out_silence: int = 0
-    late_frames: int = 0  # speech frames that arrived after their slot but within the grace
-    speech_runs: int = 0  # silence -> speech transitions: one per answer when pacing holds up
-    dropped_out_frames: int = 0  # send_audio found the track not being consumed
-    events_sent: int = 0
-    events_dropped: int = 0
-    messages_in: int = 0
-    first_audio_in_at: float | None = None
-    first_speech_out_at: float | None = None  # the track handed the first speech frame to the encoder
-
-
-def av_to_audio_frame(frame: av.AudioFrame, received_at: float | None = None) -> AudioFrame:
-    """An aiortc/PyAV frame as our AudioFrame (int16 or float32, shape (n,) or (n, channels)).
-
-    Timestamp: the receive time minus the frame's duration, i.e. the latest its first sample can
-    have been captured (WebRTC does not carry capture times to us).
-    """
-    received_at = time.monotonic() if received_at is None else received_at
-    channels = len(frame.layout.channels)
-    fmt = frame.format
-    if fmt.name not in ("s16", "s16p", "flt", "fltp"):
-        # Opus decodes to s16; anything else (a future codec) is normalised once here.
-        frame = av.AudioResampler(format="s16", layout=frame.layout.name, rate=frame.sample_rate).resample(frame)[0]
-        fmt = frame.format
-    x = frame.to_ndarray()
-    if fmt.is_planar:
-        x = x.T  # (channels, n) -> (n, channels)
-    else:
-        x = x.reshape(-1, channels)
-    x = np.ascontiguousarray(x[:, 0] if channels == 1 else x)
-    rate = int(frame.sample_rate)
-    n = x.shape[0]
-    return AudioFrame(x, rate, channels, received_at - n / rate)
+    # Received packets held back before decoding: 0 releases each in-order packet at once (a VAD
+    # needs no smoothed timeline); None keeps aiortc's own buffer (4 packets, 80-100 ms).
+    receive_jitter_packets: int | None = 0
 
 
 class AgentAudioTrack(MediaStreamTrack):
@@ -154,14 +92,17 @@ class AgentAudioTrack(MediaStreamTrack):
         super().__init__()
         self.options = options or WebRTCOptions()
         self.stats = stats or WebRTCStats()
-        self._queue: deque[np.ndarray] = deque()
+        self._queue: deque[tuple[np.ndarray, float]] = deque()  # (pcm, queued at)
         self._has_frame = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._due: float | None = None  # monotonic time the next frame is due
+        self._t0 = 0.0  # monotonic time of pts 0
+        self._prev_pts: int | None = None
         self._speaking = False
         self._pts = 0
         self._last_pull: float | None = None  # the encoder's last recv(); None: not started yet
+        self._last_out: OutboundFrame | None = None  # the frame the encoder is working on
         self._time_base = fractions.Fraction(1, RTC_RATE)
         self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
 
@@ -194,20 +135,40 @@ class AgentAudioTrack(MediaStreamTrack):
                     log.info("outgoing audio not consumed; dropped %d frames so far", self.stats.dropped_out_frames)
             if self.readyState != "live":
                 raise TransportClosed("outgoing audio track stopped")
-        self._queue.append(pcm)
+        self._queue.append((pcm, time.monotonic()))
+        self.stats.max_out_queue = max(self.stats.max_out_queue, len(self._queue))
         self._has_frame.set()
+
+    def _sent(self, now: float) -> None:
+        """The encoder pulls again: the frame it had is encoded and its packet sent."""
+        out = self._last_out
+        if out is not None and out.sent_at is None:
+            out.sent_at = now
+            self.stats.stage("out_encode_send", now - out.handed_at)
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         frame_s = FRAME_MS / 1000
         now = time.monotonic()
+        self._sent(now)
         self._last_pull = now
-        if self._due is None or now - self._due > 0.2:
-            # First pull, or the loop stalled: restart the clock rather than burst stale slots.
+        if self._due is None:
+            self._due = self._t0 = now  # pts 0 is now: the RTP clock is the wall clock
+        elif now - self._due > (0.2 if self._speaking else frame_s):
+            # The loop stalled (in silence: by a slot or more; in speech: far past the grace).
+            # Sending the missed slots late, in a burst, tells the peer's jitter buffer the network
+            # is that slow: a browser then plays everything after it up to that much later, for
+            # many seconds (measured: 0.3 s stalls took Chromium's target from 0.12 to 0.88 s for
+            # 15 s). Instead the RTP clock moves over the missed time (as DTX would) on a silence
+            # frame: aiortc's encoder stamps the frame at a jump with the old count, so no speech
+            # frame ever carries one.
+            self._pts = max(self._pts, int((now - self._t0) * RTC_RATE) // FRAME_SAMPLES * FRAME_SAMPLES)
             self._due = now
-        pcm: np.ndarray | None = self._queue.popleft() if self._queue else None
-        if pcm is None:
+            self.stats.clock_jumps += 1
+            return self._out(None, False)
+        item = self._queue.popleft() if self._queue else None
+        if item is None:
             deadline = self._due + (self.options.late_frame_grace_s if self._speaking else 0.0)
             while not self._queue and deadline > (now := time.monotonic()):
                 self._has_frame.clear()
@@ -216,32 +177,55 @@ class AgentAudioTrack(MediaStreamTrack):
                 except asyncio.TimeoutError:
                     break
             if self._queue:
-                pcm = self._queue.popleft()
+                item = self._queue.popleft()
                 if self._speaking and time.monotonic() > self._due:
                     self.stats.late_frames += 1
         now = time.monotonic()
-        if pcm is not None:
-            if not self._speaking:
-                # Speech starting after silence goes out now, and the slot clock restarts on it, so
-                # the playout's frames (paced on the same monotonic clock) land in phase.
-                self._due = now
-                self.stats.speech_runs += 1
-            elif self._due > now:
-                await asyncio.sleep(self._due - now)
-            if self.stats.first_speech_out_at is None:
-                self.stats.first_speech_out_at = time.monotonic()
-            self._speaking = True
-            self.stats.frames_out_speech += 1
-        else:
-            if self._due > now:
-                await asyncio.sleep(self._due - now)
-            self._speaking = False
-            self.stats.frames_out_silence += 1
-            pcm = self._silence
-        self._due += frame_s
-        self._has_room.set()
+        started = False
+        if item is not None and not self._speaking:
+            # Speech starting after silence goes out now, and the slot clock restarts on it, so
+            # the playout's frames (paced on the same monotonic clock) land in phase.
+            self._due = now
+            self.stats.speech_runs += 1
+            started = True
+        elif self._due > now:
+            await asyncio.sleep(self._due - now)
+        return self._out(item, started)
+
+    def _out(self, item: tuple[np.ndarray, float] | None, started: bool) -> av.AudioFrame:
+        """The frame for this slot (silence when `item` is None), stamped and counted."""
         if self.readyState != "live":
             raise MediaStreamError
+        stats = self.stats
+        if item is not None:
+            pcm, queued_at = item
+            if stats.first_speech_out_at is None:
+                stats.first_speech_out_at = time.monotonic()
+            self._speaking = True
+            stats.frames_out_speech += 1
+        else:
+            last = self._last_out
+            if self._speaking and stats.runs and last is not None and last.speech:
+                stats.runs[-1].end_ts, stats.runs[-1].last_handed_at = last.ts, last.handed_at
+            self._speaking = False
+            stats.frames_out_silence += 1
+            pcm, queued_at = self._silence, None
+        slot = self._due
+        self._due += FRAME_MS / 1000
+        self._has_room.set()
+        handed = time.monotonic()
+        # The RTP timestamp it will carry: aiortc's encoder stamps each frame one frame after the
+        # previous one's pts (equal to its own pts except on a clock jump).
+        wire = self._pts if self._prev_pts is None else self._prev_pts + FRAME_SAMPLES
+        self._prev_pts = self._pts
+        rec = OutboundFrame(wire, item is not None, queued_at, slot, handed)
+        stats.outbound.put(wire, rec)
+        stats.stage("out_slot_late", handed - slot)
+        if queued_at is not None:
+            stats.stage("out_queue", handed - queued_at)
+        if started:
+            stats.runs.append(SpeechRun(wire, queued_at, handed))
+        self._last_out = rec
         out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         out.sample_rate = RTC_RATE
         out.pts = self._pts
@@ -282,7 +266,8 @@ class WebRTCTransport:
         self._input_ready = asyncio.Event()
         self._channel: RTCDataChannel | None = None
         self._pending: deque[str] = deque(maxlen=self.options.max_pending_events)
-        self._resampler: StreamResampler | None = None
+        self._jitter: AudioJitterBuffer | None = None
+        self._resampler: Resampler | None = None
         self._out_buf = np.zeros(0, dtype=np.float32)
         self._last_send_audio: float | None = None
         self.connected = asyncio.Event()  # ICE + DTLS up: media can flow
@@ -298,6 +283,8 @@ class WebRTCTransport:
             log.info("%s: ignoring extra %s track", self.name, track.kind)
             return
         self._input_track = track
+        # Before any packet: the track event comes while the offer is applied, media after DTLS.
+        self._jitter = install_jitter_buffer(self.pc, track, self.options.receive_jitter_packets)
         self._input_ready.set()
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -398,7 +385,14 @@ class WebRTCTransport:
         track = self._input_track
         assert track is not None
         timeout = self.options.first_media_timeout_s
+        stats = self.stats
+        queue = getattr(track, "_queue", None)  # aiortc's decoded-frame queue: how far behind we are
+        last: InboundFrame | None = None
         while not self.closed:
+            pulled = time.monotonic()
+            if last is not None:
+                last.done_at = pulled
+                stats.stage("in_session", pulled - (last.received_at or pulled))
             try:
                 got = await self._race(track.recv(), timeout)
             except MediaStreamError:
@@ -406,16 +400,48 @@ class WebRTCTransport:
                 return
             if got is None:
                 if not self.closed:
-                    reason = "no media" if self.stats.first_audio_in_at is None else "media timeout"
+                    reason = "no media" if stats.first_audio_in_at is None else "media timeout"
                     log.info("%s: %s after %.0f s; closing", self.name, reason, timeout)
                     await self.close(reason)
                 return
             now = time.monotonic()
-            if self.stats.first_audio_in_at is None:
-                self.stats.first_audio_in_at = now
+            if stats.first_audio_in_at is None:
+                stats.first_audio_in_at = now
                 timeout = self.options.media_timeout_s
-            self.stats.frames_in += 1
-            yield av_to_audio_frame(got, now)
+            stats.frames_in += 1
+            if queue is not None:
+                stats.max_in_queue = max(stats.max_in_queue, queue.qsize())
+            last = self._stamp_inbound(got, now)
+            # Dated by the packet's arrival when known: the tightest bound on when it was captured.
+            yield av_to_audio_frame(got, last.arrived_at if last.arrived_at is not None else now)
+
+    def _stamp_inbound(self, got: av.AudioFrame, now: float) -> InboundFrame:
+        stats, buf = self.stats, self._jitter
+        ts = int(got.pts or 0) & 0xFFFFFFFF
+        rec = InboundFrame(ts, received_at=now)
+        stamps = buf.stamps(ts) if buf is not None else None
+        if stamps is not None:
+            rec.arrived_at, rec.released_at = stamps
+            stats.stage("in_jitter", rec.released_at - rec.arrived_at)
+            stats.stage("in_decode", now - rec.released_at)
+        if buf is not None:
+            stats.packets_in, stats.packets_late, stats.packets_lost = buf.packets, buf.late, buf.lost
+        stats.inbound.put(ts, rec)
+        return rec
+
+    def stats_snapshot(self, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """`stats.snapshot()` for a data-channel request `{"frames_in": [ts…], "frames_out": [ts…]}`."""
+        request = request or {}
+
+        def stamps(key: str) -> list[int]:
+            v = request.get(key)
+            return [int(x) for x in v if isinstance(x, (int, float))] if isinstance(v, list) else []
+
+        out = self.stats.snapshot(stamps("frames_in"), stamps("frames_out"))
+        out["now"] = time.monotonic()
+        out["out_queued_frames"] = self.output_track.queued_frames
+        out["receive_jitter_packets"] = self.options.receive_jitter_packets
+        return out
 
     async def _race(self, aw: Awaitable[Any], timeout: float) -> Any:
         """`aw`'s result, or None on timeout or when the transport closes first."""
@@ -434,19 +460,23 @@ class WebRTCTransport:
         if self.closed:
             raise TransportClosed(f"WebRTC peer gone ({self.close_reason})")
         now = time.monotonic()
-        if self._last_send_audio is not None and now - self._last_send_audio > 0.25 and self._out_buf.size:
+        if self._last_send_audio is not None and now - self._last_send_audio > 0.25:
             # A new answer after a pause: a few ms left over from the last one would otherwise be
             # glued to its start.
             self._out_buf = np.zeros(0, dtype=np.float32)
-            if self._resampler is not None:
-                self._resampler.reset()
+            self._resampler = None
         self._last_send_audio = now
         if frame.sample_rate == RTC_RATE and frame.samples_per_channel == FRAME_SAMPLES and not self._out_buf.size:
-            await self.output_track.put(_to_int16_mono(frame))
+            await self.output_track.put(to_int16_mono(frame))
             return
-        if self._resampler is None or self._resampler.from_rate != frame.sample_rate:
-            self._resampler = StreamResampler(frame.sample_rate, RTC_RATE)
+        starting = self._resampler is None
+        if starting or self._resampler.from_rate != frame.sample_rate:
+            self._resampler = Resampler(frame.sample_rate)
         y = self._resampler.process(frame.to_float_mono())
+        if starting and 0 < y.size < FRAME_SAMPLES and not self._out_buf.size:
+            # The first frame of an answer goes out now, not when the next call completes it: the
+            # resampler's delay (a few samples) becomes silence before the speech instead.
+            y = np.concatenate([np.zeros(FRAME_SAMPLES - y.size, np.float32), y])
         self._out_buf = np.concatenate([self._out_buf, y]) if self._out_buf.size else y
         while self._out_buf.size >= FRAME_SAMPLES:
             chunk, self._out_buf = self._out_buf[:FRAME_SAMPLES], self._out_buf[FRAME_SAMPLES:]
@@ -478,10 +508,3 @@ class WebRTCTransport:
             await self.pc.close()
         except Exception as exc:  # noqa: BLE001 - closing a half-built connection may fail; we are done anyway
             log.debug("%s: pc.close failed: %s", self.name, exc)
-
-
-def _to_int16_mono(frame: AudioFrame) -> np.ndarray:
-    x = frame.samples
-    if x.ndim == 2:
-        x = x[:, 0] if x.shape[1] == 1 else frame.to_float_mono()
-    return np.ascontiguousarray(to_pcm16(x))

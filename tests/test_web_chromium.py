@@ -4,7 +4,8 @@ Chromium is driven over the DevTools protocol (a websocket, with aiohttp: no ext
 browser download). Its microphone is a WAV synthesised at test time; everything the test checks is
 read back through the page itself (its DOM and the state it exposes as `window.rejoinder`), so it
 checks what a person would see: their words, the agent's reply, the latency read-out, audio that
-actually arrived (WebRTC getStats), and the messages shown when things go wrong.
+actually arrived (WebRTC getStats), the messages shown when things go wrong, and the agent's voice
+silenced the moment the session pauses it for a barge-in (and playing again for what follows).
 
 A screenshot of the conversation is saved to artifacts/web_chromium.png.
 """
@@ -25,7 +26,7 @@ import aiohttp
 import numpy as np
 import pytest
 from speech import piper_say, trim
-from webrtc_client import EchoSession, ServerThread, shared_agent
+from webrtc_server import EchoSession, ServerThread, shared_agent
 
 from rejoinder.agent.serving import agent_session_factory
 from rejoinder.streaming.audio import resample, write_wav
@@ -275,6 +276,10 @@ async def test_page_talks_to_the_agent_in_chromium(tmp_path):
             assert stats["inboundAudioBytes"] > 20_000, stats
             assert stats["inboundAudioEnergy"] > 0.01, stats
             assert stats["outboundAudioBytes"] > 20_000, stats
+            # What the browser's own receive path adds (its adaptive jitter buffer, NetEq): the part
+            # of "as heard" the aiortc test caller, which plays frames on arrival, does not have.
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "web_chromium_stats.json").write_text(json.dumps(stats, indent=2))
 
             await page.eval("document.querySelector('.transcript').scrollTop = 0")
             await browser.screenshot(ARTIFACTS / "web_chromium.png")
@@ -351,3 +356,79 @@ async def test_page_explains_refused_microphone_unreachable_server_and_token(tmp
     finally:
         if srv is not None:
             srv.stop()
+
+
+MUTE_ROUND_TRIP_JS = """(async (event, want) => {
+  // Ask the server to send `event` on the data channel, and time until the page has the agent's
+  // voice in the state `want`: one round trip (page -> server -> page) plus the page's own reaction.
+  const v = window.rejoinder.view, audio = document.getElementById('remote-audio');
+  const t0 = performance.now();
+  if (!window.rejoinder.control('emit', { event })) return { error: 'data channel not open' };
+  while (!(v.agentMuted === want && audio.muted === want)) {
+    if (performance.now() - t0 > 5000) return { timedOut: true, agentMuted: v.agentMuted, element: audio.muted };
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  const pc = window.__peerConnections[window.__peerConnections.length - 1];
+  const tracks = pc.getReceivers().filter((r) => r.track && r.track.kind === 'audio').map((r) => r.track.enabled);
+  return { ms: performance.now() - t0, element: audio.muted, trackEnabled: tracks, last: v.agentAudio.at(-1) };
+})"""
+
+
+async def test_page_stops_playing_the_agent_on_barge_in_and_plays_the_next_answer():
+    """The page mutes the agent's voice when the session pauses for a barge-in, unmutes for what follows.
+
+    The events are built by the session's own event classes and sent by the server on the real
+    data channel; what is checked is the page's audio element and remote track, as rendered.
+    """
+    from rejoinder.agent.events import AgentSpeech, BargeIn, SessionState, StateChanged
+
+    sid = "s"
+    candidate = StateChanged(sid, old=SessionState.SPEAKING, new=SessionState.USER_SPEAKING, reason="barge-in")
+    confirmed = BargeIn(sid, turn=1, outcome="interruption", at_s=3.0, onset_at=10.0, stopped_at=10.2, text="stop")
+    thinking = StateChanged(sid, old=SessionState.USER_SPEAKING, new=SessionState.THINKING, reason="end of turn")
+    next_answer = AgentSpeech(sid, turn=2, started=True)
+    noise = BargeIn(sid, turn=2, outcome="noise", at_s=6.0, onset_at=13.0, stopped_at=13.2)
+    plain_speech = StateChanged(sid, old=SessionState.LISTENING, new=SessionState.USER_SPEAKING, reason="speech")
+
+    srv = ServerThread(ServeConfig(connect_timeout_s=15.0, media_timeout_s=15.0), EchoSession).start()
+    try:
+        async with Browser(None) as browser:
+            page = await browser.page(srv.url + "/")
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            await page.wait_for(f"{VIEW}.phase === 'live' && {VIEW}.events.session_started", 30, "the call")
+            assert await page.eval(f"{VIEW}.agentMuted") is False
+            assert await page.eval("document.getElementById('remote-audio').muted") is False
+
+            async def send(event, want: bool) -> dict:
+                got = await page.eval(f"{MUTE_ROUND_TRIP_JS}({json.dumps(event.to_dict())}, {json.dumps(want)})")
+                assert got and "ms" in got, got
+                return got
+
+            # Talking over the agent: muted at once, element and remote track both.
+            cut = await send(candidate, True)
+            assert cut["element"] is True and cut["trackEnabled"] == [False], cut
+            assert cut["last"]["reason"] == "state:user_speaking", cut
+            # Within one loopback round trip (plus the page's reaction); generous for a loaded box.
+            assert cut["ms"] < 1000, cut
+            # Confirmed: stays muted; the turn goes on (thinking): plays again for whatever comes.
+            await send(confirmed, True)
+            assert (await send(thinking, False))["trackEnabled"] == [True]
+            # Muted again by the next candidate, and a new answer starting plays.
+            await send(candidate, True)
+            back = await send(next_answer, False)
+            assert back["element"] is False and back["trackEnabled"] == [True], back
+            # A false interruption (a cough): the answer resumes, and so does the page.
+            await send(candidate, True)
+            await send(noise, False)
+            # The user speaking when the agent was not talking mutes nothing.
+            await page.eval(f"window.rejoinder.control('emit', {{event: {json.dumps(plain_speech.to_dict())}}})")
+            await page.wait_for(f"{VIEW}.agentState === 'user_speaking'", 5, "the plain speech state")
+            assert await page.eval(f"{VIEW}.agentMuted") is False
+            changes = await page.eval(f"{VIEW}.agentAudio.map(c => c.muted)")
+            assert changes == [True, False, True, False, True, False], changes
+            assert not page.exceptions(), page.exceptions()
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "web_barge_in_mute.json").write_text(json.dumps(
+                {"mute_round_trip_ms": cut["ms"], "unmute_round_trip_ms": back["ms"]}, indent=2))
+    finally:
+        srv.stop()

@@ -2,10 +2,10 @@
 
 Real parts only: aiortc on both ends with Opus and a data channel, the aiohttp server on a loopback
 port, the embedded models, speech synthesised by Piper and transcribed by Whisper. The server runs
-on its own event loop (tests/webrtc_client.ServerThread), as it would in production.
+on its own event loop (tests/webrtc_server.ServerThread), as it would in production.
 
-Three layers:
-- the outgoing track and frame conversion on their own (pacing, bounded queue, late frames);
+Two layers here (the media pieces on their own, pacing, jitter buffer and resampling, are in
+tests/test_webrtc_media.py):
 - the transport and server with a stand-in echo agent (intelligibility through Opus both ways,
   WHIP, control messages, every refusal: malformed SDP, no audio, huge body, token, origin, capacity,
   a peer that never connects);
@@ -24,18 +24,18 @@ import time
 from pathlib import Path
 
 import aiohttp
-import av
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from speech import long_text, piper_say, shared_whisper, trim
-from webrtc_client import EchoSession, RTCClient, ServerThread, SignallingError, shared_agent
+from webrtc_client import RTCClient, SignallingError
+from webrtc_server import EchoSession, ServerThread, shared_agent
 
 from rejoinder.agent.serving import agent_session_factory
 from rejoinder.streaming.audio import resample, write_wav
 from rejoinder.streaming.signalling import OfferError, ServeConfig, validate_offer
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
-from rejoinder.streaming.webrtc import FRAME_SAMPLES, AgentAudioTrack, WebRTCOptions, av_to_audio_frame
+from rejoinder.streaming.webrtc import FRAME_SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -52,93 +52,6 @@ def with_tail(x: np.ndarray, seconds: float = 1.0, rate: int = 16_000) -> np.nda
     return np.concatenate([x, np.zeros(int(seconds * rate), np.float32)])
 
 
-# --- the outgoing track on its own -------------------------------------------------------------------
-
-
-def tone(k: int) -> np.ndarray:
-    t = np.arange(FRAME_SAMPLES) + k * FRAME_SAMPLES
-    return (np.sin(2 * np.pi * 440 * t / 48_000) * 8000).astype(np.int16)
-
-
-async def test_track_paces_in_real_time_and_fills_gaps_with_silence():
-    track = AgentAudioTrack()
-    t0 = time.monotonic()
-    frames = [await track.recv() for _ in range(25)]
-    elapsed = time.monotonic() - t0
-    # 25 frames of 20 ms: the first goes at once, the rest every 20 ms -> 480 ms.
-    assert 0.42 <= elapsed <= 0.8, elapsed
-    assert all(f.sample_rate == 48_000 and f.samples == FRAME_SAMPLES for f in frames)
-    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(25)]
-    assert all(not np.any(f.to_ndarray()) for f in frames), "nothing queued must mean silence"
-    assert track.stats.frames_out_silence == 25
-    track.stop()
-
-
-async def test_track_queue_is_bounded_and_keeps_order():
-    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=3))
-    for k in range(3):
-        await track.put(tone(k))
-    # A fourth frame must wait for the encoder to take one: the queue never grows past 3 frames,
-    # which bounds how much already-committed speech a barge-in can still be heard over.
-    blocked = asyncio.ensure_future(track.put(tone(3)))
-    await asyncio.sleep(0.01)
-    assert not blocked.done()
-    assert track.queued_frames == 3
-    first = await track.recv()
-    await asyncio.wait_for(blocked, 1.0)
-    rest = [await track.recv() for _ in range(3)]
-    got = [f.to_ndarray().reshape(-1) for f in [first, *rest]]
-    for k, g in enumerate(got):
-        np.testing.assert_array_equal(g, tone(k))
-    track.stop()
-
-
-async def test_track_drops_oldest_when_nobody_pulls():
-    # Before ICE connects nothing pulls frames; send_audio must not hang the session's playout.
-    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=2))
-    t0 = time.monotonic()
-    for k in range(6):
-        await track.put(tone(k))
-    assert time.monotonic() - t0 < 1.0
-    assert track.queued_frames == 2 and track.stats.dropped_out_frames == 4
-    np.testing.assert_array_equal((await track.recv()).to_ndarray().reshape(-1), tone(4))
-    track.stop()
-
-
-async def test_track_sends_a_slightly_late_speech_frame_instead_of_silence():
-    track = AgentAudioTrack(WebRTCOptions(late_frame_grace_s=0.04))  # wide: a loaded box oversleeps
-    await track.put(tone(0))
-    await track.recv()  # speech starts; the next slot is 20 ms later
-
-    async def late() -> None:
-        await asyncio.sleep(0.020 + 0.008)  # 8 ms after its slot
-        await track.put(tone(1))
-
-    feeder = asyncio.ensure_future(late())
-    second = await track.recv()
-    await feeder
-    np.testing.assert_array_equal(second.to_ndarray().reshape(-1), tone(1))
-    assert track.stats.late_frames == 1 and track.stats.frames_out_silence == 0
-    # With nothing coming, the next slot (after the grace) is silence again.
-    third = await track.recv()
-    assert not np.any(third.to_ndarray())
-    track.stop()
-
-
-def test_av_frame_to_audio_frame_keeps_channels_and_dates_the_first_sample():
-    left = np.arange(960, dtype=np.int16)
-    right = -left
-    interleaved = np.stack([left, right], axis=1).reshape(1, -1)
-    f = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
-    f.sample_rate = 48_000
-    out = av_to_audio_frame(f, received_at=100.0)
-    assert out.samples.shape == (960, 2) and out.samples.dtype == np.int16
-    np.testing.assert_array_equal(out.samples[:, 0], left)
-    np.testing.assert_array_equal(out.samples[:, 1], right)
-    assert out.channels == 2 and out.sample_rate == 48_000
-    assert out.timestamp == pytest.approx(100.0 - 0.02)
-
-
 # --- the transport and the server, with a stand-in agent -----------------------------------------
 
 
@@ -151,6 +64,10 @@ def echo_server():
 
 async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
     sentence = "Please remind me to call my sister after lunch tomorrow."
+    # Synthesised and the recogniser loaded before connecting: loading a model blocks this loop for
+    # seconds, and a caller that sends nothing that long is (rightly) dropped as vanished.
+    speech = with_tail(trim(piper_say(sentence)))
+    shared_whisper()
     client = RTCClient(echo_server.url)
     await client.connect()
     try:
@@ -159,10 +76,11 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         assert started["session_id"] == client.session_id
         stats = echo_server.call(lambda: next(p.transport.stats for p in echo_server.server.peers.values()
                                               if p.session.session_id == client.session_id))
-        said = await client.say(with_tail(trim(piper_say(sentence))), 16_000)
+        said = await client.say(speech, 16_000)
         done = await client.wait_event(lambda e: e["type"] == "echo_done", 20)
         await asyncio.sleep(0.3)  # the last frames through the jitter buffer
-        heard = transcribe48(client.received_audio(since=said.start))
+        # In a thread: the caller's loop keeps its microphone going (a stalled caller gets dropped).
+        heard = await asyncio.to_thread(transcribe48, client.received_audio(since=said.start))
         assert word_error_rate(sentence, heard) <= 0.2, heard
         assert done["seconds"] == pytest.approx(len(trim(piper_say(sentence))) / 16_000, abs=0.8)
         # The echo was sent as one continuous stream: it must leave as one, not with silence frames
@@ -177,6 +95,42 @@ async def test_speech_survives_opus_both_ways_and_events_flow(echo_server):
         client.send_raw("this is not json")
         bad = await client.wait_event(lambda e: e["type"] == "error" and e.get("where") == "data_channel", 5)
         assert "JSON" in bad["message"]
+    finally:
+        await client.close()
+
+
+async def test_each_stage_is_timed_and_both_ends_name_frames_alike(echo_server):
+    """The per-stage stamps a benchmark reads: the server's of the caller's own frames, and back."""
+    speech = with_tail(trim(piper_say("Turn left at the bakery.")))
+    client = RTCClient(echo_server.url)
+    await client.connect()
+    try:
+        await client.wait_event(lambda e: e["type"] == "session_started", 5)
+        await client.say(speech, 16_000)
+        await client.wait_event(lambda e: e["type"] == "echo_done", 20)
+        await asyncio.sleep(0.3)
+        loud = [f for f in client.mic.sent if f.loud]
+        st = await client.server_stats(frames_in=[loud[0].ts, loud[-1].ts])
+        for mine in (loud[0], loud[-1]):
+            rec = st["frames_in"][str(mine.ts)]
+            assert rec is not None, f"the server has no stamps of frame {mine.ts}"
+            assert rec["arrived_at"] <= rec["released_at"] <= rec["received_at"] <= rec["done_at"], rec
+            # It left the caller complete (20 ms after its first sample) and reached the session
+            # soon after: nothing on the way holds packets back (loose bound: a loaded 2-core box).
+            assert mine.slot_at + 0.02 <= mine.handed_at <= rec["arrived_at"], (mine, rec)
+            assert rec["received_at"] - (mine.slot_at + 0.02) < 0.5, (mine, rec)
+        # Decoded on arrival, at both ends: no packet waited in a jitter buffer.
+        assert st["stages"]["in_jitter"]["n"] > 50 and st["stages"]["in_jitter"]["max_ms"] == 0, st["stages"]
+        assert client.stages["in_jitter"].count > 50 and client.stages["in_jitter"].max_s == 0
+        for name in ("in_decode", "in_session", "out_queue", "out_slot_late", "out_encode_send"):
+            assert st["stages"][name]["n"] > 0 and st["stages"][name]["p50_ms"] is not None, (name, st["stages"])
+        # The echo's first frame as the server sent it is the first loud frame the caller got.
+        run = st["runs"][0]
+        first = client.frame_at(run["start_ts"])
+        before = client.frame_at(run["start_ts"] - FRAME_SAMPLES)
+        assert first is not None and np.abs(first.pcm).max() > 300 and not np.any(before.pcm), (run, first)
+        assert 0 <= first.at - run["first_handed_at"] < 0.5
+        assert st["out_queued_frames"] <= 3 and st["max_out_queue"] <= 3
     finally:
         await client.close()
 
@@ -210,11 +164,12 @@ async def test_ice_stays_on_the_loopback_when_configured(echo_server):
 
 
 async def test_whip_offer_answer_and_delete(echo_server):
+    speech = with_tail(trim(piper_say("Turn left at the bakery.")))
     client = RTCClient(echo_server.url, use_whip=True)
     await client.connect()
     assert client.resource and client.resource.startswith("/whip/")
     await client.wait_event(lambda e: e["type"] == "session_started", 5)
-    said = await client.say(with_tail(trim(piper_say("Turn left at the bakery."))), 16_000)
+    said = await client.say(speech, 16_000)
     await client.wait_event(lambda e: e["type"] == "echo_done", 20)
     assert client.first_speech_after(said.start) is not None, "no audio came back over the WHIP session"
     assert await client.hang_up() == 200
@@ -482,11 +437,12 @@ async def wait_greeting(client: RTCClient) -> dict:
 
 @pytest.mark.slow
 async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
+    question = trim(piper_say(QUESTION))  # before connecting: see test_speech_survives_opus_both_ways…
+    shared_whisper()
     client = RTCClient(agent_server.url)
     await client.connect()
     try:
         await wait_greeting(client)
-        question = trim(piper_say(QUESTION))
         mark = time.monotonic()
         said = await client.say(with_tail(question, 1.5), 16_000)
         speech_end = said.start + question.size / 16_000
@@ -501,7 +457,7 @@ async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
         first_heard = client.first_speech_after(speech_end)
         assert first_heard is not None, "no answer audio arrived"
         answer_audio = client.received_audio(since=first_heard - 0.1)
-        heard = transcribe48(answer_audio)
+        heard = await asyncio.to_thread(transcribe48, answer_audio)
         assert heard, "the answer audio is not speech"
         # What arrived is what the agent says it said.
         assert word_error_rate(done["text"], heard) <= 0.35, (done["text"], heard)
@@ -523,6 +479,7 @@ async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
 @pytest.mark.slow
 async def test_two_callers_at_once_get_their_own_sessions(agent_server):
     questions = {"france": "What is the capital of France?", "week": "How many days are in a week?"}
+    spoken = {k: with_tail(trim(piper_say(q)), 1.5) for k, q in questions.items()}
     clients = {k: RTCClient(agent_server.url) for k in questions}
     try:
         await asyncio.gather(*(c.connect() for c in clients.values()))
@@ -531,7 +488,7 @@ async def test_two_callers_at_once_get_their_own_sessions(agent_server):
         await asyncio.gather(*(wait_greeting(c) for c in clients.values()))
         mark = time.monotonic()
         await asyncio.gather(*(
-            clients[k].say(with_tail(trim(piper_say(q)), 1.5), 16_000) for k, q in questions.items()))
+            clients[k].say(spoken[k], 16_000) for k in questions))
         finals = await asyncio.gather(*(
             c.wait_event(lambda e: e["type"] == "metrics", 120, after=mark) for c in clients.values()))
         for (key, other), m in zip((("france", "week"), ("week", "france")), finals):
@@ -545,6 +502,9 @@ async def test_two_callers_at_once_get_their_own_sessions(agent_server):
 
 @pytest.mark.slow
 async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
+    text = long_text(60)
+    full_s = len(piper_say(text)) / 16_000
+    interruption = trim(piper_say("Stop, stop. Wait a moment please."))  # before connecting (model load)
     client = RTCClient(agent_server.url)
     await client.connect()
     try:
@@ -555,12 +515,11 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
         assert refused["ok"] is False and "not allowed" in refused["error"]
         refused = await client.control("say", {"text": 123})
         assert refused["ok"] is False and "must be a string" in refused["error"]
-        text = long_text(60)
         mark = time.monotonic()
         assert (await client.control("say", {"text": text}))["ok"] is True
         began = await client.wait_event(lambda e: e["type"] == "agent_speech" and e["started"], 30, after=mark)
         await asyncio.sleep(2.0)  # well into the answer
-        interruption = trim(piper_say("Stop, stop. Wait a moment please."))
+        assert not client.gate.muted, "nothing should have muted the agent yet"
         said = await client.say(with_tail(interruption, 1.5), 16_000)
         onset = said.start
         barge = await client.wait_event(lambda e: e["type"] == "barge_in" and e["outcome"] == "interruption", 30,
@@ -571,24 +530,39 @@ async def test_barge_in_stops_the_audio_and_the_events_say_so(agent_server):
         assert barge["reaction_s"] is not None and barge["reaction_s"] < 0.6, barge
         assert cut["interrupted"] is True
         assert 0 < len(cut["text"]) < len(text) * 0.6, "history must keep only what was played"
-        # The audio itself: speech arriving at the client stops soon after the onset and stays
-        # stopped until the agent's next answer (if any) begins.
+        # The agent answers the interruption: its voice plays again (the page unmutes for it).
+        nxt = await client.wait_event(
+            lambda e: e["type"] == "agent_speech" and e["started"] and e["turn"] != began["turn"], 90, after=onset)
         await asyncio.sleep(1.0)
-        nxt = [e["_received_at"] for e in client.events_of("agent_speech")
-               if e["started"] and e["turn"] != began["turn"]]
-        horizon = min(nxt) if nxt else time.monotonic()
+        horizon = nxt["_received_at"]
+        # The audio itself, as the server sent it: speech arriving stops soon after the onset and
+        # stays stopped until the next answer begins.
         speech = [f.at for f in client.speech_frames() if onset <= f.at < horizon]
         last = max(speech) if speech else onset
         assert last - onset < 1.0, f"agent audio went on {last - onset:.2f} s after the user started talking"
         # A real gap, not one lost frame: at least 0.5 s of silence after the last interrupted frame.
         assert horizon - last >= 0.5
-        full_s = len(piper_say(text)) / 16_000
         played_s = sum(1 for f in client.speech_frames() if f.at >= mark and f.at < horizon) * 0.02
         assert played_s < full_s * 0.6
+        # As the page lets a person hear it: muted the moment the session paused for the barge-in
+        # (before it knew it was one), nothing heard after that, and heard again for the next answer.
+        closed = [(at, why) for at, muted, why in client.mutes if muted and at >= onset]
+        assert closed and closed[0][1] == "state:user_speaking", client.mutes
+        muted_at = closed[0][0]
+        assert muted_at - onset < 1.0 and muted_at <= barge["_received_at"]
+        heard = [f.at for f in client.speech_frames(heard=True) if onset <= f.at < horizon]
+        assert not heard or max(heard) <= muted_at
+        heard_stop = min(muted_at, max(heard) + 0.02) if heard else muted_at
+        assert heard_stop <= last + 0.02
+        assert any(m is False and at >= onset for at, m, _ in client.mutes), client.mutes
+        assert not client.gate.muted and client.first_speech_after(horizon, heard=True) is not None, \
+            "the next answer was not heard"
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "webrtc_barge_in.json").write_text(json.dumps({
             "server_reaction_s": barge["reaction_s"],
-            "client_audio_stopped_after_onset_s": last - onset,  # includes both jitter buffers and Opus
+            "client_audio_stopped_after_onset_s": last - onset,  # what arrived: the server's queue and Opus
+            "heard_stopped_after_onset_s": heard_stop - onset,  # with the page's mute
+            "muted_after_onset_s": muted_at - onset,
             "played_text": cut["text"], "played_s": played_s, "full_answer_s": full_s,
         }, indent=2))
     finally:

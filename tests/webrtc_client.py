@@ -5,12 +5,29 @@
     spoken_until = await client.say(samples, 16000)   # real-time paced, returns when the last sample left
     await client.wait_event(lambda e: e["type"] == "metrics", 30)
     audio = client.received_audio()              # 48 kHz int16 mono timeline since connect
+    heard = client.received_audio(heard=True)    # ... as the page lets a person hear it (muted on barge-in)
+    server = await client.server_stats(frames_in=[ts])   # the server's stamps of one of our frames
     await client.close()
 
 It talks to `rejoinder serve` exactly as the web page does (JSON offer or WHIP, an `events` data
 channel, Opus both ways) and records, for every frame and event, the monotonic time it arrived,
-so latencies measured here include everything a real caller experiences: encoding, the jitter
-buffers on both ends, the network stack.
+so latencies measured here include everything a real caller experiences: encoding, the network
+stack, the server's receive path, and its own receive path.
+
+Timing, both ways, on the one monotonic clock of the machine (also across processes):
+- every microphone frame: its slot (when its first sample was spoken; the frame leaves 20 ms later,
+  complete, as from a real microphone), when aiortc's encoder took it, and when the encoder came
+  back for the next (so it was encoded and sent); named by its RTP timestamp `ts` (48 kHz samples
+  since the first frame), as the server names it;
+- every received frame: packet arrival, jitter-buffer release, decoded frame taken, `ts` (the
+  server's outgoing track pts), and whether the page-equivalent mute had it silenced.
+Its receive jitter buffer releases packets as they arrive (`jitter_packets=0`, like the server):
+what it records is what a zero-depth buffer would play; a browser's adaptive buffer (NetEq) adds
+its own few tens of ms on top. `jitter_packets=None` keeps aiortc's 4-packet buffer.
+
+The mute: the web page stops playing the agent the moment the session says it paused for a
+barge-in, and plays again for what comes next (`AgentAudioGate`, the same rule as web/app.js);
+`heard=True` gives the audio through that gate, and `mutes` says when it closed and opened.
 
 Run as a script it is a caller that talks and then just stays (tests kill it to simulate a client
 that vanishes without hanging up):
@@ -20,12 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import functools
 import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +50,21 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from webrtc_server import LOOPBACK, EchoSession, ServerThread, _free_port, shared_agent  # noqa: F401 - re-exported
+
+from rejoinder.streaming.rtc_jitter import AudioJitterBuffer, install_jitter_buffer
+from rejoinder.streaming.rtc_stats import StageStats
 
 RATE = 48_000
 FRAME = 960  # 20 ms
-LOOPBACK = ("127.0.0.1",)
 
 
 class MicTrack(MediaStreamTrack):
-    """A microphone that plays what `say()` queued, silence otherwise, at real-time pace."""
+    """A microphone that plays what `say()` queued, silence otherwise, at real-time pace.
+
+    Like a real one, it hands over each 20 ms frame when its last sample has been captured: frame n
+    holds what was "spoken" during [start + 20n ms, start + 20(n+1) ms) and leaves at the end of it.
+    """
 
     kind = "audio"
 
@@ -54,6 +77,17 @@ class MicTrack(MediaStreamTrack):
         self._cur_start = 0.0
         self._start: float | None = None
         self._n = 0
+        self.sent: deque[MicFrame] = deque(maxlen=30_000)  # 10 minutes of 20 ms frames
+        self.stages = {"mic_late": StageStats(), "mic_encode_send": StageStats()}
+
+    def slot(self, ts: int) -> float | None:
+        """When the first sample of the frame of RTP timestamp `ts` was spoken (None before the first frame)."""
+        return None if self._start is None else self._start + ts / RATE
+
+    def ts_at(self, t: float) -> int:
+        """RTP timestamp of the frame holding what was spoken at time `t`."""
+        assert self._start is not None, "the microphone has not started"
+        return int((t - self._start) * RATE // FRAME) * FRAME
 
     def queue(self, pcm48: np.ndarray) -> asyncio.Future[Said]:
         """Queue int16 48 kHz mono; the future gets when its first and last frames were sent."""
@@ -64,10 +98,14 @@ class MicTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        entered = time.monotonic()
+        if self.sent and self.sent[-1].sent_at is None:
+            self.sent[-1].sent_at = entered  # the encoder is back: the last frame was encoded and sent
+            self.stages["mic_encode_send"].add(entered - self.sent[-1].handed_at)
         if self._start is None:
-            self._start = time.monotonic()
+            self._start = entered - FRAME / RATE  # frame 0 was being captured until now
         else:
-            wait = self._start + self._n * FRAME / RATE - time.monotonic()
+            wait = self._start + (self._n + 1) * FRAME / RATE - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
         out = np.zeros(FRAME, np.int16)
@@ -93,20 +131,71 @@ class MicTrack(MediaStreamTrack):
         frame.sample_rate = RATE
         frame.pts = self._n * FRAME
         frame.time_base = fractions.Fraction(1, RATE)
+        slot = self._start + self._n * FRAME / RATE
+        handed = time.monotonic()
+        self.stages["mic_late"].add(handed - slot - FRAME / RATE)
+        self.sent.append(MicFrame(self._n * FRAME, slot, handed, loud=bool(np.any(out))))
         self._n += 1
         return frame
 
 
+@dataclass
+class MicFrame:
+    ts: int  # RTP timestamp (48 kHz samples since the first frame): the server's name for it
+    slot_at: float  # when its first sample was spoken (captured); it can leave 20 ms later
+    handed_at: float  # aiortc's encoder took it
+    loud: bool  # not silence
+    sent_at: float | None = None  # the encoder's next pull: encoded and sent
+
+
 @dataclass(frozen=True)
 class Said:
-    start: float  # monotonic time the first sample went into the encoder
-    end: float  # ... and the last one
+    start: float  # monotonic time its first sample was spoken (captured by the microphone)
+    end: float  # ... and its last one
 
 
 @dataclass
 class Received:
-    at: float
+    at: float  # the decoded frame was taken from aiortc (what a zero-depth buffer plays now)
     pcm: np.ndarray  # int16 mono 48 kHz
+    ts: int = 0  # RTP timestamp since the first packet: the pts the server's track gave it
+    muted: bool = False  # the page-equivalent mute was closed: a person would not hear this frame
+    arrived_at: float | None = None  # its packet arrived
+    released_at: float | None = None  # the jitter buffer released it
+
+
+class AgentAudioGate:
+    """When does the page stop playing the agent, and when does it play again? (web/app.js, the same rule)
+
+    Closed: the session paused the agent's audio for a possible interruption (`state` to
+    `user_speaking` with reason "barge-in"), or confirmed one (`barge_in`, outcome "interruption"):
+    audio already on its way is not played. Open again: a false interruption (`barge_in` outcome
+    "noise", "backchannel" or "echo": the answer resumes), a new answer (`agent_speech` started), or
+    any state the agent reaches after the interruption (`thinking`, `speaking`, `listening`).
+    """
+
+    def __init__(self) -> None:
+        self.muted = False
+
+    def update(self, ev: Mapping[str, Any]) -> tuple[bool, str] | None:
+        """The new (muted, reason) if `ev` changes the gate, else None."""
+        kind = ev.get("type")
+        want: bool | None = None
+        if kind == "state":
+            if ev.get("new") == "user_speaking":
+                if ev.get("reason") == "barge-in":
+                    want = True
+            else:
+                want = False
+        elif kind == "barge_in":
+            want = ev.get("outcome") == "interruption"
+        elif kind == "agent_speech" and ev.get("started"):
+            want = False
+        if want is None or want == self.muted:
+            return None
+        self.muted = want
+        reason = f"{kind}:{ev.get('outcome') or ev.get('new') or ev.get('reason') or ''}"
+        return want, reason
 
 
 @dataclass
@@ -127,6 +216,8 @@ class RTCClient:
     frames: list[Received] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     ice_hosts: tuple[str, ...] = LOOPBACK  # the ICE host candidates this caller offers
+    jitter_packets: int | None = 0  # receive buffer depth (None: aiortc's own, 4 packets)
+    honour_mute: bool = True  # record `muted` on frames the page would not play (`heard=True` zeroes them)
 
     def __post_init__(self) -> None:
         from rejoinder.streaming.webrtc import restrict_ice_hosts
@@ -145,6 +236,10 @@ class RTCClient:
         self._channel_open = asyncio.Event()
         self._next_id = 0
         self._replies: dict[int, asyncio.Future] = {}
+        self.gate = AgentAudioGate()
+        self.mutes: list[tuple[float, bool, str]] = []  # (monotonic time, muted, the event that did it)
+        self.jitter: AudioJitterBuffer | None = None
+        self.stages = {**self.mic.stages, "in_jitter": StageStats(), "in_decode": StageStats()}
 
     # --- connection ---------------------------------------------------------------------------------
 
@@ -164,6 +259,7 @@ class RTCClient:
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            self.jitter = install_jitter_buffer(self.pc, track, self.jitter_packets)
             self._reader = asyncio.ensure_future(self._read(track))
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -221,7 +317,15 @@ class RTCClient:
                 x = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.int16)
                 if frame.sample_rate != RATE:
                     raise AssertionError(f"unexpected rate {frame.sample_rate}")
-                self.frames.append(Received(time.monotonic(), x))
+                now = time.monotonic()
+                ts = int(frame.pts or 0) & 0xFFFFFFFF
+                got = Received(now, x, ts, self.honour_mute and self.gate.muted)
+                stamps = self.jitter.stamps(ts) if self.jitter is not None else None
+                if stamps is not None:
+                    got.arrived_at, got.released_at = stamps
+                    self.stages["in_jitter"].add(got.released_at - got.arrived_at)
+                    self.stages["in_decode"].add(now - got.released_at)
+                self.frames.append(got)
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
@@ -236,26 +340,41 @@ class RTCClient:
         pcm = (np.clip(y, -1, 1) * 32767).astype(np.int16)
         return await self.mic.queue(pcm)
 
-    def received_audio(self, since: float | None = None) -> np.ndarray:
-        frames = [f.pcm for f in self.frames if since is None or f.at >= since]
+    def received_audio(self, since: float | None = None, *, heard: bool = False) -> np.ndarray:
+        """What arrived since `since`; `heard=True`: with the frames the page would mute as silence."""
+        frames = [np.zeros_like(f.pcm) if heard and f.muted else f.pcm
+                  for f in self.frames if since is None or f.at >= since]
         return np.concatenate(frames) if frames else np.zeros(0, np.int16)
 
-    def speech_frames(self, threshold: float = 300.0) -> list[Received]:
+    def speech_frames(self, threshold: float = 300.0, *, heard: bool = False) -> list[Received]:
         """Received frames with speech-level energy (RMS over `threshold` in int16 units)."""
-        return [f for f in self.frames if float(np.sqrt(np.mean(f.pcm.astype(np.float64) ** 2))) > threshold]
+        return [f for f in self.frames if not (heard and f.muted)
+                and float(np.sqrt(np.mean(f.pcm.astype(np.float64) ** 2))) > threshold]
 
-    def first_speech_after(self, t: float, threshold: float = 300.0) -> float | None:
-        for f in self.speech_frames(threshold):
+    def first_speech_after(self, t: float, threshold: float = 300.0, *, heard: bool = False) -> float | None:
+        for f in self.speech_frames(threshold, heard=heard):
             if f.at > t:
                 return f.at
         return None
 
-    def last_speech_before(self, t: float, threshold: float = 300.0) -> float | None:
+    def last_speech_before(self, t: float, threshold: float = 300.0, *, heard: bool = False) -> float | None:
         last = None
-        for f in self.speech_frames(threshold):
+        for f in self.speech_frames(threshold, heard=heard):
             if f.at <= t:
                 last = f.at
         return last
+
+    def frame_at(self, ts: int) -> Received | None:
+        """The received frame of RTP timestamp `ts` (the server track's pts)."""
+        for f in reversed(self.frames):
+            if f.ts == ts:
+                return f
+            if f.ts < ts:
+                return None
+        return None
+
+    def stage_summary(self) -> dict[str, dict[str, Any]]:
+        return {k: v.to_dict() for k, v in self.stages.items()}
 
     # --- events -------------------------------------------------------------------------------------
 
@@ -263,7 +382,10 @@ class RTCClient:
         ev = json.loads(message)
         ev["_received_at"] = time.monotonic()
         self.events.append(ev)
-        if ev.get("type") == "control_result" and ev.get("id") in self._replies:
+        change = self.gate.update(ev)
+        if change is not None:
+            self.mutes.append((ev["_received_at"], *change))
+        if ev.get("type") in ("control_result", "transport_stats") and ev.get("id") in self._replies:
             fut = self._replies.pop(ev["id"])
             if not fut.done():
                 fut.set_result(ev)
@@ -291,6 +413,17 @@ class RTCClient:
         self.channel.send(json.dumps({"type": "control", "id": self._next_id, "command": command, "args": args or {}}))
         return await asyncio.wait_for(fut, timeout)
 
+    async def server_stats(self, frames_in: list[int] | tuple[int, ...] = (),
+                           frames_out: list[int] | tuple[int, ...] = (), timeout: float = 10.0) -> dict:
+        """The server's `WebRTCStats` snapshot of this connection, with its stamps of the frames named."""
+        self._next_id += 1
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._replies[self._next_id] = fut
+        self.channel.send(json.dumps({"type": "transport_stats", "id": self._next_id,
+                                      "frames_in": [int(t) for t in frames_in],
+                                      "frames_out": [int(t) for t in frames_out]}))
+        return await asyncio.wait_for(fut, timeout)
+
     def media_pairs(self) -> list[tuple[str, str]]:
         """(local, remote) addresses of the ICE pairs in use (aioice's nominated pairs)."""
         out = []
@@ -301,154 +434,6 @@ class RTCClient:
 
     def send_raw(self, text: str) -> None:
         self.channel.send(text)
-
-
-class ServerThread:
-    """`rejoinder serve`'s app on its own event loop in a thread, on a free loopback port.
-
-    Its own loop, as in production, so the test's client and the server do not share a scheduler
-    (a stall in one does not distort the other's timestamps); the same process, so both read one
-    monotonic clock and the server's event times compare directly with the client's.
-    """
-
-    def __init__(self, cfg: Any, factory: Any, **app_options: Any) -> None:
-        import dataclasses
-        import threading
-
-        self.app_options = app_options  # create_app's routes= and on_refused=
-        # Loopback only: the port, and the ICE host candidates the server offers (DESIGN.md,
-        # "Network in tests"); a config that names other ICE hosts keeps them (the test asked).
-        self.cfg = dataclasses.replace(cfg, host="127.0.0.1", port=_free_port(), ice_hosts=cfg.ice_hosts or LOOPBACK)
-        self.factory = factory
-        self.url = f"http://127.0.0.1:{self.cfg.port}"
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="rejoinder-test-server", daemon=True)
-        self.server = None  # rejoinder.streaming.signalling.Server
-        self._runner = None
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        from aiohttp import web
-
-        from rejoinder.streaming.signalling import SERVER_KEY, create_app
-
-        app = create_app(self.cfg, self.factory, **self.app_options)
-        self.server = app[SERVER_KEY]
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.cfg.host, self.cfg.port).start()
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("test server did not start")
-        return self
-
-    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run `fn` on the server's loop (its state is not thread-safe) and return its result."""
-        async def run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        """Await `coro` on the server's loop (e.g. starting something the server's sessions use)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def active(self) -> int:
-        return self.call(lambda: self.server.active)
-
-    def ended(self) -> list[tuple[str, str]]:
-        return self.call(lambda: list(self.server.ended))
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-
-@functools.lru_cache(maxsize=1)
-def shared_agent() -> tuple[Any, Any]:
-    """(Models, AgentConfig) of the embedded models, loaded once for every WebRTC/browser test."""
-    from rejoinder.agent.config import AgentConfig
-    from rejoinder.agent.models import Models
-
-    cfg = AgentConfig.from_env({})
-    return Models(cfg), cfg
-
-
-class EchoSession:
-    """A stand-in agent for transport tests: it replays each utterance it hears, paced like playout.
-
-    It exercises everything the transport must do for a real session (audio in, 16 kHz audio out
-    through the transport's resampler, events before and after the data channel opens, control
-    messages) with no language model in the way, so a transport fault cannot hide behind, or be
-    blamed on, the agent.
-    """
-
-    def __init__(self, transport: Any, peer_id: str) -> None:
-        self.transport = transport
-        self.session_id = f"echo-{peer_id[:6]}"
-        self.controls: list[tuple[str, dict]] = []
-
-    async def on_message(self, msg: dict[str, Any]) -> dict[str, Any]:
-        command = str(msg.get("command"))
-        self.controls.append((command, dict(msg.get("args") or {})))
-        if command == "end":
-            await self.end("ended by control")
-        return {"type": "control_result", "id": msg.get("id"), "command": command, "ok": True, "echoed": command}
-
-    async def end(self, reason: str) -> None:
-        await self.transport.close(reason)  # audio_in() ends, and so does run()
-
-    async def run(self) -> None:
-        from rejoinder.streaming.frames import AudioFrame, FrameChunker
-
-        # Sent at once: the client's data channel is usually not open yet, so this checks the buffering.
-        await self.transport.send_event({"type": "session_started", "session_id": self.session_id})
-        chunker = FrameChunker(16_000)
-        utterance: list[np.ndarray] = []
-        quiet = 0
-        playing: set[asyncio.Task] = set()
-        async for frame in self.transport.audio_in():
-            for f in chunker.push(frame):
-                loud = float(np.sqrt(np.mean(f.samples**2))) > 0.01
-                if loud or utterance:
-                    utterance.append(f.samples)
-                    quiet = 0 if loud else quiet + 1
-                if utterance and quiet >= 25:  # 0.5 s of silence ends the utterance
-                    audio = np.concatenate(utterance)
-                    utterance = []
-                    task = asyncio.ensure_future(self._play(audio, AudioFrame))
-                    playing.add(task)
-                    task.add_done_callback(playing.discard)
-        for t in playing:
-            t.cancel()
-
-    async def _play(self, audio: np.ndarray, frame_type: Any) -> None:
-        await self.transport.send_event({"type": "echo_started", "seconds": audio.size / 16_000})
-        t0 = time.monotonic()
-        for k, i in enumerate(range(0, audio.size, 320)):
-            due = t0 + k * 0.02
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            pcm = (np.clip(audio[i : i + 320], -1, 1) * 32767).astype(np.int16)
-            await self.transport.send_audio(frame_type(pcm, 16_000, 1, due))
-        await self.transport.send_event({"type": "echo_done", "seconds": audio.size / 16_000})
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _maybe_json(text: str) -> Any:

@@ -38,6 +38,8 @@ const view = {
   agentState: null, // the session's state event: listening | user_speaking | thinking | speaking
   sessionId: null,
   muted: false,
+  agentMuted: false, // the agent's voice silenced here because you talked over it (rtc.js agentAudioGate)
+  agentAudio: [], // its last changes: {muted, reason, at (performance.now() ms), elementMuted}
   error: null,
   events: {},
   stats: {},
@@ -214,6 +216,8 @@ async function connect() {
   view.phase = "connecting";
   view.agentState = null;
   view.muted = false;
+  view.agentMuted = false;
+  ui.audio.muted = false;
   render();
   const token = ui.token.value.trim();
   sessionStorage.setItem("rejoinder-token", token);
@@ -237,6 +241,13 @@ async function connect() {
       toast("Connection unstable…", "warn");
     }
     render();
+  });
+  call.addEventListener("agent-audio", (e) => {
+    // The element too, not just the track: whatever the browser already decoded stops as well.
+    ui.audio.muted = e.detail.muted;
+    view.agentMuted = e.detail.muted;
+    view.agentAudio.push({ ...e.detail, elementMuted: ui.audio.muted });
+    if (view.agentAudio.length > 20) view.agentAudio.shift();
   });
   call.addEventListener("agent-event", (e) => onAgentEvent(e.detail));
   call.addEventListener("stats", (e) => (view.stats = e.detail));

@@ -10,6 +10,29 @@ export class CallError extends Error {
   }
 }
 
+/**
+ * Should the agent's voice be heard right now? The session pauses its audio the moment it hears
+ * you start talking over it (`state` -> `user_speaking`, reason "barge-in") and drops the answer if
+ * it was a real interruption (`barge_in`, outcome "interruption"); audio already on its way (the
+ * server's queue, the network, this browser's jitter buffer) would still play for a while, so the
+ * page stops playing it at once. It plays again for what comes next: a false interruption (outcome
+ * "noise", "backchannel" or "echo": the answer resumes), a new answer (`agent_speech` started), or
+ * any state after the interruption (thinking, speaking, listening).
+ * Returns the new muted value when `ev` changes it, otherwise null.
+ */
+export function agentAudioGate(ev, muted) {
+  let want = null;
+  if (ev.type === "state") {
+    if (ev.new !== "user_speaking") want = false;
+    else if (ev.reason === "barge-in") want = true;
+  } else if (ev.type === "barge_in") {
+    want = ev.outcome === "interruption";
+  } else if (ev.type === "agent_speech" && ev.started) {
+    want = false;
+  }
+  return want === null || want === muted ? null : want;
+}
+
 const MIC_CONSTRAINTS = {
   audio: {
     // The agent talks while it listens: without echo cancellation it would hear itself.
@@ -34,6 +57,7 @@ export class AgentCall extends EventTarget {
     this.resource = null;
     this.sessionId = null;
     this.muted = false;
+    this.agentMuted = false; // the agent's voice is silenced on this side (barge-in), see agentAudioGate
     this.closed = false;
     this.stats = { inboundAudioBytes: 0, inboundPackets: 0, inboundAudioEnergy: 0, outboundAudioBytes: 0, jitterBufferMs: null, rttMs: null };
     this._statsTimer = null;
@@ -122,7 +146,15 @@ export class AgentCall extends EventTarget {
     } catch {
       return;
     }
-    if (ev && typeof ev.type === "string") this._emit("agent-event", ev);
+    if (!ev || typeof ev.type !== "string") return;
+    // Before anything else: every millisecond here is agent speech the person still hears.
+    const muted = agentAudioGate(ev, this.agentMuted);
+    if (muted !== null) {
+      this.agentMuted = muted;
+      for (const t of this.remoteStream?.getAudioTracks() || []) t.enabled = !muted;
+      this._emit("agent-audio", { muted, reason: `${ev.type}:${ev.outcome || ev.new || ""}`, at: performance.now() });
+    }
+    this._emit("agent-event", ev);
   }
 
   /** Ask the session something over the data channel (say, interrupt, end, status…). */
