@@ -38,7 +38,7 @@ import seams  # noqa: E402
 
 from rejoinder.streaming.assets import resolve  # noqa: E402
 from rejoinder.streaming.streamed_tts import JoinConfig, StreamedTTS, ends_mid_phrase  # noqa: E402
-from rejoinder.streaming.text_segmenter import SegmenterConfig  # noqa: E402
+from rejoinder.streaming.text_segmenter import SegmenterConfig, TextSegmenter  # noqa: E402
 from rejoinder.streaming.tts import PiperTTS  # noqa: E402
 
 ANSWERS = [
@@ -67,6 +67,8 @@ ANSWERS = [
     "A healthy adult should drink around two litres of water per day.",
     "Thanks for asking! My favourite colour is blue, like the sky on a clear day.",
 ]
+
+SIM_RTF = (0.05, 0.1, 0.2, 0.3, 0.5)  # Piper on an idle 2-core box: 0.05 (DESIGN.md)
 
 VARIANTS = {
     "old": dict(segmenter=SegmenterConfig.clause_only(), joins=None, voice="sentence"),
@@ -131,7 +133,32 @@ def leading_silence_s(audio: np.ndarray, rate: int, ref: seams.Reference) -> flo
     return float(voiced[0] * 0.005) if voiced.size else 0.0
 
 
-def measure(text: str, st: StreamedTTS, chunks: list, ref: seams.Reference, rate: int) -> dict:
+def release_points(deltas: list[str], config: SegmenterConfig) -> dict[int, int]:
+    """Segment index -> index of the token whose arrival released it (the segmenter is deterministic)."""
+    seg, out = TextSegmenter(config), {}
+    for i, d in enumerate(deltas):
+        out.update({s.index: i for s in seg.push(d)})
+    out.update({s.index: len(deltas) - 1 for s in seg.finish()})
+    return out
+
+
+def simulate(pieces: list[tuple[int, float]], token_s: float, rtf: float) -> tuple[float, float]:
+    """(first audio, stall) for chunks [(release token, seconds of audio)] if synthesis took `rtf` x
+    the audio's duration on one worker, and playback ran in real time from the first chunk."""
+    free, play_end, stall, first = 0.0, None, 0.0, 0.0
+    for tok, dur in pieces:
+        done = max(tok * token_s, free) + rtf * dur
+        free = done
+        if play_end is None:
+            first, play_end = done, done + dur
+        else:
+            stall += max(0.0, done - play_end)
+            play_end = max(done, play_end) + dur
+    return first, stall
+
+
+def measure(text: str, st: StreamedTTS, chunks: list, ref: seams.Reference, rate: int,
+            released: dict[int, int]) -> dict:
     m = st.metrics
     _, js = seams.joins([c.audio for c in chunks], rate, ref)
     mid = [ends_mid_phrase(c.text) for c in chunks[:-1]]
@@ -148,6 +175,8 @@ def measure(text: str, st: StreamedTTS, chunks: list, ref: seams.Reference, rate
         "joins": [{**j.as_dict(), "mid_phrase": mp} for j, mp in zip(js, mid)],
         "level_step_db": level,
         "stall_s": stall_s(st.arrivals, [c.duration for c in chunks]),
+        "rtf": m.synth_seconds / m.audio_seconds if m.audio_seconds else None,
+        "pieces": [(released[c.segment_index], c.duration) for c in chunks],
         "audio_s": m.audio_seconds,
         "text_ok": "".join(c.text for c in chunks) == text,
     }
@@ -174,6 +203,7 @@ def summarize(rows: list[dict], refs: list[seams.Reference]) -> dict:
         "lead_level_step_db_max": float(np.max(levels)) if levels else None,
         "stalled_answers": sum(1 for r in rows if r["stall_s"] > 0.02),
         "stall_total_s": float(sum(r["stall_s"] for r in rows)),
+        "rtf_p50": float(np.median([r["rtf"] for r in rows if r["rtf"] is not None])),
         "text_ok": all(r["text_ok"] for r in rows),
     }
 
@@ -267,13 +297,22 @@ def main() -> None:
                     var = VARIANTS[name]
                     st, chunks = asyncio.run(stream_answer(voices[var["voice"]], deltas[i], pace / 1000, var))
                     ref = refs[var["voice"]][i]
-                    row = {"text": text, **measure(text, st, chunks, ref, rate)}
+                    released = release_points(deltas[i], var["segmenter"])
+                    row = {"text": text, **measure(text, st, chunks, ref, rate, released)}
                     if rnd == 0 and pace == paces[0] and not args.no_wer:
                         row["_audio"] = np.concatenate([c.audio for c in chunks])
                     rows[name].append(row)
                     rref[name].append(ref)
         for name in VARIANTS:
-            results["variants"][name][str(pace)] = {"summary": summarize(rows[name], rref[name]), "rows": rows[name]}
+            summary = summarize(rows[name], rref[name])
+            sims = {}
+            for rtf in SIM_RTF:
+                runs = [simulate(r["pieces"], pace / 1000, rtf) for r in rows[name]]
+                sims[str(rtf)] = {"first_audio_p50_s": float(np.median([f for f, _ in runs])),
+                                  "stalled_answers": sum(1 for _, st in runs if st > 0.02),
+                                  "stall_total_s": float(sum(st for _, st in runs))}
+            summary["simulated"] = sims
+            results["variants"][name][str(pace)] = {"summary": summary, "rows": rows[name]}
 
     if not args.no_wer:
         from rejoinder.streaming.asr import WhisperASR
@@ -283,7 +322,7 @@ def main() -> None:
     ratios = {}
     print(f"\n{len(ANSWERS)} answers x {args.rounds} round(s); first token -> first audio (chunk handed out)")
     print(f"{'pace':>8} {'variant':>7} {'p50 ms':>8} {'mean ms':>8} {'p90 ms':>8} {'voice p50':>9} {'words':>6} "
-          f"{'mid gap p50/max ms':>19} {'over':>5} {'lead dB':>8} {'stalls':>7}")
+          f"{'mid gap p50/max ms':>19} {'over':>5} {'lead dB':>8} {'stalls':>7} {'RTF':>5}")
     for pace in paces:
         for name in VARIANTS:
             s = results["variants"][name][str(pace)]["summary"]
@@ -293,7 +332,7 @@ def main() -> None:
             print(f"{pace:>8} {name:>7} {s['first_audio_p50_s'] * 1000:8.0f} {s['first_audio_mean_s'] * 1000:8.0f} "
                   f"{s['first_audio_p90_s'] * 1000:8.0f} {s['first_voice_p50_s'] * 1000:9.0f} "
                   f"{s['first_words_mean']:6.1f} {gaps:>19} {s['joins_over_continuous_bounds']:>5} {lvl:>8} "
-                  f"{s['stalled_answers']:>3} {s['stall_total_s']:.2f}s")
+                  f"{s['stalled_answers']:>3} {s['stall_total_s']:.2f}s {s['rtf_p50']:5.2f}")
         old = results["variants"]["old"][str(pace)]["summary"]
         new = results["variants"]["new"][str(pace)]["summary"]
         ratios[str(pace)] = {
@@ -306,6 +345,14 @@ def main() -> None:
               f"mean {r['first_audio_mean_old_over_new']:.2f}x; "
               f"first voice p50 {r['first_voice_p50_old_over_new']:.2f}x")
     results["ratios"] = ratios
+    print("\nsimulated from the same pieces: synthesis at RTF x the audio's duration, one worker, real-time playout")
+    print(f"{'pace':>8} {'variant':>7} " + " ".join(f"{'RTF ' + str(r):>20}" for r in SIM_RTF))
+    for pace in paces:
+        for name in VARIANTS:
+            sims = results["variants"][name][str(pace)]["summary"]["simulated"]
+            cells = [f"{sims[str(r)]['first_audio_p50_s'] * 1000:5.0f} ms {sims[str(r)]['stalled_answers']:2d} stalled"
+                     for r in SIM_RTF]
+            print(f"{pace:>8} {name:>7} " + " ".join(f"{c:>20}" for c in cells))
     if word_gaps:
         print(f"pauses between words inside continuous syntheses: p50 {np.median(word_gaps) * 1000:.0f} ms, "
               f"max {max(word_gaps) * 1000:.0f} ms")

@@ -241,8 +241,9 @@ class _SegmentSynthesis:
     ) -> None:
         self.seg = seg
         self.joins = joins
-        # Mid-phrase ends only matter when something follows ("end" is the answer's last words).
-        self.mid_phrase = joins is not None and seg.reason != "end" and ends_mid_phrase(seg.text)
+        # Only a lead-in or a length cut can end between two words with more to follow (a sentence
+        # cut ends at punctuation or a line break, a clause cut at a comma, "end" ends the answer).
+        self.mid_phrase = joins is not None and seg.reason in ("lead", "length") and ends_mid_phrase(seg.text)
         spoken = speech_text(seg.text)
         if self.mid_phrase and joins is not None and joins.continuation_comma:
             spoken += ","  # Piper's chunk texts then overrun seg.text by one: clamped in next()
@@ -253,7 +254,6 @@ class _SegmentSynthesis:
         else:
             self._lead = joins.lead_s if after_mid_phrase else joins.max_lead_s
         self._it = tts.iter_synthesize(spoken, cancel=cancel)
-        self._sample_rate = int(getattr(tts, "sample_rate", 22050))
         self._offset = 0
         self._first = True
 

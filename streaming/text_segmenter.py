@@ -21,9 +21,9 @@ Rules, in order of preference:
   comma ("I'm sorry,"), or before a conjunction or preposition ("The capital | of France") — and the
   words are complete (the next token shows it). Synthesis then starts a clause earlier. The rest of
   the first clause, and everything after it, is cut exactly where the clause rules alone would cut
-  it, so a lead-in only ever adds one cut. Text that arrives with its first clause already complete
-  (one big push) gets no lead-in: there is nothing to wait for. `SegmenterConfig.clause_only()`
-  switches lead-ins off.
+  it, so a lead-in only ever adds one cut. Text that arrives in bulk (more than the word after the
+  break came with it: a `say`, a continuation) gets no lead-in: there is nothing to wait for.
+  `SegmenterConfig.clause_only()` switches lead-ins off.
 
 Each `Segment` carries its offsets in the full text: concatenating the segments gives back exactly
 the text pushed, which is what lets the playout buffer report "the words played so far" as a prefix.
@@ -264,16 +264,24 @@ class TextSegmenter:
                 return None  # an undecided period comes first
             if count < cfg.lead_in_min_words or not _balanced(text[:we]):
                 continue
+            cut = None
             if word[-1] in ",;:":
-                return we  # "I'm sorry," / "Hello there,"
-            if not word[-1].isalnum():
+                cut = we  # "I'm sorry," / "Hello there,"
+            elif not word[-1].isalnum():
                 continue  # "Dr.", "3.", closing quotes after a period: not a break
-            if i + 1 < len(words) and words[i + 1][1] < len(text):
+            elif i + 1 < len(words) and words[i + 1][1] < len(text):
                 nxt = text[words[i + 1][0] : words[i + 1][1]].lower()
                 prev = word.lower().lstrip("\"'“‘([")
                 bound = nxt == "of" and prev in _BOUND_TO_OF
                 if nxt in _BREAK_BEFORE and prev not in _NO_BREAK_AFTER and not bound:
-                    return we  # "The capital| of France": the space starts the next segment
+                    cut = we  # "The capital| of France": the space starts the next segment
+            if cut is not None:
+                if len(text[cut:].split()) > 2:
+                    # More than the word that shows the break has arrived with it: the text came in
+                    # bulk (a `say`, a continuation), so there is no first clause to wait for.
+                    self._lead_open = False
+                    return None
+                return cut
         return None
 
     def _sentence_end(self, base: int, m: re.Match[str], at_end: bool) -> object:
