@@ -92,7 +92,7 @@ class TTSMetrics:
     audio_seconds: float = 0.0
     synth_seconds: float = 0.0  # worker time spent in Piper (for the real-time factor)
     segment_texts: list[str] = field(default_factory=list)
-    trimmed_seconds: float = 0.0  # silence cut at joins (JoinConfig)
+    trimmed_seconds: float = 0.0  # silence cut at joins, net of any added (JoinConfig)
 
     @property
     def first_audio_latency(self) -> float | None:
@@ -111,12 +111,14 @@ class JoinConfig:
     first_lead_s: float | None = 0.02  # silence kept before the answer's first word (None: Piper's ~50 ms)
     max_lead_s: float | None = 0.08  # at most this before any other piece (Piper: 40 ms median, rarely 0.45 s)
     continuation_comma: bool = True  # speak a mid-phrase end as if a comma followed
-    fade_s: float = 0.004  # fade at an edge that was cut, or that starts/ends above the silence floor
+    min_lead_s: float = 0.015  # silence put before a piece whose voice starts at its first sample
+    fade_s: float = 0.004  # fade at an edge that was cut
+    onset_fade_s: float = 0.012  # fade where the voice itself touches an edge (Piper's abrupt fricatives)
     floor_db: float = -50.0  # below this (re the piece's peak, in 5 ms windows) counts as silence
 
     def __post_init__(self) -> None:
-        if (not 0 <= self.lead_s <= self.word_gap_s or self.fade_s < 0 or (self.first_lead_s or 0) < 0
-                or (self.max_lead_s or 0) < 0):
+        if (not 0 <= self.lead_s <= self.word_gap_s or min(self.fade_s, self.onset_fade_s, self.min_lead_s) < 0
+                or (self.first_lead_s or 0) < 0 or (self.max_lead_s or 0) < 0):
             raise ValueError(f"inconsistent join settings: {self}")
 
 # --- text clean-up, length-preserving so chunk texts map back to the answer by offset -------------
@@ -163,15 +165,19 @@ def trim_silence(
     *,
     lead_s: float | None = None,
     trail_s: float | None = None,
+    min_lead_s: float = 0.0,
     floor_db: float = -50.0,
     fade_s: float = 0.004,
+    onset_fade_s: float = 0.012,
 ) -> tuple[np.ndarray, int]:
     """Cut the silence before the voice down to `lead_s` and after it down to `trail_s` (None: keep
-    that edge as it is); returns the audio and how many samples were cut.
+    that edge as it is); returns the audio and how many samples were cut (negative: padded).
 
     Silence is a 5 ms window whose RMS is `floor_db` below the piece's peak. A cut edge fades over
-    `fade_s` (inaudible at that level, and it guarantees the edge sample is zero); an uncut edge fades
-    only if it starts or ends above the floor (Piper sometimes begins a fricative at sample 0).
+    `fade_s` (inaudible at that level, and it guarantees the edge sample is zero). Piper sometimes
+    starts a piece in the middle of a fricative ("so", "sure" begin at sample 0, a burst of noise out
+    of digital silence): a voice that touches an edge fades in (out) over `onset_fade_s`, and gets
+    `min_lead_s` of silence before it.
     """
     x = np.asarray(audio, dtype=np.float32)
     n = x.size
@@ -189,15 +195,23 @@ def trim_silence(
         start = max(0, int(voiced[0]) * win - int(round(lead_s * sample_rate)))
     if trail_s is not None:
         stop = min(n, (int(voiced[-1]) + 1) * win + int(round(trail_s * sample_rate)))
-    out = x[start:stop].copy() if (start, stop) != (0, n) else x.copy()
-    fade = min(int(round(fade_s * sample_rate)), out.size // 2)
-    if fade > 0:
-        floor = peak * 10 ** (floor_db / 20)
-        ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, fade, dtype=np.float32))).astype(np.float32)
-        if start > 0 or np.max(np.abs(out[:fade])) > floor:
-            out[:fade] *= ramp
-        if stop < n or np.max(np.abs(out[-fade:])) > floor:
-            out[-fade:] *= ramp[::-1]
+    out = x[start:stop].copy()
+    onset_at_edge, offset_at_edge = start == 0 and voiced[0] == 0, stop == n and voiced[-1] == k - 1
+
+    def ramp(seconds: float) -> np.ndarray:
+        m = min(int(round(seconds * sample_rate)), out.size // 2)
+        return (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, m, dtype=np.float32))).astype(np.float32)
+
+    if start > 0 or onset_at_edge:
+        r = ramp(onset_fade_s if onset_at_edge else fade_s)
+        out[: r.size] *= r
+    if stop < n or offset_at_edge:
+        r = ramp(onset_fade_s if offset_at_edge else fade_s)
+        if r.size:
+            out[-r.size :] *= r[::-1]
+    pad = int(round(min_lead_s * sample_rate)) - (int(voiced[0]) * win - start)
+    if pad > 0:
+        out = np.concatenate([np.zeros(pad, dtype=np.float32), out])
     return out, n - out.size
 
 
@@ -256,6 +270,7 @@ class _SegmentSynthesis:
         self._it = tts.iter_synthesize(spoken, cancel=cancel)
         self._offset = 0
         self._first = True
+        self._first_of_answer = first_of_answer
 
     def next(self) -> _Step | None:
         t0 = time.monotonic()
@@ -271,7 +286,8 @@ class _SegmentSynthesis:
             lead = self._lead if self._first else j.max_lead_s
             trail = j.word_gap_s - j.lead_s if (self.mid_phrase and end >= len(self.seg.text)) else None
             audio, trimmed = trim_silence(
-                audio, chunk.sample_rate, lead_s=lead, trail_s=trail, floor_db=j.floor_db, fade_s=j.fade_s
+                audio, chunk.sample_rate, lead_s=lead, trail_s=trail, floor_db=j.floor_db, fade_s=j.fade_s,
+                onset_fade_s=j.onset_fade_s, min_lead_s=0.0 if self._first_of_answer and self._first else j.min_lead_s,
             )
         self._first = False
         return _Step(chunk, to_pcm16(audio), start, end, time.monotonic() - t0, trimmed)
