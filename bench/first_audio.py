@@ -232,7 +232,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     paces = results["token_ms"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     ax = axes[0]
     width = 0.8 / len(VARIANTS)
     for k, name in enumerate(VARIANTS):
@@ -258,6 +258,21 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("joins")
     ax.set_title("gap where a piece ends between two words")
     ax.legend(fontsize=8)
+    ax = axes[2]
+    pace = str(paces[0])
+    for name in VARIANTS:
+        sims = results["variants"][name][pace]["summary"]["simulated"]
+        xs = [float(r) for r in sims]
+        line, = ax.plot(xs, [sims[r]["first_audio_p50_s"] * 1000 for r in sims], marker="o",
+                        label=f"{name}: first audio p50")
+        ax.plot(xs, [sims[r]["stall_total_s"] * 1000 / len(ANSWERS) for r in sims], ls=":", marker="x",
+                color=line.get_color(), label=f"{name}: stall per answer")
+    measured = results["variants"]["new"][pace]["summary"]["rtf_p50"]
+    ax.axvline(measured, color="grey", ls="--", label=f"RTF measured in this run ({measured:.2f})")
+    ax.set_xlabel("Piper real-time factor (synthesis time / audio time)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"simulated from the same pieces, {pace} ms/token")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
