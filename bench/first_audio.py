@@ -16,9 +16,13 @@ Measured per answer: first token -> first chunk handed out (`StreamedTTS.metrics
 first voice in that chunk (adds its leading silence), the words of the first segment; at every join,
 the gap of silence and the click measures of tests/seams.py against a continuous synthesis of the
 whole answer by the same voice; the level step between a lead-in and the rest of its sentence; and
-(unless --no-wer) Whisper's WER on the joined audio vs the continuous synthesis.
+(unless --no-wer) Whisper's WER on the joined audio vs the continuous synthesis. Piper's noise is
+off unless --natural, so the variants differ only in how the answer is cut and joined. A last table
+replays the measured pieces at other synthesis speeds (real-time factors), to show where a short
+first piece lets playback run dry before the next one is ready (a stall).
 
     python bench/first_audio.py [--json bench/results/first_audio.json] [--token-ms 5,25] [--rounds 1]
+                                [--natural] [--no-wer]
 Writes a PNG next to the JSON.
 """
 from __future__ import annotations
@@ -47,25 +51,25 @@ ANSWERS = [
     "Paris.",
     "I'm sorry, but I can't help with that request.",
     "Hello! How can I help you today?",
-    "The moon is about 384,400 kilometres away from the Earth on average.",
-    "Dr. Smith works at the hospital in the centre of town, near the station.",
-    "Mount Everest is the tallest mountain in the world, at 8,849 metres above sea level.",
+    "The moon is about 384,400 kilometers away from the Earth on average.",
+    "Dr. Smith works at the hospital in the center of town, near the station.",
+    "Mount Everest is the tallest mountain in the world, at 8,849 meters above sea level.",
     "Sure! Here is a joke: why did the cat sit on the computer? To keep an eye on the mouse.",
     "Well, I think the best way to learn a language is to speak it every day.",
     "It is currently 3:30 in the afternoon, and the weather is sunny.",
     'He said "hello" to me and then walked out of the room without another word.',
-    "The nearest train station is about ten minutes from here on foot.",
+    "The nearest train station is about 10 minutes from here on foot.",
     "Of course, I would be happy to recommend a good book for you to read.",
     "Water boils at 100 degrees Celsius at sea level, and freezes at zero.",
     "The meeting has been moved to Thursday at 10 a.m. in the main conference room.",
     "Yes, you can pay with a credit card or in cash at the front desk.",
     "To reset your password, open the settings page and choose the security tab.",
-    "The Great Wall of China is more than 21,000 kilometres long.",
+    "The Great Wall of China is more than 21,000 kilometers long.",
     "That is a great question, and the short answer is that it depends on the season.",
     "Photosynthesis is the process by which plants turn sunlight into chemical energy.",
     "No problem, I have set a reminder for your appointment tomorrow morning.",
-    "A healthy adult should drink around two litres of water per day.",
-    "Thanks for asking! My favourite colour is blue, like the sky on a clear day.",
+    "A healthy adult should drink around 2 liters of water per day.",
+    "Thanks for asking! My favorite color is blue, like the sky on a clear day.",
 ]
 
 SIM_RTF = (0.05, 0.1, 0.2, 0.3, 0.5)  # Piper on an idle 2-core box: 0.05 (DESIGN.md)
@@ -217,12 +221,14 @@ def wer_pass(results: dict, voices: dict, whisper, rate: int) -> None:
         return word_error_rate(text, whisper.transcribe(resample(x, rate, 16_000), word_timestamps=False).text)
 
     for v in results["variants"].values():
-        rows = [r for pace in v.values() for r in pace["rows"]]
-        v_w = [wer(r.pop("_audio"), r["text"]) for r in rows if "_audio" in r]
+        rows = [r for pace in v.values() for r in pace["rows"] if "_audio" in r]
+        for r in rows:
+            r["wer_joined"] = wer(r.pop("_audio"), r["text"])
         for pace in v.values():
-            pace["summary"]["wer_joined_mean"] = float(np.mean(v_w)) if v_w else None
-    results["wer_continuous_mean"] = float(np.mean(
-        [wer(voices["voice"].synthesize(t), t) for t in ANSWERS]))
+            pace["summary"]["wer_joined_mean"] = float(np.mean([r["wer_joined"] for r in rows])) if rows else None
+    results["wer_continuous"] = {
+        k: float(np.mean([wer(v.synthesize(t), t) for t in ANSWERS])) for k, v in voices.items()
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -283,13 +289,17 @@ def main() -> None:
     ap.add_argument("--token-ms", default="5,25", help="token pacing(s), comma separated")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-wer", action="store_true", help="skip the Whisper check of the joined audio")
+    ap.add_argument("--natural", action="store_true",
+                    help="keep Piper's noise (what the product plays); by default noise is off, so every variant "
+                         "synthesises the same waveform for the same piece of text")
     args = ap.parse_args()
     paces = [float(p) for p in args.token_ms.split(",")]
     paces = [int(p) if p.is_integer() else p for p in paces]
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer()
-    voices = {"sentence": PiperTTS(normalize="sentence"), "voice": PiperTTS()}
+    noise = {} if args.natural else {"noise_scale": 0.0, "noise_w_scale": 0.0}
+    voices = {"sentence": PiperTTS(normalize="sentence", **noise), "voice": PiperTTS(**noise)}
     rate = voices["voice"].sample_rate
     for v in voices.values():
         v.synthesize("Warm up, please.")
@@ -300,6 +310,7 @@ def main() -> None:
     word_gaps = [g for ref in refs["voice"] for g in ref.gaps_s if g < 0.15]
 
     results: dict = {"voice": Path(voices["voice"].model_path).stem, "token_ms": paces, "rounds": args.rounds,
+                     "piper_noise": bool(args.natural),
                      "answers": ANSWERS, "machine": f"{platform.machine()} ({__import__('os').cpu_count()} cores)",
                      "continuous_word_gaps_s": word_gaps, "variants": {n: {} for n in VARIANTS}}
     for pace in paces:
@@ -372,7 +383,9 @@ def main() -> None:
         print(f"pauses between words inside continuous syntheses: p50 {np.median(word_gaps) * 1000:.0f} ms, "
               f"max {max(word_gaps) * 1000:.0f} ms")
     if not args.no_wer:
-        print(f"WER: continuous {results['wer_continuous_mean']:.3f}; joined: " + ", ".join(
+        cont = results["wer_continuous"]
+        print(f"WER: continuous {cont['voice']:.3f} (one gain per voice) / {cont['sentence']:.3f} (per sentence); "
+              "joined: " + ", ".join(
             f"{n} {results['variants'][n][str(paces[0])]['summary']['wer_joined_mean']:.3f}" for n in VARIANTS))
 
     out = Path(args.json)
