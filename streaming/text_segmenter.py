@@ -16,6 +16,14 @@ Rules, in order of preference:
   clauses are synthesised as earlier audio plays, where longer clauses give better prosody.
 * A clause that grows past a maximum length without any break is cut at the last comma, conjunction
   or word boundary, so first audio is never held back by a run-on sentence and one onnx call stays short.
+* Lead-in: while the first clause of an answer is still arriving, its first few words (2-5 by
+  default) become a segment of their own as soon as they end at a natural prosodic break — after a
+  comma ("I'm sorry,"), or before a conjunction or preposition ("The capital | of France") — and the
+  words are complete (the next token shows it). Synthesis then starts a clause earlier. The rest of
+  the first clause, and everything after it, is cut exactly where the clause rules alone would cut
+  it, so a lead-in only ever adds one cut. Text that arrives in bulk (more than the word after the
+  break came with it: a `say`, a continuation) gets no lead-in: there is nothing to wait for.
+  `SegmenterConfig.clause_only()` switches lead-ins off.
 
 Each `Segment` carries its offsets in the full text: concatenating the segments gives back exactly
 the text pushed, which is what lets the playout buffer report "the words played so far" as a prefix.
@@ -31,19 +39,33 @@ log = logging.getLogger("rejoinder.streaming.segmenter")
 
 __all__ = ["Segment", "SegmenterConfig", "TextSegmenter", "segment_text"]
 
-SegmentReason = Literal["sentence", "clause", "length", "end"]
+SegmentReason = Literal["lead", "sentence", "clause", "length", "end"]
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    first_min_chars: int = 16  # a clause break may end the first segment once it is this long
-    min_chars: int = 48  # ... and later segments once they are this long
-    first_max_chars: int = 64  # a first segment without any break is cut near this length
+    first_min_chars: int = 16  # a clause break may end the first clause once it is this long
+    min_chars: int = 48  # ... and later clauses once they are this long
+    first_max_chars: int = 64  # a first clause without any break is cut near this length
     max_chars: int = 150  # ... later ones near this one (~10 s of speech, one short onnx call)
+    lead_in_min_words: int = 2  # the first words may be a segment of their own: at least this many,
+    lead_in_max_words: int = 5  # ... at most this many (0: no lead-in, clause rules only)
 
     def __post_init__(self) -> None:
         if not 0 < self.first_min_chars < self.first_max_chars or not 0 < self.min_chars < self.max_chars:
             raise ValueError(f"inconsistent segmenter limits: {self}")
+        lo, hi = self.lead_in_min_words, self.lead_in_max_words
+        if hi < 0 or (hi and not 0 < lo <= hi):
+            raise ValueError(f"inconsistent lead-in word limits: {self}")
+
+    @classmethod
+    def clause_only(cls, **limits: int) -> SegmenterConfig:
+        """No lead-in: the first segment is a whole clause (the behaviour before lead-ins existed)."""
+        return cls(**{**limits, "lead_in_max_words": 0})
+
+    @property
+    def lead_in(self) -> bool:
+        return self.lead_in_max_words > 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +111,32 @@ _CONJUNCTIONS = (
     "after before that if"
 ).split()
 
+# Lead-in breaks: a cut before one of these words is a natural prosodic break ("The capital | of France")...
+_BREAK_BEFORE = frozenset(
+    (
+        "and but or nor because which who whose whom while when where whereas although though unless until "
+        "since if whether than that of in on at for from with by about into onto over under between through "
+        "during without within after before around across near against towards toward behind beyond along "
+        "among upon via per"
+    ).split()
+)
+# ... unless the word before it binds to what follows ("a | lot", "is | in", "the | capital").
+_NO_BREAK_AFTER = frozenset(
+    (
+        "a an the this that these those my your his her its our their some any no every each much many more "
+        "most few several all both either neither such of to in on at for from with by about as into than like "
+        "and or but nor so if is are was were be been being am it's that's there's here's what's do does did "
+        "has have had having will would can could shall should may might must not very too quite rather just "
+        "how what why who where when which"
+    ).split()
+) | _TITLES
+# ... and "of" binds to these ("a lot of", "one of", "because of").
+_BOUND_TO_OF = frozenset(
+    "lot lots kind sort out because instead part front top number couple bit one two three half rest none "
+    "plenty".split()
+)
+_OPEN_CLOSE = (('"', '"'), ("“", "”"), ("(", ")"), ("[", "]"))
+
 _TERMINAL = re.compile(r"(\.\.\.+|…|[.!?]+)([\"'”’)\]]*)")
 _SOFT = re.compile(r"[,;:](?=\s)|\s[—–-]{1,2}(?=\s)|—")
 _NEWLINE = re.compile(r"\n")
@@ -96,6 +144,7 @@ _CONJ = re.compile(r"\s(?:" + "|".join(_CONJUNCTIONS) + r")\b", re.IGNORECASE)
 _NUMBER = re.compile(r"^[$€£]?\d[\d,.]*%?$")
 
 _WAIT = object()  # "the answer depends on characters that have not arrived yet"
+_WORD = re.compile(r"\S+")
 
 
 class TextSegmenter:
@@ -105,6 +154,9 @@ class TextSegmenter:
         self.config = config or SegmenterConfig()
         self._text = ""  # everything pushed (responses are short; keeping it makes lookbehind trivial)
         self._start = 0  # where the pending segment begins
+        self._clause_start = 0  # where the clause rules measure from (a lead-in does not move it)
+        self._first_clause = True  # the clause rules of the first clause apply
+        self._lead_open = self.config.lead_in  # a lead-in may still be cut
         self._index = 0
 
     @property
@@ -139,12 +191,26 @@ class TextSegmenter:
     def _emit(self, end: int, reason: SegmentReason) -> Segment:
         seg = Segment(self._text[self._start : end], self._start, end, self._index, reason)
         self._start, self._index = end, self._index + 1
+        self._lead_open = False  # only the very first segment may be a lead-in
+        if reason != "lead":
+            self._clause_start, self._first_clause = end, False
         log.debug("segment %d (%s): %r", seg.index, reason, seg.text)
         return seg
 
     def _find_cut(self, at_end: bool) -> tuple[int, SegmentReason] | None:
-        base, text = self._start, self.pending
-        first = self._index == 0
+        cut, wait_at = self._clause_cut(at_end)
+        if cut is None and self._lead_open and not at_end:
+            lead = self._lead_in_cut(wait_at)
+            if lead is not None:
+                return lead, "lead"
+        return cut
+
+    def _clause_cut(self, at_end: bool) -> tuple[tuple[int, SegmentReason] | None, int | None]:
+        """The next cut by the clause rules, and where an undecided period holds them up (else None)."""
+        base = self._clause_start
+        text = self._text[base:]
+        skip = self._start - base  # the lead-in already emitted, when there is one
+        first = self._first_clause
         min_chars = self.config.first_min_chars if first else self.config.min_chars
         max_chars = self.config.first_max_chars if first else self.config.max_chars
 
@@ -156,23 +222,66 @@ class TextSegmenter:
         candidates.sort(key=lambda c: (c[0], c[1]))
 
         for pos, kind, m in candidates:
-            if not _has_words(text[:pos]):
+            if pos < skip or not _has_words(text[skip:pos]):
                 continue  # never emit a segment with nothing to say; let it join the next one
             if kind == 0:
                 decision = self._sentence_end(base, m, at_end)
                 if decision is _WAIT:
-                    return None  # a later cut must not overtake an undecided earlier one
+                    return None, base + pos  # a later cut must not overtake an undecided earlier one
                 if decision:
-                    return base + m.end(), "sentence"
+                    return (base + m.end(), "sentence"), None
             elif kind == 1:
-                return base + m.end(), "sentence"
+                return (base + m.end(), "sentence"), None
             elif len(text[:pos].strip()) >= min_chars:
-                return base + m.end(), "clause"
+                return (base + m.end(), "clause"), None
 
         if len(text) > max_chars:
-            cut = _length_cut(text, max_chars, min_chars)
+            cut = _length_cut(text, max_chars, min_chars, skip)
             if cut is not None:
-                return base + cut, "length"
+                return (base + cut, "length"), None
+        return None, None
+
+    def _lead_in_cut(self, limit: int | None) -> int | None:
+        """Where the first few words end at a natural break, if they are complete and end before `limit`.
+
+        Called while no segment was emitted yet (so the pending text is the whole answer so far).
+        Closes the lead-in for good once more complete words than allowed arrived without a break.
+        """
+        cfg, text = self.config, self._text
+        words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        count = 0
+        for i, (ws, we) in enumerate(words):
+            if we >= len(text):
+                return None  # this word may still grow ("capital" -> "capitals")
+            word = text[ws:we]
+            if not _has_words(word):
+                continue  # a lone symbol ("$", "-") is no word of its own
+            count += 1
+            if count > cfg.lead_in_max_words:
+                self._lead_open = False
+                return None
+            if limit is not None and we > limit:
+                return None  # an undecided period comes first
+            if count < cfg.lead_in_min_words or not _balanced(text[:we]):
+                continue
+            cut = None
+            if word[-1] in ",;:":
+                cut = we  # "I'm sorry," / "Hello there,"
+            elif not word[-1].isalnum():
+                continue  # "Dr.", "3.", closing quotes after a period: not a break
+            elif i + 1 < len(words) and words[i + 1][1] < len(text):
+                nxt = text[words[i + 1][0] : words[i + 1][1]].lower()
+                prev = word.lower().lstrip("\"'“‘([")
+                bound = nxt == "of" and prev in _BOUND_TO_OF
+                if nxt in _BREAK_BEFORE and prev not in _NO_BREAK_AFTER and not bound:
+                    cut = we  # "The capital| of France": the space starts the next segment
+            if cut is not None:
+                if len(text[cut:].split()) > 2:
+                    # More than the word that shows the break has arrived with it: the text came in
+                    # bulk (a `say`, a continuation), so there is no first clause to wait for.
+                    self._lead_open = False
+                    return None
+                return cut
         return None
 
     def _sentence_end(self, base: int, m: re.Match[str], at_end: bool) -> object:
@@ -219,6 +328,15 @@ def _has_words(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
+def _balanced(text: str) -> bool:
+    """No quote or bracket left open in `text` (a lead-in never ends inside a quotation)."""
+    for a, b in _OPEN_CLOSE:
+        opened = text.count(a) % 2 if a == b else text.count(a) - text.count(b)
+        if opened > 0:
+            return False
+    return True
+
+
 def _ambiguous_word(word: str) -> bool:
     """Abbreviation-like words that may or may not end a sentence: 'Jan', 'etc', 'U.S', 'J' (initial)."""
     if word in _AMBIGUOUS:
@@ -250,18 +368,25 @@ def _next_word(text: str, pos: int) -> tuple[str, bool] | None:
     return text[i:j], j < len(text)
 
 
-def _length_cut(text: str, max_chars: int, min_chars: int) -> int | None:
-    """Where to cut a clause that ran past `max_chars`: last clause break, conjunction, or space."""
+def _length_cut(text: str, max_chars: int, min_chars: int, skip: int = 0) -> int | None:
+    """Where to cut a clause that ran past `max_chars`: last clause break, conjunction, or space.
+
+    Only cuts that leave words after `skip` (the end of a lead-in already emitted) qualify.
+    """
     window = text[: max_chars + 1]
     floor = min(min_chars, max_chars // 3)
+
+    def ok(p: int) -> bool:
+        return p > skip and _has_words(window[skip:p])
+
     soft = [m.end() for m in _SOFT.finditer(window)]
-    soft = [p for p in soft if len(window[:p].strip()) >= floor]
+    soft = [p for p in soft if len(window[:p].strip()) >= floor and ok(p)]
     if soft:
         return soft[-1]
-    conj = [m.start() for m in _CONJ.finditer(window) if len(window[: m.start()].strip()) >= floor]
+    conj = [m.start() for m in _CONJ.finditer(window) if len(window[: m.start()].strip()) >= floor and ok(m.start())]
     if conj:
         return conj[-1]
-    spaces = [m.start() for m in re.finditer(r"\s", window) if _has_words(window[: m.start()])]
+    spaces = [m.start() for m in re.finditer(r"\s", window) if ok(m.start())]
     if spaces:
         return spaces[-1]
     # one huge token (a URL?): cut at the first space after it, or wait for one

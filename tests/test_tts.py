@@ -95,6 +95,27 @@ def test_length_scale_slows_speech(tts: PiperTTS) -> None:
     assert 1.3 < ratio < 1.9
 
 
+def test_one_gain_per_voice_keeps_quiet_pieces_quiet(tts: PiperTTS) -> None:
+    """Pieces of one sentence keep their relative level: the voice's gain, lowered only against clipping."""
+    assert tts.normalize == "voice" and tts.voice_gain is not None and tts.voice_gain > 1.0
+    assert PiperTTS(threads=1).voice_gain == tts.voice_gain  # measured once per voice (noise off: exact)
+    chunks = [c for text in ("The capital", " of France is Paris.", "Hello there!") for c in tts.iter_synthesize(text)]
+    for c in chunks:
+        peak = float(np.max(np.abs(c.audio)))
+        assert peak <= 1.0
+        # either the voice's own gain, or less because full scale was reached
+        assert c.gain == pytest.approx(tts.voice_gain) or (c.gain < tts.voice_gain and peak == pytest.approx(1.0))
+    quiet = next(c for c in chunks if c.text == " of France is Paris.")
+    assert np.max(np.abs(quiet.audio)) < 0.95  # Piper's per-sentence scaling would lift it to 1.0
+
+    piper_like = PiperTTS(normalize="sentence", threads=1)
+    assert piper_like.voice_gain is None
+    for c in piper_like.iter_synthesize("The capital of France. It is Paris."):
+        assert float(np.max(np.abs(c.audio))) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(TTSError, match="normalize"):
+        PiperTTS(normalize="loud")  # type: ignore[arg-type]
+
+
 # --- loading errors ------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ async def test_chunks_cover_the_text_exactly(tts: PiperTTS) -> None:
     for c in chunks:
         assert LONG_TEXT[c.text_start : c.text_end] == c.text
         assert c.audio.dtype == np.int16 and c.sample_rate == 22050 and c.num_samples > 0
+    # no lead-in here: "with", which shows the break before it, came in the same delta as the period
     assert chunks[0].text.strip() == "Sure, I can help with that."
     m = stream.metrics
     assert m.chunks == len(chunks) and m.segments >= 5
