@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .events import SessionEnded, SessionError, SessionEvent, SessionStarted
+from .events import SessionEnded, SessionError, SessionEvent, SessionStarted, SessionState
 from .mcp_servers import MCPServerEntry
 from .tools import Tool, ToolError
 
@@ -347,7 +347,8 @@ class MCPTools:
 
     def _broadcast(self, server: MCPServerConnection, message: str) -> None:
         for session in list(self._sessions):
-            session.emit(SessionError(session.session_id, where="mcp", message=message))
+            if session.state != SessionState.ENDED:
+                session.emit(SessionError(session.session_id, where="mcp", message=message))
 
 
 # --- helpers ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from agent_harness import Mic, wait_for
 from speech import have_espeak
 
-from rejoinder.agent.config import AgentConfig
+from rejoinder.agent.config import AgentConfig, env_for
 from rejoinder.agent.control import run_command
 from rejoinder.agent.events import SessionState
 from rejoinder.agent.mcp_tools import CLOSE_TIMEOUT_S, MCPTools
@@ -181,6 +181,8 @@ def test_config_entries_parse_and_a_bad_entry_is_a_one_line_config_error():
     assert orders.name == "orders_server" and orders.command == ("python", "-m", "orders_server", "--ids", "a,b")
     assert (billing.name, billing.url, billing.transport) == ("billing", "https://tools.example.com/mcp", "http")
     assert crm.name == "crm-mcp" and cfg.call.mcp_timeout_s == 2.5
+    # LiveKit job processes get the configuration as environment variables: the entries survive it.
+    assert AgentConfig.from_env(env_for(cfg, ("call",))).call.mcp == cfg.call.mcp
     for bad, why in [("orders.example.com/mcp", "expected 'stdio:"), ("stdio:", "no command"),
                      ("stdio:python 'unclosed", "cannot split"), ("http://", "not a usable URL")]:
         with pytest.raises(ConfigError, match=why) as err:
