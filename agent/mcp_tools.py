@@ -213,6 +213,11 @@ class MCPServerConnection:
 
     # --- calls (from any session's task) ---------------------------------------------------------------
 
+    def _lost(self, client: Any) -> None:
+        """A call found `client`'s connection broken: the runner reconnects (unless it already has)."""
+        if self._client is client:
+            self._wake.set()
+
     async def call(self, tool: str, arguments: dict[str, Any]) -> Any:
         """The result of `tool` for the model (text, or the structured content); MCPCallError otherwise."""
         import anyio
@@ -232,13 +237,13 @@ class MCPServerConnection:
             if exc.error.code == REQUEST_TIMEOUT:
                 raise MCPCallError(f"MCP server {self.name!r} did not answer {tool} within {t:g} s") from None
             if exc.error.code == CONNECTION_CLOSED or self._client is not client:
-                self._wake.set()
+                self._lost(client)
                 raise MCPCallError(f"MCP server {self.name!r} went away during {tool} ({exc.error.message})") from None
             raise MCPCallError(f"MCP server {self.name!r} refused {tool}: {exc.error.message}") from None
         except TimeoutError:
             raise MCPCallError(f"MCP server {self.name!r} did not answer {tool} within {t:g} s") from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, ConnectionError) as exc:
-            self._wake.set()
+            self._lost(client)
             raise MCPCallError(f"MCP server {self.name!r} went away during {tool} ({type(exc).__name__})") from None
         if result.is_error:
             said = " ".join(_text(result).split())
