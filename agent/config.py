@@ -28,6 +28,8 @@ from rejoinder.errors import ConfigError
 from rejoinder.streaming.echo import EchoGuardConfig
 from rejoinder.streaming.signalling import ServeConfig
 
+from .mcp_servers import MCPServerEntry, mcp_server_entries, split_mcp_servers
+
 if TYPE_CHECKING:
     from rejoinder.engine import SamplingParams
 
@@ -122,12 +124,27 @@ class CallSettings:
         "help": "record each session here: stereo WAV (caller left, agent right) + JSON transcript"})
     record_max_files: int = field(default=1000, metadata={"help": "keep at most this many recordings (oldest go)"})
     record_max_days: float = field(default=30.0, metadata={"help": "delete recordings older than this many days"})
+    mcp_servers: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--mcp-server", "metavar": "SERVER", "split": split_mcp_servers,
+        "help": "give the LLM the tools of this Model Context Protocol server (repeatable): "
+        "'stdio:<command line>' or an 'http(s)://…/mcp' URL, optionally 'NAME=' before it"})
+    mcp_timeout_s: float = field(default=10.0, metadata={"help": "longest wait for one MCP tool call"})
+    mcp_connect_timeout_s: float = field(default=30.0, metadata={
+        "help": "longest wait for an MCP server to start and list its tools"})
 
     def __post_init__(self) -> None:
         if self.idle_prompt_s < 0 or self.idle_max_prompts < 0 or self.hold_after_s < 0:
             raise ConfigError("idle_prompt_s, idle_max_prompts and hold_after_s must be >= 0")
         if self.record_max_files < 1 or self.record_max_days <= 0:
             raise ConfigError("record_max_files must be >= 1 and record_max_days > 0")
+        if self.mcp_timeout_s <= 0 or self.mcp_connect_timeout_s <= 0:
+            raise ConfigError("--mcp-timeout-s and --mcp-connect-timeout-s must be > 0")
+        mcp_server_entries(self.mcp_servers)  # a bad entry fails here, named
+
+    @property
+    def mcp(self) -> tuple[MCPServerEntry, ...]:
+        """The configured MCP servers, parsed (agent.mcp_tools connects to them)."""
+        return mcp_server_entries(self.mcp_servers)
 
 
 @dataclass(frozen=True)
@@ -285,6 +302,9 @@ def _parse(s: _Setting, raw: str, source: str) -> Any:
     kind = _base(s.kind)
     try:
         if typing.get_origin(kind) is tuple:
+            split = s.f.metadata.get("split")
+            if split is not None:  # items with their own syntax (commas inside them, no slash stripping)
+                return tuple(split(raw))
             return tuple(p.strip().rstrip("/") for p in raw.split(",") if p.strip())
         if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -341,7 +361,7 @@ def add_flags(parser: argparse.ArgumentParser, groups: Sequence[Group]) -> None:
     """Flags for every setting of `groups` (dest "field" or "group__field"; None when not given)."""
     titles = {"models": "models and devices", "generation": "generation", "turns": "turn-taking and barge-in",
               "echo": "echo guard", "serve": "web server", "mqtt": "call-center events (MQTT)",
-              "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording",
+              "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording, MCP tools",
               "telemetry": "metrics and traces"}
     by_group: dict[str, argparse._ArgumentGroup] = {}
     for s in _settings():
@@ -368,8 +388,9 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     values = {}
     for s in _settings():
         v = getattr(args, s.dest, None)
-        if isinstance(v, list):  # repeatable flag
-            v = tuple(p.strip().rstrip("/") for p in v if p.strip())
+        if isinstance(v, list):  # repeatable flag: one item per flag
+            own = s.f.metadata.get("split") is not None
+            v = tuple(p.strip() if own else p.strip().rstrip("/") for p in v if p.strip())
         if v is not None:
             values[s.dest] = v
     return load(env, values)

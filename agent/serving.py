@@ -24,6 +24,7 @@ from rejoinder.streaming.transport import Transport
 from .config import AgentConfig
 from .control import Channel, CommandRefused, dispatch, parse_command
 from .events import EventListener
+from .mcp_tools import MCPTools
 from .metrics import CONTENT_TYPE, AgentMetrics
 from .models import Models
 from .mqtt import MQTTBridge
@@ -84,11 +85,14 @@ def metrics_route(metrics: AgentMetrics) -> Route:
 
 
 def agent_session_factory(models: Models, cfg: AgentConfig, *, mqtt: MQTTBridge | None = None,
-                          listeners: Sequence[EventListener] = ()) -> SessionFactory:
-    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given, and
-    their events to `listeners` (metrics)."""
+                          listeners: Sequence[EventListener] = (), mcp: MCPTools | None = None) -> SessionFactory:
+    """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given, their
+    events to `listeners` (metrics), and with the tools of the process's MCP servers (`mcp`) if any."""
 
     def make(transport: Transport, peer_id: str) -> PeerSession:
-        return AgentPeer(Session(models, cfg, transport, listeners=listeners), mqtt)
+        session = Session(models, cfg, transport, listeners=listeners, tools=mcp.tools() if mcp else None)
+        if mcp:
+            mcp.attach(session)
+        return AgentPeer(session, mqtt)
 
     return make

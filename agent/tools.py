@@ -82,6 +82,8 @@ class ToolRegistry:
             result = tool.fn(**call.arguments)
             if inspect.isawaitable(result):
                 result = await result
+        except ToolError:
+            raise  # already written for the model (e.g. an MCP server's timeout, agent.mcp_tools)
         except TypeError as exc:
             raise ToolError(f"bad arguments for {call.name}: {exc}") from None
         except asyncio.CancelledError:

@@ -173,6 +173,7 @@ async def entrypoint(ctx: Any) -> None:
 
     from rejoinder.streaming.livekit import LiveKitTransport
 
+    from ..mcp_tools import MCPTools
     from ..mqtt import start_bridge
     from ..session import Session
 
@@ -184,6 +185,11 @@ async def entrypoint(ctx: Any) -> None:
         models = await asyncio.to_thread(Models, cfg)
         ctx.proc.userdata["models"] = models
 
+    # The MCP servers' tools: one set per job process (a job is one call), connecting while the
+    # room is joined and the participant awaited; closed when the call ends, or the job fails.
+    mcp = MCPTools.from_settings(cfg.call)
+    mcp.start()
+    ctx.add_shutdown_callback(mcp.aclose)
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     participant = await ctx.wait_for_participant()
     transport = await LiveKitTransport.join(ctx.room, participant)
@@ -211,7 +217,9 @@ async def entrypoint(ctx: Any) -> None:
     tracer = start_tracing(cfg.telemetry.otlp_endpoint)
     if tracer is not None:
         listeners.append(tracer.listener)
-    session = Session(models, cfg, transport, listeners=listeners)
+    await mcp.ready()
+    session = Session(models, cfg, transport, listeners=listeners, tools=mcp.tools())
+    mcp.attach(session)
 
     def on_data(packet: rtc.DataPacket) -> None:
         if packet.topic == CONTROL_TOPIC:
@@ -241,6 +249,7 @@ async def entrypoint(ctx: Any) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await transport.close()
+        await mcp.aclose()
         if mqtt is not None:
             await mqtt.close()
         if tracer is not None:

@@ -20,6 +20,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.signalling import serve
 
+    from ..mcp_tools import MCPTools
     from ..metrics import AgentMetrics
     from ..models import Models
     from ..mqtt import start_bridge
@@ -43,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
         bridge = await start_bridge(cfg.mqtt)  # None unless --mqtt / REJOINDER_MQTT_URL
         tracer = start_tracing(cfg.telemetry.otlp_endpoint)
         listeners = [metrics.listener, *([tracer.listener] if tracer else [])]
+        mcp = MCPTools.from_settings(cfg.call)  # the MCP servers' tools, shared by every session
         try:
-            await serve(scfg, agent_session_factory(models, cfg, mqtt=bridge, listeners=listeners), ready=ready,
-                        routes=[metrics_route(metrics)], on_refused=metrics.on_refused)
+            await mcp.ready()
+            if mcp:
+                print(f"MCP servers: {mcp.summary()}", file=sys.stderr)
+            factory = agent_session_factory(models, cfg, mqtt=bridge, listeners=listeners, mcp=mcp)
+            await serve(scfg, factory, ready=ready, routes=[metrics_route(metrics)], on_refused=metrics.on_refused)
         finally:
+            await mcp.aclose()
             if bridge is not None:
                 await bridge.close()
             if tracer is not None:

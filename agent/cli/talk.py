@@ -30,6 +30,7 @@ from ..config import AgentConfig
 
 if TYPE_CHECKING:
     from ..events import EventListener
+    from ..mcp_tools import MCPTools
     from ..models import Models
     from ..mqtt import MQTTBridge
     from ..session import Session
@@ -53,6 +54,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """A whole session over a recorded conversation, in real time; per-turn metrics out."""
+    from ..mcp_tools import MCPTools
     from ..models import Models
     from ..mqtt import start_bridge
     from ..tracing import start_tracing
@@ -73,10 +75,15 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
         bridge = await start_bridge(cfg.mqtt)
         tracer = start_tracing(cfg.telemetry.otlp_endpoint)
+        mcp = MCPTools.from_settings(cfg.call)
         try:
+            await mcp.ready()
+            if mcp:
+                print(f"MCP servers: {mcp.summary()}", file=sys.stderr)
             return await talk(models, cfg, samples, rate, speed=args.speed, greeting=args.greeting or "",
-                              bridge=bridge, listeners=[tracer.listener] if tracer else [])
+                              bridge=bridge, listeners=[tracer.listener] if tracer else [], mcp=mcp)
         finally:
+            await mcp.aclose()
             if bridge is not None:
                 await bridge.close()
             if tracer is not None:
@@ -96,16 +103,21 @@ def run(args: argparse.Namespace) -> int:
 
 async def talk(models: Models, cfg: AgentConfig, samples: np.ndarray, rate: int, *, speed: float = 1.0,
                greeting: str = "", tail_s: float = 30.0, bridge: MQTTBridge | None = None,
-               listeners: Sequence[EventListener] = ()) -> tuple[Session, np.ndarray, InProcessTransport]:
+               listeners: Sequence[EventListener] = (), mcp: MCPTools | None = None,
+               ) -> tuple[Session, np.ndarray, InProcessTransport]:
     """Run one session over `samples`; returns (session, agent audio on the input timeline, transport).
 
-    With `bridge`, the session's events go out on MQTT and its control topic steers it.
+    With `bridge`, the session's events go out on MQTT and its control topic steers it; with `mcp`,
+    the LLM has the tools of those MCP servers.
     """
     from ..session import Session
 
     x = resample(samples, rate, FEED_RATE).astype(np.float32)
     transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    session = Session(models, cfg, transport, greeting=greeting, listeners=listeners)
+    session = Session(models, cfg, transport, greeting=greeting, listeners=listeners,
+                      tools=mcp.tools() if mcp else None)
+    if mcp:
+        mcp.attach(session)
     detach = bridge.attach(session) if bridge is not None else None
     run = asyncio.create_task(session.run())
     t0 = time.monotonic()
