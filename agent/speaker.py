@@ -94,6 +94,8 @@ class Speaker:
             self.answer.cancel()
         self.stop_hold()
         self.playout.reset()
+        if self._out_resampler is not None:
+            self._out_resampler.reset()  # its filter still holds the tail of the previous answer
         self._played_text_sent = ""
         self.answer = answer
         answer.released = True
