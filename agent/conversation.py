@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from rejoinder.engine import ChatTokenizer
 from rejoinder.engine.history import trim_history
+from rejoinder.engine.tool_format import parse_tool_calls
 
 log = logging.getLogger("rejoinder.agent.conversation")
 
@@ -55,6 +56,21 @@ class Conversation:
 
     def last(self, role: str) -> Message | None:
         return next((m for m in reversed(self.turns) if m["role"] == role), None)
+
+    def recent_answer_ids(self, count: int = 3) -> tuple[tuple[int, ...], ...]:
+        """Token ids of the last `count` spoken assistant answers (tool-call blocks left out): what the
+        next answer must not copy (`SamplingParams.avoid`; a small model answers a follow-up with its
+        previous answer word for word)."""
+        runs: list[tuple[int, ...]] = []
+        for m in reversed(self.turns):
+            if len(runs) >= count:
+                break
+            if m["role"] != "assistant":
+                continue
+            spoken = parse_tool_calls(m["content"], keep_broken=False)[0].strip()
+            if spoken:
+                runs.append(tuple(self.tokenizer.encode(spoken)))
+        return tuple(runs)
 
     # --- prompts ---------------------------------------------------------------------------------
 

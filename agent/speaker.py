@@ -9,6 +9,7 @@ interrupted one keeps only the words that were played. `say` speaks given text w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -56,7 +57,10 @@ class Speaker:
         forced = ""
         if self.forced_tool is not None and self.forced_tool in s.tools and not after_tool:
             forced = s.tools.forced_prefix(self.forced_tool)
-        spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), s.cfg.sampling_params(),
+        # never a previous answer again, word for word (engine/sampling.py: the repetition guard)
+        avoid = () if forced else s.conversation.recent_answer_ids()
+        params = dataclasses.replace(s.cfg.sampling_params(), avoid=avoid)
+        spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), params,
                           turn, user_text=user_text, forced_text=forced, filter_tools=bool(s.tools))
         return self._answer(spec, preemptive=preemptive)
 

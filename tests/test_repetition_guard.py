@@ -1,0 +1,99 @@
+"""A follow-up is never answered with the previous answer again: the n-gram guard in sampling, on the
+real engine and model, and the session passing it its last answers."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from rejoinder.agent.config import DEFAULT_PERSONA
+from rejoinder.agent.conversation import Conversation
+from rejoinder.engine import SamplingParams
+from rejoinder.engine.sampling import banned_tokens, block_repeats, sample
+from rejoinder.engine.tool_format import format_call
+from rejoinder.errors import ConfigError
+
+FIRST, FOLLOW_UP = "What is the capital of France?", "And what is it famous for?"
+
+
+def ngrams(ids, n):
+    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+
+def norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+# --- the guard on its own -----------------------------------------------------------------------------
+
+def test_the_token_that_would_complete_a_copied_run_is_masked():
+    params = SamplingParams(avoid=((5, 6, 7, 8), (1, 2, 9)), avoid_ngram=3)
+    assert banned_tokens([0, 5, 6], params) == {7}
+    assert banned_tokens([6, 7], params) == {8}
+    assert banned_tokens([1, 2], params) == {9}
+    assert banned_tokens([5], params) == set()  # shorter than n-1: nothing to match yet
+    assert banned_tokens([5, 6], SamplingParams()) == set()  # no guard without sequences
+    logits = torch.zeros(1, 10)
+    logits[0, 7], logits[0, 3] = 5.0, 4.0
+    assert int(sample(logits, params, generated=[5, 6])[0]) == 3  # greedy takes the next best
+    assert int(sample(logits, params, generated=[4, 6])[0]) == 7
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, SamplingParams(temperature=1.0, avoid=params.avoid, avoid_ngram=3), gen, [5, 6])[0])
+             for _ in range(200)}
+    assert 7 not in drawn and len(drawn) > 1
+
+
+def test_a_ban_that_leaves_nothing_is_dropped():
+    logits = torch.full((1, 4), float("-inf"))
+    logits[0, 2] = 1.0
+    out = block_repeats(logits, SamplingParams(avoid=((0, 2),), avoid_ngram=2), [0])
+    assert torch.equal(out, logits)
+
+
+def test_bad_guard_settings_are_refused():
+    with pytest.raises(ConfigError):
+        SamplingParams(avoid_ngram=0)
+    with pytest.raises(ConfigError):
+        SamplingParams(avoid=[[1, 2, 3]])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        SamplingParams(avoid=(("a", "b"),))  # type: ignore[arg-type]
+
+
+# --- the real engine and model ------------------------------------------------------------------------
+
+def _follow_up(engine, params_for):
+    conv = Conversation(engine.tokenizer, DEFAULT_PERSONA)
+    conv.add_user(FIRST)
+    first = engine.tokenizer.decode([e.token_id for e in engine.generate(conv.prompt_ids(), params_for(conv))])
+    conv.add_assistant(first.strip())
+    conv.add_user(FOLLOW_UP)
+    params = params_for(conv)
+    ids = [e.token_id for e in engine.generate(conv.prompt_ids(), params)]
+    return conv, first.strip(), ids, params
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_follow_up_never_copies_the_previous_answer(engine, temperature):
+    def params_for(conv):
+        return SamplingParams(temperature=temperature, seed=7, max_new_tokens=60, avoid=conv.recent_answer_ids())
+
+    conv, first, ids, params = _follow_up(engine, params_for)
+    assert params.avoid == (tuple(engine.tokenizer.encode(first)),)
+    assert ids, "the follow-up got an answer"
+    assert not ngrams(ids, params.avoid_ngram) & ngrams(params.avoid[0], params.avoid_ngram)
+    assert norm(engine.tokenizer.decode(ids)) != norm(first)
+
+
+def test_recent_answers_skip_tool_calls_and_keep_the_newest(engine):
+    tok = engine.tokenizer
+    conv = Conversation(tok, DEFAULT_PERSONA)
+    for i in range(4):
+        conv.add_user(f"question {i}")
+        conv.add_assistant(f"Answer number {i}.")
+    conv.add_user("What's the weather?")
+    conv.add_assistant(format_call("get_weather", {"city": "Paris"}))
+    conv.add("tool", '{"name": "get_weather", "result": "sunny"}')
+    runs = conv.recent_answer_ids(count=2)
+    assert runs == (tuple(tok.encode("Answer number 3.")), tuple(tok.encode("Answer number 2.")))
+    assert Conversation(tok, DEFAULT_PERSONA).recent_answer_ids() == ()
