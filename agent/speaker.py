@@ -58,7 +58,7 @@ class Speaker:
         if self.forced_tool is not None and self.forced_tool in s.tools and not after_tool:
             forced = s.tools.forced_prefix(self.forced_tool)
         # never a previous answer again, word for word (engine/sampling.py: the repetition guard)
-        avoid = () if forced else s.conversation.recent_answer_ids()
+        avoid = None if forced else s.conversation.answer_guard()
         params = dataclasses.replace(s.cfg.sampling_params(), avoid=avoid)
         spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), params,
                           turn, user_text=user_text, forced_text=forced, filter_tools=bool(s.tools))

@@ -11,6 +11,7 @@ SmolLM2-135M, text only, under each configuration, in the same run:
   guard       the same, plus the repetition guard the session now passes (`SamplingParams.avoid` =
               the last answers' tokens, no run of `--ngram` tokens copied; engine/sampling.py)
   guard_nN    the guard with another n-gram length (`--sweep 3,6`)
+  strict      the guard masking word continuations too (`--strict`; it misspells names: "Rowle's")
   sampled     temperature 0.7 (seeded), no guard: does sampling alone help? (`--sampled`)
 
 Per configuration it prints and writes:
@@ -23,7 +24,7 @@ Per configuration it prints and writes:
 It also checks that the prefix cache is not the cause: the follow-up prompt's next-token
 probabilities with the conversation cached vs prefilled from scratch (max abs difference).
 
-    python bench/followups.py [--ngram 4] [--sweep 3,6] [--sampled] [--threads 1] [--json PATH]
+    python bench/followups.py [--ngram 4] [--sweep 3,6] [--strict] [--sampled] [--threads 1] [--json PATH]
 
 --json (default bench/results/followups.json) writes the figures, every answer, and a PNG beside.
 """
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from rejoinder.agent.config import DEFAULT_PERSONA
 from rejoinder.agent.conversation import Conversation
-from rejoinder.engine import Engine, EngineOptions, SamplingParams
+from rejoinder.engine import Engine, EngineOptions, RepetitionGuard, SamplingParams
 from rejoinder.streaming.assets import resolve
 
 DATA = Path(__file__).with_name("data") / "followups.json"
@@ -92,12 +93,15 @@ class Variant:
     ngram: int  # 0: no guard
     temperature: float = 0.0
     seed: int | None = None
+    strict: bool = False  # the guard masks word continuations too
 
 
 def answer(engine: Engine, conv: Conversation, base: SamplingParams, v: Variant) -> tuple[str, int, float]:
-    avoid = conv.recent_answer_ids() if v.ngram else ()
-    params = dataclasses.replace(base, temperature=v.temperature, seed=v.seed, avoid=avoid,
-                                 avoid_ngram=v.ngram or base.avoid_ngram)
+    avoid = None
+    if v.ngram:
+        guard = conv.answer_guard()  # what the session passes (agent/speaker.py)
+        avoid = dataclasses.replace(guard, ngram=v.ngram, exempt=frozenset() if v.strict else guard.exempt)
+    params = dataclasses.replace(base, temperature=v.temperature, seed=v.seed, avoid=avoid)
     ids = conv.prompt_ids()
     t0 = time.perf_counter()
     out = [ev.token_id for ev in engine.generate(ids, params)]
@@ -182,9 +186,10 @@ def plot(path: Path, results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="", help="GGUF file or safetensors folder (default: embedded SmolLM2)")
-    ap.add_argument("--ngram", type=int, default=SamplingParams().avoid_ngram, help="the guard's n-gram length")
+    ap.add_argument("--ngram", type=int, default=RepetitionGuard().ngram, help="the guard's n-gram length")
     ap.add_argument("--sweep", default="", help="more n-gram lengths to try, comma-separated")
     ap.add_argument("--sampled", action="store_true", help="add temperature 0.7 without the guard")
+    ap.add_argument("--strict", action="store_true", help="add the guard masking word continuations too")
     ap.add_argument("--persona", default=DEFAULT_PERSONA)
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--threads", type=int, default=1)
@@ -198,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     base = SamplingParams(max_new_tokens=args.max_new_tokens)
     variants = [Variant("before", 0), Variant("guard", args.ngram)]
     variants += [Variant(f"guard_n{n}", int(n)) for n in args.sweep.split(",") if n and int(n) != args.ngram]
+    if args.strict:
+        variants.append(Variant("strict", args.ngram, strict=True))
     if args.sampled:
         variants.append(Variant("sampled", 0, temperature=0.7, seed=1))
     results = [run_variant(engine, pairs, v, args.persona, base) for v in variants]

@@ -1,25 +1,56 @@
 """Turning logits into the next token: greedy, or temperature / top-k / top-p with a seeded generator;
-optionally never repeating a long run of tokens from given sequences (the previous answers).
+optionally never repeating a run of tokens from given sequences (the previous answers).
 
-The repetition guard is an n-gram block: with `avoid` holding the token ids of earlier assistant
-answers, a token that would make the last `avoid_ngram` generated tokens equal a run found in one of
-them is masked out before sampling. Small models (the embedded SmolLM2-135M) asked a follow-up
-("…and what is it famous for?") often copy their previous answer word for word; shorter shared runs
-("Paris is", "in the") stay allowed, so answers about the same subject can still name it. The guard
-looks at the answer being generated only: the engine passes the tokens generated so far.
+The repetition guard (`RepetitionGuard`, on `SamplingParams.avoid`) is an n-gram block: a token that
+would make the last `ngram` generated tokens equal a run found in one of its sequences is masked out
+before sampling. Small models (the embedded SmolLM2-135M) asked a follow-up ("…and what is it famous
+for?") often copy their previous answer word for word; shorter shared runs ("Paris is", "in the")
+stay allowed, so an answer about the same subject can still name it. Tokens that continue a word
+(`exempt`: "ling" of " Row|ling") are never masked: a ban there would only misspell the word
+("Rowle"); the next word start is where it bites. The guard looks at the answer being generated
+only: the engine passes the tokens generated so far.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rejoinder.errors import ConfigError
 
+if TYPE_CHECKING:
+    from .tokenizer import ChatTokenizer
+
 TokenRun = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RepetitionGuard:
+    """What an answer must not copy: no `ngram` tokens in a row from any of `runs`."""
+
+    runs: tuple[TokenRun, ...] = ()
+    ngram: int = 4
+    exempt: frozenset[int] = frozenset()  # never masked (tokens that continue a word)
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ConfigError(f"the repetition guard's ngram must be at least 1, not {self.ngram}")
+        if not isinstance(self.runs, tuple) or not all(
+            isinstance(run, tuple) and all(isinstance(t, int) for t in run) for run in self.runs
+        ):
+            raise ConfigError("the repetition guard's runs must be a tuple of token-id tuples")
+
+    @classmethod
+    def of_texts(cls, tokenizer: ChatTokenizer, texts: Iterable[str], ngram: int = 4) -> RepetitionGuard:
+        """The guard against `texts` (e.g. the last answers), tokenised as an answer starts."""
+        runs = tuple(tuple(tokenizer.encode(t)) for t in texts if t.strip())
+        pieces = {i: tokenizer.decode([i]) for run in runs for i in run}
+        exempt = frozenset(i for i, p in pieces.items() if p[:1].isalnum())  # no space before it: mid-word
+        return cls(runs, ngram, exempt)
 
 
 @dataclass(frozen=True)
@@ -29,20 +60,13 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 256
-    # Token sequences the answer must not copy (e.g. the previous assistant answers): no run of
-    # `avoid_ngram` generated tokens may equal a run in one of them. Empty: no guard.
-    avoid: tuple[TokenRun, ...] = ()
-    avoid_ngram: int = 4
+    avoid: RepetitionGuard | None = None  # token runs the answer must not copy (the previous answers)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
             raise ConfigError(f"invalid sampling parameters: {self}")
-        if self.avoid_ngram < 1:
-            raise ConfigError(f"avoid_ngram must be at least 1, not {self.avoid_ngram}")
-        if not isinstance(self.avoid, tuple) or not all(
-            isinstance(run, tuple) and all(isinstance(t, int) for t in run) for run in self.avoid
-        ):
-            raise ConfigError("avoid must be a tuple of token-id tuples")
+        if self.avoid is not None and not isinstance(self.avoid, RepetitionGuard):
+            raise ConfigError(f"avoid must be a RepetitionGuard, not {type(self.avoid).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -50,22 +74,25 @@ class SamplingParams:
 
 
 @lru_cache(maxsize=64)
-def _ngram_index(avoid: tuple[TokenRun, ...], n: int) -> dict[TokenRun, frozenset[int]]:
-    """(n-1) leading tokens -> the tokens that followed them somewhere in `avoid`."""
+def _ngram_index(guard: RepetitionGuard) -> dict[TokenRun, frozenset[int]]:
+    """(n-1) leading tokens -> the tokens that followed them somewhere in the guard's runs."""
+    n = guard.ngram
     follow: dict[TokenRun, set[int]] = {}
-    for run in avoid:
+    for run in guard.runs:
         for i in range(len(run) - n + 1):
-            follow.setdefault(run[i : i + n - 1], set()).add(run[i + n - 1])
+            if run[i + n - 1] not in guard.exempt:
+                follow.setdefault(run[i : i + n - 1], set()).add(run[i + n - 1])
     return {k: frozenset(v) for k, v in follow.items()}
 
 
 def banned_tokens(generated: Sequence[int], params: SamplingParams) -> frozenset[int]:
-    """Tokens that, appended to `generated`, would repeat an `avoid_ngram`-run of `params.avoid`."""
-    n = params.avoid_ngram
-    if not params.avoid or len(generated) < n - 1:
+    """Tokens that, appended to `generated`, would copy an n-token run of `params.avoid`."""
+    guard = params.avoid
+    if guard is None or not guard.runs or len(generated) < guard.ngram - 1:
         return frozenset()
+    n = guard.ngram
     key = tuple(generated[len(generated) - (n - 1) :]) if n > 1 else ()
-    return _ngram_index(params.avoid, n).get(key, frozenset())
+    return _ngram_index(guard).get(key, frozenset())
 
 
 def block_repeats(logits: Tensor, params: SamplingParams, generated: Sequence[int]) -> Tensor:
