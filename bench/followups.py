@@ -13,6 +13,9 @@ SmolLM2-135M, text only, under each configuration, in the same run:
   guard_nN    the guard with another n-gram length (`--sweep 3,6`)
   strict      the guard masking word continuations too (`--strict`; it misspells names: "Rowle's")
   sampled     temperature 0.7 (seeded), no guard: does sampling alone help? (`--sampled`)
+  peer        another system prompt, without and with the guard (`--peer-persona TEXT`): the
+              prompt layout's part (the persona's "keep every answer short" line is what the
+              embedded model copies after)
 
 Per configuration it prints and writes:
   repeat rate   follow-up answers equal to the previous answer after normalising (case,
@@ -24,7 +27,8 @@ Per configuration it prints and writes:
 It also checks that the prefix cache is not the cause: the follow-up prompt's next-token
 probabilities with the conversation cached vs prefilled from scratch (max abs difference).
 
-    python bench/followups.py [--ngram 4] [--sweep 3,6] [--strict] [--sampled] [--threads 1] [--json PATH]
+    python bench/followups.py [--ngram 4] [--sweep 3,6] [--strict] [--sampled] [--peer-persona TEXT]
+                              [--threads 1] [--json PATH]
 
 --json (default bench/results/followups.json) writes the figures, every answer, and a PNG beside.
 """
@@ -40,9 +44,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rejoinder.agent.config import DEFAULT_PERSONA
 from rejoinder.agent.conversation import Conversation
 from rejoinder.engine import Engine, EngineOptions, RepetitionGuard, SamplingParams
+from rejoinder.engine.sampling import banned_tokens, sample
 from rejoinder.streaming.assets import resolve
 
 DATA = Path(__file__).with_name("data") / "followups.json"
@@ -94,6 +101,7 @@ class Variant:
     temperature: float = 0.0
     seed: int | None = None
     strict: bool = False  # the guard masks word continuations too
+    persona: str | None = None  # None: --persona
 
 
 def answer(engine: Engine, conv: Conversation, base: SamplingParams, v: Variant) -> tuple[str, int, float]:
@@ -109,6 +117,7 @@ def answer(engine: Engine, conv: Conversation, base: SamplingParams, v: Variant)
 
 
 def run_variant(engine: Engine, pairs: list[dict], v: Variant, persona: str, base: SamplingParams) -> dict:
+    persona = v.persona if v.persona is not None else persona
     rows = []
     tokens, seconds = 0, 0.0
     for p in pairs:
@@ -136,6 +145,7 @@ def run_variant(engine: Engine, pairs: list[dict], v: Variant, persona: str, bas
         "on_topic_rate": sum(r["on_topic"] for r in rows) / n,
         "relevant_rate": sum(r["relevant"] for r in rows) / n,
         "mean_overlap": sum(r["overlap"] for r in rows) / n,
+        "mean_words": sum(len(words(r["answer"])) for r in rows) / n,
         "tokens": tokens,
         "tok_s": tokens / seconds if seconds else 0.0,
         "rows": rows,
@@ -155,6 +165,43 @@ def prefix_cache_diff(engine: Engine, persona: str, pair: dict, first_answer: st
     fresh = engine.next_token_probs(ids)
     print(f"prefix cache: {reused} of {len(ids)} prompt tokens reused")
     return float((cached - fresh).abs().max())
+
+
+def guard_cost(engine: Engine, results: list[dict], ngram: int) -> dict:
+    """The guard's time per sampled token (3 previous answers) against a decode step, same run."""
+    rows = results[0]["rows"]
+    tok = engine.tokenizer
+    guard = RepetitionGuard.of_texts(tok, [r["first_answer"] for r in rows[:3]], ngram)
+    params = SamplingParams(avoid=guard)
+    answers = [tok.encode(r["answer"]) for r in rows[:10]]
+    logits = torch.zeros(1, tok.vocab_size)
+    calls = sum(len(ids) for ids in answers)
+
+    def per_call(p: SamplingParams) -> float:  # best of 3 passes: the box is shared
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for ids in answers:
+                for i in range(len(ids)):
+                    sample(logits, p, generated=ids[:i])
+            best = min(best, (time.perf_counter() - t0) / calls)
+        return best
+
+    without, with_guard = per_call(SamplingParams()), per_call(params)
+    banned_steps = sum(bool(banned_tokens(ids[:i], params)) for ids in answers for i in range(len(ids)))
+    conv = Conversation(tok, DEFAULT_PERSONA)
+    conv.add_user(rows[0]["first"])
+    step_s = min(_decode_step_s(engine, conv.prompt_ids()) for _ in range(3))
+    return {"sample_us": 1e6 * without, "sample_with_guard_us": 1e6 * with_guard,
+            "steps_with_a_ban": banned_steps / calls,
+            "decode_step_ms": 1e3 * step_s, "guard_share_of_step": (with_guard - without) / step_s}
+
+
+def _decode_step_s(engine: Engine, ids: list[int]) -> float:
+    for _ in engine.generate(ids, SamplingParams(max_new_tokens=24)):
+        pass
+    st = engine.last_stats
+    return st.decode_s / max(1, st.new_tokens - 1)
 
 
 def plot(path: Path, results: list[dict]) -> None:
@@ -191,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampled", action="store_true", help="add temperature 0.7 without the guard")
     ap.add_argument("--strict", action="store_true", help="add the guard masking word continuations too")
     ap.add_argument("--persona", default=DEFAULT_PERSONA)
+    ap.add_argument("--peer-persona", default="",
+                    help="also run this system prompt, without and with the guard (the prompt-layout peer)")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="only the first N conversations")
@@ -207,27 +256,35 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant("strict", args.ngram, strict=True))
     if args.sampled:
         variants.append(Variant("sampled", 0, temperature=0.7, seed=1))
+    if args.peer_persona:
+        variants += [Variant("peer", 0, persona=args.peer_persona),
+                     Variant("peer+guard", args.ngram, persona=args.peer_persona)]
     results = [run_variant(engine, pairs, v, args.persona, base) for v in variants]
     diff = prefix_cache_diff(engine, args.persona, pairs[0], results[0]["rows"][0]["first_answer"])
+    cost = guard_cost(engine, results, args.ngram)
 
     print(f"\n{len(pairs)} follow-ups, {engine.backend} backend; prefix cache vs fresh prefill: "
           f"max |dP| = {diff:.2e}")
-    print(f"{'variant':>10} {'repeat':>7} {'exact':>6} {'on topic':>9} {'relevant':>9} {'overlap':>8} {'tok/s':>6}")
+    print(f"{'variant':>10} {'repeat':>7} {'exact':>6} {'on topic':>9} {'relevant':>9} {'overlap':>8} "
+          f"{'words':>6} {'tok/s':>6}")
     for r in results:
         print(f"{r['variant']['name']:>10} {100 * r['repeat_rate']:6.0f}% {100 * r['exact_repeat_rate']:5.0f}% "
               f"{100 * r['on_topic_rate']:8.0f}% {100 * r['relevant_rate']:8.0f}% {r['mean_overlap']:8.2f} "
-              f"{r['tok_s']:6.1f}")
+              f"{r['mean_words']:6.1f} {r['tok_s']:6.1f}")
     before, after = results[0], results[1]
     print(f"guard vs before: repeats {100 * before['repeat_rate']:.0f}% -> {100 * after['repeat_rate']:.0f}%, "
-          f"relevant {100 * before['relevant_rate']:.0f}% -> {100 * after['relevant_rate']:.0f}%, "
-          f"decode speed ratio {after['tok_s'] / before['tok_s']:.2f}")
+          f"relevant {100 * before['relevant_rate']:.0f}% -> {100 * after['relevant_rate']:.0f}%")
+    print(f"guard cost: sampling {cost['sample_us']:.0f} -> {cost['sample_with_guard_us']:.0f} us per token, "
+          f"{100 * cost['guard_share_of_step']:.2f}% of a {cost['decode_step_ms']:.1f} ms decode step "
+          f"({100 * cost['steps_with_a_ban']:.0f}% of the steps mask a token: the copying answers) "
+          f"(tok/s above: whole runs on a shared box, not comparable)")
     for b, a in zip(before["rows"], after["rows"]):
         if b["repeat"] or a["repeat"]:
             print(f"- {b['followup']!r}\n    before: {b['answer']!r}\n    guard:  {a['answer']!r}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {"model": str(resolve("llm", args.model or None)), "backend": engine.backend, "persona": args.persona,
-               "prefix_cache_max_abs_prob_diff": diff, "results": results}
+               "prefix_cache_max_abs_prob_diff": diff, "guard_cost": cost, "results": results}
         args.json.write_text(json.dumps(out, indent=1))
         png = args.json.with_suffix(".png")
         plot(png, results)

@@ -4,10 +4,11 @@ optionally never repeating a run of tokens from given sequences (the previous an
 The repetition guard (`RepetitionGuard`, on `SamplingParams.avoid`) is an n-gram block: a token that
 would make the last `ngram` generated tokens equal a run found in one of its sequences is masked out
 before sampling. Small models (the embedded SmolLM2-135M) asked a follow-up ("…and what is it famous
-for?") often copy their previous answer word for word; shorter shared runs ("Paris is", "in the")
-stay allowed, so an answer about the same subject can still name it. Tokens that continue a word
-(`exempt`: "ling" of " Row|ling") are never masked: a ban there would only misspell the word
-("Rowle"); the next word start is where it bites. The guard looks at the answer being generated
+for?") often copy their previous answer word for word; shorter shared runs ("Paris is", "the Mona
+Lisa") stay allowed, so an answer about the same subject can still name it (5 tokens: 4 masked
+names like "Mona Lisa" after "The", and answered fewer follow-ups on bench/followups.py). Tokens
+that continue a word (`exempt`: "ling" of " Row|ling") are never masked: a ban there would only
+misspell the word ("Rowle"); the next word start is where it bites. The guard looks at the answer being generated
 only: the engine passes the tokens generated so far.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ class RepetitionGuard:
     """What an answer must not copy: no `ngram` tokens in a row from any of `runs`."""
 
     runs: tuple[TokenRun, ...] = ()
-    ngram: int = 4
+    ngram: int = 5
     exempt: frozenset[int] = frozenset()  # never masked (tokens that continue a word)
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class RepetitionGuard:
             raise ConfigError("the repetition guard's runs must be a tuple of token-id tuples")
 
     @classmethod
-    def of_texts(cls, tokenizer: ChatTokenizer, texts: Iterable[str], ngram: int = 4) -> RepetitionGuard:
+    def of_texts(cls, tokenizer: ChatTokenizer, texts: Iterable[str], ngram: int = 5) -> RepetitionGuard:
         """The guard against `texts` (e.g. the last answers), tokenised as an answer starts."""
         runs = tuple(tuple(tokenizer.encode(t)) for t in texts if t.strip())
         pieces = {i: tokenizer.decode([i]) for run in runs for i in run}
@@ -97,13 +98,12 @@ def banned_tokens(generated: Sequence[int], params: SamplingParams) -> frozenset
 
 def block_repeats(logits: Tensor, params: SamplingParams, generated: Sequence[int]) -> Tensor:
     """logits [B, V] with the tokens `banned_tokens` names masked to -inf (every row: one request's
-    tokens). A ban that would leave nothing to sample is dropped (the model's choice stands)."""
+    tokens); `logits` itself when nothing is banned (the usual step: no copy, no pass over V)."""
     banned = banned_tokens(generated, params)
     if not banned:
         return logits
     idx = torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)
-    masked = logits.index_fill(-1, idx, float("-inf"))
-    return torch.where(torch.isinf(masked).all(-1, keepdim=True), logits, masked)
+    return logits.clone().index_fill_(-1, idx, float("-inf"))
 
 
 def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -129,9 +129,15 @@ def sample(
     generator: torch.Generator | None = None,
     generated: Sequence[int] = (),
 ) -> Tensor:
-    """logits [B, V] -> token ids [B]; `generated`: the tokens sampled so far (for `params.avoid`)."""
-    logits = block_repeats(logits, params, generated)
+    """logits [B, V] -> token ids [B]; `generated`: the tokens sampled so far (for `params.avoid`).
+    A ban that leaves nothing to choose is dropped (the model's own choice stands)."""
+    masked = block_repeats(logits, params, generated)
     if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, params)
+        token = masked.argmax(dim=-1)
+        if masked is not logits and bool(torch.isneginf(masked.gather(-1, token[:, None])).any()):
+            token = logits.argmax(dim=-1)
+        return token
+    probs = filtered_probs(masked, params)
+    if masked is not logits and bool(torch.isnan(probs).any()):
+        probs = filtered_probs(logits, params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

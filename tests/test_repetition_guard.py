@@ -51,8 +51,12 @@ def test_the_token_that_would_complete_a_copied_run_is_masked():
 def test_a_ban_that_leaves_nothing_is_dropped():
     logits = torch.full((1, 4), float("-inf"))
     logits[0, 2] = 1.0
-    out = block_repeats(logits, SamplingParams(avoid=RepetitionGuard(((0, 2),), ngram=2)), [0])
-    assert torch.equal(out, logits)
+    params = SamplingParams(avoid=RepetitionGuard(((0, 2),), ngram=2))
+    assert torch.isneginf(block_repeats(logits, params, [0])).all()
+    assert int(sample(logits, params, generated=[0])[0]) == 2
+    hot = SamplingParams(temperature=1.0, top_p=0.9, avoid=params.avoid)
+    assert int(sample(logits, hot, torch.Generator().manual_seed(0), [0])[0]) == 2
+    assert block_repeats(logits, params, [1]) is logits  # nothing banned: no copy
 
 
 def test_bad_guard_settings_are_refused():
