@@ -236,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     study = unsure_study(scorer, history, items, cfg)
     print("\nunsure tails:           complete turns, last word unsure | fragments + guessed word")
-    print("  rule    waits  longest  mean wait  |  answered at once  mean wait")
+    print("  rule        waits  longest  mean wait  |  answered at once  mean wait")
     for name, r in study["rules"].items():
         c, g = r["complete"], r["incomplete_guessed"]
-        print(f"  {name:6s} {100 * (1 - c['answered_at_once']):5.1f}%  {100 * c['wait_longest']:6.1f}%  "
+        print(f"  {name:10s} {100 * (1 - c['answered_at_once']):5.1f}%  {100 * c['wait_longest']:6.1f}%  "
               f"{c['mean_extra_wait_s']:7.2f} s  |  {100 * g['answered_at_once']:15.1f}%  "
               f"{g['mean_extra_wait_s']:7.2f} s")
     print(f"  (n = {study['rules']['min']['complete']['n']} complete, "
