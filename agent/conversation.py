@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rejoinder.engine import ChatTokenizer
-from rejoinder.engine.history import trim_history
+from rejoinder.engine.history import recent_answers, trim_history
+from rejoinder.engine.sampling import RepetitionGuard
 
 log = logging.getLogger("rejoinder.agent.conversation")
 
@@ -55,6 +56,15 @@ class Conversation:
 
     def last(self, role: str) -> Message | None:
         return next((m for m in reversed(self.turns) if m["role"] == role), None)
+
+    def recent_answers(self, count: int = 3) -> list[str]:
+        """The last `count` spoken assistant answers, newest first (tool-call blocks left out)."""
+        return recent_answers(self.turns, count)
+
+    def answer_guard(self, count: int = 3) -> RepetitionGuard:
+        """What the next answer must not copy: the last answers (a small model answers a follow-up
+        with its previous answer word for word; `SamplingParams.avoid`)."""
+        return RepetitionGuard.of_texts(self.tokenizer, self.recent_answers(count))
 
     # --- prompts ---------------------------------------------------------------------------------
 

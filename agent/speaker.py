@@ -15,6 +15,7 @@ operator's hold or a transfer (until `resume`), and while a tool call runs longe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -74,7 +75,10 @@ class Speaker:
         s = self.s
         extra = [{"role": "user", "content": user_text}] if held_user else []
         forced = self.forced_tool if self.forced_tool in s.tools and not after_tool else ""
-        spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), s.cfg.sampling_params(),
+        # never a previous answer again, word for word (engine/sampling.py: the repetition guard)
+        avoid = None if forced else s.conversation.answer_guard()
+        params = dataclasses.replace(s.cfg.sampling_params(), avoid=avoid)
+        spec = AnswerSpec(s.conversation.prompt_ids(extra, with_tools=not after_tool), params,
                           turn, user_text=user_text, forced_tool=forced or "",
                           tool_parameters=s.tools.tools[forced].parameters if forced else None,
                           filter_tools=bool(s.tools))

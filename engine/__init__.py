@@ -8,7 +8,7 @@
 from .config import ModelConfig
 from .engine import Engine, EngineOptions, GenerationStats, TokenEvent, TokenStream
 from .errors import ContextOverflow, ModelFileError
-from .sampling import SamplingParams
+from .sampling import RepetitionGuard, SamplingParams
 from .tokenizer import ChatTokenizer
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "GenerationStats",
     "ModelConfig",
     "ModelFileError",
+    "RepetitionGuard",
     "SamplingParams",
     "TokenEvent",
     "TokenStream",

@@ -253,7 +253,7 @@ class Engine:
         emitted = ""
         t_first = 0.0
         while True:
-            token = int(sample(logits[None], params, gen)[0])
+            token = int(sample(logits[None], params, gen, generated)[0])
             now = time.monotonic()
             if not generated:
                 t_first = now

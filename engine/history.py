@@ -15,14 +15,18 @@ grows by one exchange per turn and must fit a token budget. `trim_history` is th
 
 Tokens are counted by the caller's `count_tokens` (the rendered chat template, plus whatever the
 caller appends after these messages), so this module needs no tokenizer of its own.
+
+`recent_answers` is the other question callers ask of a history: what did the assistant last say
+(the spoken text, tool calls left out)? The next answer must not copy it (`RepetitionGuard`).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 from .tokenizer import Message
+from .tool_format import parse_tool_calls
 
-__all__ = ["trim_history"]
+__all__ = ["recent_answers", "trim_history"]
 
 
 def trim_history(
@@ -59,3 +63,18 @@ def _exchange_end(turns: Sequence[Message]) -> int:
     while i < len(turns) and turns[i].get("role") != "user":
         i += 1
     return i
+
+
+def recent_answers(messages: Sequence[Message], count: int = 3) -> list[str]:
+    """The last `count` assistant answers, newest first, as spoken: `<tool_call>` blocks left out,
+    answers that were only a call skipped."""
+    out: list[str] = []
+    for m in reversed(messages):
+        if len(out) >= count:
+            break
+        if m.get("role") != "assistant":
+            continue
+        spoken = parse_tool_calls(str(m.get("content") or ""), keep_broken=False)[0].strip()
+        if spoken:
+            out.append(spoken)
+    return out

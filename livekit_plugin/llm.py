@@ -10,6 +10,7 @@ awaits its token stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any, Literal
 from livekit.agents import APIError, llm, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
-from rejoinder.engine import ContextOverflow, Engine, SamplingParams, TokenStream
+from rejoinder.engine import ContextOverflow, Engine, RepetitionGuard, SamplingParams, TokenStream
 from rejoinder.engine.forced_call import ForcedCallError, forced_call
+from rejoinder.engine.history import recent_answers
 from rejoinder.engine.tool_format import ToolCallFilter
 from rejoinder.streaming.assets import resolve
 
@@ -150,7 +152,9 @@ class LLMStream(llm.LLMStream):
                 call = await self._forced_call(prompt, name, schemas)
                 self._send(llm.ChoiceDelta(role="assistant", tool_calls=[call]))
             else:
-                await self._free(prompt, parse_tools=bool(shown))
+                # never the last answers again, word for word (engine/sampling.py: the repetition guard)
+                guard = RepetitionGuard.of_texts(engine.tokenizer, recent_answers(messages))
+                await self._free(prompt, parse_tools=bool(shown), params=dataclasses.replace(self._params, avoid=guard))
         except (APIError, asyncio.CancelledError):
             raise
         except ContextOverflow as exc:
@@ -181,9 +185,9 @@ class LLMStream(llm.LLMStream):
             self._usage.cached = st.reused_tokens
         self._usage.completion += st.new_tokens
 
-    async def _free(self, prompt: str, *, parse_tools: bool) -> None:
+    async def _free(self, prompt: str, *, parse_tools: bool, params: SamplingParams) -> None:
         """Stream text; with tools shown, `<tool_call>` blocks are held back and sent as calls."""
-        ts = self._start(prompt, self._params)
+        ts = self._start(prompt, params)
         # Broken blocks stay visible as text: the framework's user should see what the model wrote.
         calls = ToolCallFilter(keep_broken=True) if parse_tools else None
         try:

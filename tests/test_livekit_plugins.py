@@ -257,6 +257,18 @@ async def test_llm_honours_temperature(engine):
     assert cold == a  # per-request override back to greedy
 
 
+async def test_llm_never_answers_a_follow_up_with_its_last_answer(engine):
+    from rejoinder.agent.config import DEFAULT_PERSONA
+    from rejoinder.engine.end_of_turn import strip_trailing_punctuation
+
+    previous = "The capital of France is Paris."
+    ctx = chat(("user", "What is the capital of France?"), ("assistant", previous),
+               ("user", "And what is it famous for?"), system=DEFAULT_PERSONA)
+    text = (await lkp.LLM(engine=engine, max_new_tokens=40).chat(chat_ctx=ctx).collect()).text
+    assert text.strip()
+    assert strip_trailing_punctuation(text).lower() != strip_trailing_punctuation(previous).lower(), text
+
+
 def test_llm_prompt_fits_the_context_dropping_the_oldest_exchanges(engine):
     from livekit.plugins.rejoinder.chat import fit, render
     from rejoinder.engine import ContextOverflow
