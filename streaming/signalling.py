@@ -434,15 +434,33 @@ def create_app(cfg: ServeConfig, factory: SessionFactory, *, routes: Sequence[Ro
         app.router.add_route(method, path, handler)
     app.router.add_route("OPTIONS", "/whip/{peer_id}", preflight)
     if cfg.web_dir.is_dir():
-        async def index(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(cfg.web_dir / "index.html", headers={"Cache-Control": "no-cache"})
-
-        app.router.add_get("/", index)
-        app.router.add_static("/", cfg.web_dir, show_index=False, append_version=False)
+        _add_web_page(app, cfg.web_dir)
     else:
         log.warning("web folder %s not found: serving the API only", cfg.web_dir)
     app.on_shutdown.append(on_shutdown)
     return app
+
+
+def _add_web_page(app: web.Application, folder: Path) -> None:
+    """GET / and the page's files. Not aiohttp's static route: its 404 for a missing file is an empty
+    body decided after the handler returns, where the middleware cannot make it a JSON error."""
+    root = folder.resolve()
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def file(request: web.Request) -> web.FileResponse:
+        try:
+            path = (root / request.match_info["name"]).resolve()
+            inside = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a name the file system cannot take (NUL, too long)
+            inside = False
+        if not inside:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/{name:.+}", file)  # last: every API route above takes precedence
 
 
 @web.middleware
