@@ -25,9 +25,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.audio import write_wav
 
-    from ..models import Models
-    from ..reply import reply_to_file
-
     cfg = config.from_args(args)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -40,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     for path in (question, answer):
         check_writable(path, "--out-dir")  # before the models load
     print("loading the embedded models…", file=sys.stderr)
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..reply import reply_to_file
+
     models = Models(cfg)
     try:
         write_wav(question, models.tts.synthesize(args.question), models.tts.sample_rate)

@@ -38,9 +38,6 @@ def print_timings(reply: Any, stream: TextIO = sys.stdout) -> None:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.audio import read_wav, write_wav
 
-    from ..models import Models
-    from ..reply import reply_to_audio
-
     cfg = config.from_args(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
     if not in_path.exists():
@@ -48,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     # Bad input and an unwritable output fail before any model loads.
     samples, rate = read_wav(in_path, max_seconds=cfg.max_input_seconds)
     check_writable(out_path, "--out")
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..reply import reply_to_audio
+
     models = Models(cfg)
     try:
         reply = reply_to_audio(models, cfg, samples, rate)

@@ -54,10 +54,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """A whole session over a recorded conversation, in real time; per-turn metrics out."""
-    from ..models import Models
-    from ..mqtt import start_bridge
-    from ..tracing import start_tracing
-
     cfg = config.from_args(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
     if not in_path.exists():
@@ -69,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0.25 <= args.speed <= 8:
         raise BadInputError("--speed must be within 0.25-8")
     print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..mqtt import start_bridge
+    from ..tracing import start_tracing
+
     models = Models(cfg)
 
     async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
