@@ -129,6 +129,9 @@ def read_wav(source: PathOrFile, *, max_seconds: float | None = DEFAULT_MAX_SECO
     return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
 
 
+_UNKNOWN_LENGTH = 0x7FFF0000
+
+
 def _wav_data_chunk(f: BinaryIO) -> tuple[int, int] | None:
     """(bytes the header declares for the audio data, offset where the data starts) of a RIFF/RF64 WAV;
     None when it cannot tell (not RIFF, or a streaming writer's "unknown length" marker)."""
@@ -150,7 +153,9 @@ def _wav_data_chunk(f: BinaryIO) -> tuple[int, int] | None:
         elif cid == b"data":
             if head[:4] == b"RF64" and size == 0xFFFFFFFF:
                 size = ds64_size or 0
-            if size in (0, 0xFFFFFFFF):  # written by a streaming tool that could not seek back
+            # Tools writing to a pipe cannot seek back to fill the length in: they leave 0, 0xFFFFFFFF
+            # (ffmpeg) or a placeholder just under 2 GiB (sox, espeak-ng: 0x7FFFF000). Not a cut file.
+            if size == 0 or size >= _UNKNOWN_LENGTH:
                 return None
             return size, pos + 8
         pos += 8 + size + (size & 1)
