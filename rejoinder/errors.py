@@ -14,6 +14,7 @@ __all__ = [
     "ControlError",
     "EngineError",
     "ModelAssetError",
+    "OutputError",
     "RejoinderError",
     "TransportError",
 ]
@@ -41,6 +42,10 @@ class EngineError(RejoinderError):
 
 class TransportError(RejoinderError, ConnectionError):
     """The remote party is gone or its connection cannot carry the session."""
+
+
+class OutputError(RejoinderError, OSError):
+    """An output that cannot be written: a missing or read-only folder, a directory or device, a full disk."""
 
 
 class ControlError(RejoinderError, ValueError):

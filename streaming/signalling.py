@@ -14,7 +14,11 @@ its connection fails, its audio stops arriving for `media_timeout_s` (a vanished
 reaches `max_session_s`. Every path ends in the same cleanup, so a slot is never leaked.
 
 Request checks, in order, each with a JSON error: origin (403), token (401), body size (413),
-capacity (503), SDP shape (400). The static page itself needs no token: it is where the user types it.
+SDP shape (400), the client's unconnected offers (429), capacity (503); who may call, and the slot
+rules, are in `admission.py`, what makes an SDP offer usable in `offer_sdp.py`. Whatever aiortc
+raises while applying or answering an offer is the offer's fault and a 400 too; anything else that
+fails in a handler is a bug of ours: logged with its traceback, answered with a JSON 500. The static
+page itself needs no token: it is where the user types it.
 
 What runs behind each peer comes from a `SessionFactory` (the agent supplies one; tests supply stand-ins):
 this module never imports `rejoinder.agent`. Data-channel messages other than `ping` go to the
@@ -23,26 +27,25 @@ session's `on_message`, which answers them.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
-import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.sdp import SessionDescription
 
-from rejoinder.errors import ConfigError, RejoinderError
+from rejoinder.errors import ConfigError
 
+from .admission import OfferError, OriginPolicy, Slots, Ticket, check_token, parse_origin, read_body
+from .offer_sdp import validate_offer
 from .transport import Transport
 from .webrtc import WebRTCOptions, WebRTCTransport, restrict_ice_hosts
 
@@ -104,14 +107,22 @@ class ServeConfig:
     max_sessions: int = field(default=2, metadata=_m("concurrent conversations; more get HTTP 503"))
     token: str = field(default="", metadata=_m(  # empty: no token needed
         "shared secret clients must send (Bearer or ?token=); prefer the environment variable"))
-    # Origins (scheme://host[:port]) a browser page may call the API from, besides the server's own.
-    # "*" allows any. Requests without an Origin header (non-browser clients) are not origin-checked.
+    # Origins (scheme://host[:port]) a browser page may call the API from, besides the server's own
+    # (http:// on the listen address; see admission.py). "*" allows any. Requests without an Origin
+    # header (non-browser clients) are not origin-checked.
     allow_origins: tuple[str, ...] = field(default=(), metadata=_m(
         "extra origin allowed to call the API, e.g. https://app.example.com ('*': any); repeatable; "
-        "comma-separated in the environment", flag="--allow-origin", metavar="ORIGIN"))
+        "comma-separated in the environment; needed for a host name or a TLS proxy in front",
+        flag="--allow-origin", metavar="ORIGIN"))
     max_body_bytes: int = field(default=64 * 1024, metadata=_m("largest accepted request body"))  # offers: 2-8 KB
-    connect_timeout_s: float = field(default=20.0, metadata=_m(
-        "seconds for a peer to connect after the answer", flag="--connect-timeout", env="REJOINDER_CONNECT_TIMEOUT"))
+    # ICE + DTLS between reachable peers take well under a second; an offer that has not connected
+    # by then holds a slot for nothing (a scanner, a broken client, a caller that cannot reach us).
+    connect_timeout_s: float = field(default=10.0, metadata=_m(
+        "seconds for ICE and DTLS to come up after the answer; an offer not connected by then is dropped",
+        flag="--connect-timeout", env="REJOINDER_CONNECT_TIMEOUT"))
+    max_pending_per_client: int = field(default=1, metadata=_m(
+        "answered offers not connected yet that one client address may hold; more get HTTP 429 "
+        "(behind a reverse proxy every caller has its address: raise this)"))
     media_timeout_s: float = field(default=20.0, metadata=_m(
         "seconds without audio from a peer before its session ends", flag="--media-timeout",
         env="REJOINDER_MEDIA_TIMEOUT"))
@@ -137,20 +148,17 @@ class ServeConfig:
             raise ConfigError("--max-body-bytes must be at least 1024")
         if not 0 <= self.receive_jitter_packets <= 15:
             raise ConfigError("--receive-jitter-packets must be between 0 and 15")
+        if self.max_pending_per_client < 1:
+            raise ConfigError("--max-pending-per-client must be at least 1")
+        if not 0 < self.connect_timeout_s <= 300:
+            raise ConfigError("--connect-timeout must be within 0-300 s")
+        for origin in self.allow_origins:
+            if origin != "*" and parse_origin(origin) is None:
+                raise ConfigError(f"--allow-origin {origin!r} is not an origin like https://app.example.com[:port]")
 
     @property
     def max_session_s(self) -> float:
         return self.max_session_minutes * 60.0
-
-
-class OfferError(RejoinderError):
-    """A request the server refuses, with its HTTP status and a message for the client."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -158,6 +166,7 @@ class Peer:
     id: str
     pc: RTCPeerConnection
     transport: WebRTCTransport
+    ticket: Ticket
     session: PeerSession | None = None
     task: asyncio.Task[None] | None = None
     created_at: float = field(default_factory=time.monotonic)
@@ -175,7 +184,9 @@ class Server:
         self.cfg = cfg
         self.factory = factory
         self.peers: dict[str, Peer] = {}
-        self._admitted = 0  # peers negotiating or running; counted before any await, so no race
+        self.origins = OriginPolicy(cfg.host, cfg.port, cfg.allow_origins)
+        # Counted before any await, so concurrent offers cannot overbook.
+        self.slots = Slots(cfg.max_sessions, cfg.max_pending_per_client, cfg.connect_timeout_s)
         self.ended: list[tuple[str, str]] = []  # (peer id, reason) of recent ends, for tests and health
         self.on_refused: Callable[[str], None] | None = None  # told the code of every refused request
         self.rtc_options = WebRTCOptions(
@@ -186,76 +197,61 @@ class Server:
     # --- admission ---------------------------------------------------------------------------------
 
     def check_origin(self, request: web.Request) -> str | None:
-        """The Origin to echo in CORS headers (None: no Origin); raises OfferError when not allowed."""
+        """The Origin to echo in CORS headers (None: no Origin); raises OfferError when not allowed.
+
+        Checked against --allow-origin and the listen address (admission.py), never the Host header."""
         origin = request.headers.get("Origin")
         if origin is None:
             return None
-        if "*" in self.cfg.allow_origins or origin in self.cfg.allow_origins:
+        if self.origins.allows(origin):
             return origin
-        parts = urlsplit(origin)
-        if parts.netloc and parts.netloc == request.host:
-            return origin  # the server's own page
-        raise OfferError(403, "origin_not_allowed", f"origin {origin} is not allowed (see --allow-origin)")
+        raise OfferError(403, "origin_not_allowed", f"origin {origin[:200]} is not allowed (see --allow-origin)")
 
     def check_token(self, request: web.Request) -> None:
-        if not self.cfg.token:
-            return
-        given = ""
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        elif "token" in request.query:
-            given = request.query["token"]
-        if not given or not hmac.compare_digest(given.encode(), self.cfg.token.encode()):
-            raise OfferError(401, "unauthorized", "missing or wrong access token")
+        check_token(request, self.cfg.token)
 
     async def read_body(self, request: web.Request) -> str:
-        limit = self.cfg.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise OfferError(413, "body_too_large", f"request body over {limit} bytes")
-        # Chunked bodies carry no length: read at most limit + 1 bytes and refuse if there is more.
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await request.content.read(limit + 1 - size):
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise OfferError(413, "body_too_large", f"request body over {limit} bytes")
-        data = b"".join(parts)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise OfferError(400, "bad_encoding", "request body is not UTF-8") from None
+        return await read_body(request, self.cfg.max_body_bytes)
 
-    def admit(self) -> None:
-        if self._admitted >= self.cfg.max_sessions:
-            raise OfferError(503, "busy", f"all {self.cfg.max_sessions} session slots are in use; try again later")
-        self._admitted += 1
+    async def admit(self, client: str) -> Ticket:
+        """A slot for an offer from `client`; when all are taken, an offer that has stayed unconnected
+        for longer than a real caller needs gives its slot up (the oldest first)."""
+        try:
+            return self.slots.take(client)
+        except OfferError as exc:
+            if exc.code != "busy":
+                raise
+            victim = next((p for t in self.slots.stale() for p in self.peers.values() if p.ticket is t), None)
+            if victim is None:
+                raise
+            self.slots.release(victim.ticket)
+            ticket = self.slots.take(client)
+        age = time.monotonic() - victim.created_at
+        log.info("peer %s: not connected after %.1f s; its slot goes to a new offer", victim.id, age)
+        await victim.transport.close(f"not connected after {age:.0f} s; slot given to a new offer")
+        return ticket
 
     # --- signalling ----------------------------------------------------------------------------------
 
-    async def answer(self, offer_sdp: str) -> Peer:
-        """Validate the offer, build the peer connection and session, return the peer (answer set)."""
-        validate_offer(offer_sdp)
+    async def answer(self, offer_sdp: str, ticket: Ticket) -> Peer:
+        """Build the peer connection and session for a validated offer, return the peer (answer set)."""
         peer_id = secrets.token_urlsafe(12)
         # No STUN/TURN: aiortc would otherwise query a public STUN server, which an offline,
         # self-hosted box cannot reach (and should not need for LAN or loopback use).
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         transport = WebRTCTransport(pc, options=self.rtc_options, name=f"peer {peer_id}")
-        peer = Peer(peer_id, pc, transport)
+        peer = Peer(peer_id, pc, transport, ticket)
         try:
-            try:
+            with _offer_fault("applied"):
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            except Exception as exc:  # noqa: BLE001 - aiortc raises many types for bad SDP
-                raise OfferError(400, "bad_sdp", f"the offer could not be applied: {exc}") from None
             audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
             if len(audio) != 1:
                 raise OfferError(400, "no_audio", "the offer must contain exactly one audio section")
-            transceiver = audio[0]
             opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
-            transceiver.setCodecPreferences(opus)
-            pc.addTrack(transport.output_track)
-            await pc.setLocalDescription(await pc.createAnswer())
+            with _offer_fault("answered"):
+                audio[0].setCodecPreferences(opus)
+                pc.addTrack(transport.output_track)
+                await pc.setLocalDescription(await pc.createAnswer())
             try:
                 peer.session = self.factory(transport, peer_id)
             except Exception as exc:
@@ -267,7 +263,8 @@ class Server:
             raise
         self.peers[peer_id] = peer
         peer.task = asyncio.create_task(self._run(peer), name=f"rejoinder-peer-{peer_id}")
-        log.info("peer %s: answered; %d/%d sessions", peer_id, self._admitted, self.cfg.max_sessions)
+        log.info("peer %s: answered (%s); %d/%d sessions", peer_id, ticket.client, self.slots.admitted,
+                 self.cfg.max_sessions)
         return peer
 
     async def _run(self, peer: Peer) -> None:
@@ -281,8 +278,9 @@ class Server:
             connected.cancel()
             closed.cancel()
             if not t.connected.is_set():
-                reason = t.close_reason or f"not connected within {self.cfg.connect_timeout_s:.0f} s"
+                reason = t.close_reason or f"not connected within {self.cfg.connect_timeout_s:g} s"
                 return
+            self.slots.connected(peer.ticket)
             assert peer.session is not None
             run = asyncio.ensure_future(peer.session.run())
             done, _ = await asyncio.wait({run}, timeout=self.cfg.max_session_s)
@@ -308,11 +306,11 @@ class Server:
             peer.end_reason = reason
             await t.close(reason)
             self.peers.pop(peer.id, None)
-            self._admitted -= 1
+            self.slots.release(peer.ticket)
             self.ended.append((peer.id, reason))
             del self.ended[:-64]
             log.info("peer %s: ended (%s) after %.1f s; %d/%d sessions", peer.id, reason,
-                     time.monotonic() - peer.created_at, self._admitted, self.cfg.max_sessions)
+                     time.monotonic() - peer.created_at, self.slots.admitted, self.cfg.max_sessions)
 
     async def on_channel_message(self, peer: Peer, msg: dict[str, Any]) -> Mapping[str, Any] | None:
         if msg.get("type") == "ping":  # round-trip probe: answered here, the session never sees it
@@ -343,43 +341,20 @@ class Server:
 
     @property
     def active(self) -> int:
-        return self._admitted
+        return self.slots.admitted
 
 
-_SDP_LINE = re.compile(r"^[a-z]=\S.*$|^$")
-
-
-def validate_offer(sdp: str) -> None:
-    """Refuse, with a message a person can act on, what is not a usable audio offer."""
-    text = sdp.strip()
-    if not text:
-        raise OfferError(400, "bad_sdp", "empty SDP offer")
-    if not text.startswith("v=0"):
-        raise OfferError(400, "bad_sdp", "malformed SDP: it must start with 'v=0'")
-    # aiortc's parser skips lines it does not understand, so shape is checked here first.
-    for n, line in enumerate(text.splitlines(), 1):
-        if not _SDP_LINE.match(line):
-            raise OfferError(400, "bad_sdp", f"malformed SDP: line {n} is not '<letter>=<value>': {line[:60]!r}")
-    if not any(line.startswith("o=") for line in text.splitlines()):
-        raise OfferError(400, "bad_sdp", "malformed SDP: the origin line (o=) is missing")
+@contextlib.contextmanager
+def _offer_fault(step: str) -> Iterator[None]:
+    """What aiortc raises while it applies or answers an offer is the offer's fault: a 400 that says so."""
     try:
-        desc = SessionDescription.parse(sdp)
-    except Exception as exc:  # noqa: BLE001 - the parser raises whatever the bad line provokes
-        raise OfferError(400, "bad_sdp", f"malformed SDP: {type(exc).__name__}: {exc}") from None
-    kinds = [m.kind for m in desc.media]
-    audio = [m for m in desc.media if m.kind == "audio"]
-    if not audio:
-        raise OfferError(400, "no_audio", "the offer has no audio section: add a microphone track")
-    if len(audio) > 1 or any(k not in ("audio", "application") for k in kinds):
-        raise OfferError(400, "unsupported_media", f"expected one audio section (and a data channel), got {kinds}")
-    m = audio[0]
-    if m.direction not in (None, "sendrecv"):
-        raise OfferError(400, "bad_direction",
-                         f"audio must be sendrecv (the agent listens and talks), got {m.direction}")
-    if not any(c.mimeType.lower() == "audio/opus" for c in m.rtp.codecs):
-        raise OfferError(400, "no_opus", "the offer does not include the Opus codec")
-    if not m.ice.usernameFragment or not m.ice.password or not m.dtls or not m.dtls.fingerprints:
-        raise OfferError(400, "bad_sdp", "malformed SDP: ICE credentials or DTLS fingerprint missing")
+        yield
+    except OfferError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - aiortc raises many types (ValueError, AssertionError, KeyError…)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.info("offer could not be %s: %s", step, detail, exc_info=log.isEnabledFor(logging.DEBUG))
+        raise OfferError(400, "bad_sdp", f"the offer could not be {step}: {detail[:200]}") from None
 
 
 # --- the aiohttp app -------------------------------------------------------------------------------
@@ -410,22 +385,28 @@ def create_app(cfg: ServeConfig, factory: SessionFactory, *, routes: Sequence[Ro
         origin = server.check_origin(request)
         return web.Response(status=204, headers=_cors(origin, preflight=True))
 
+    async def start(request: web.Request, sdp: str) -> Peer:
+        validate_offer(sdp)
+        ticket = await server.admit(request.remote or "unknown")
+        try:
+            return await server.answer(sdp, ticket)
+        except BaseException:
+            server.slots.release(ticket)
+            raise
+
     async def offer(request: web.Request) -> web.Response:
         origin = server.check_origin(request)
         server.check_token(request)
         body = await server.read_body(request)
+        usage = "body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}"
         try:
             msg = json.loads(body)
-        except ValueError:
-            raise OfferError(400, "bad_json", "body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+            where = f" (line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise OfferError(400, "bad_json", f"{usage}; it is not JSON{where}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("sdp"), str) or msg.get("type") != "offer":
-            raise OfferError(400, "bad_json", "body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}")
-        server.admit()
-        try:
-            peer = await server.answer(msg["sdp"])
-        except BaseException:
-            server._admitted -= 1
-            raise
+            raise OfferError(400, "bad_json", usage)
+        peer = await start(request, msg["sdp"])
         local = peer.pc.localDescription
         return web.json_response(
             {"sdp": local.sdp, "type": local.type, "session_id": _session_id(peer), "resource": f"/whip/{peer.id}"},
@@ -438,13 +419,7 @@ def create_app(cfg: ServeConfig, factory: SessionFactory, *, routes: Sequence[Ro
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/sdp":
             raise OfferError(415, "bad_content_type", "WHIP offers must be sent as application/sdp")
-        body = await server.read_body(request)
-        server.admit()
-        try:
-            peer = await server.answer(body)
-        except BaseException:
-            server._admitted -= 1
-            raise
+        peer = await start(request, await server.read_body(request))
         headers = {**_cors(origin), "Location": f"/whip/{peer.id}", "Content-Type": "application/sdp",
                    "X-Session-Id": _session_id(peer)}
         return web.Response(status=201, text=peer.pc.localDescription.sdp, headers=headers)
@@ -469,19 +444,38 @@ def create_app(cfg: ServeConfig, factory: SessionFactory, *, routes: Sequence[Ro
         app.router.add_route(method, path, handler)
     app.router.add_route("OPTIONS", "/whip/{peer_id}", preflight)
     if cfg.web_dir.is_dir():
-        async def index(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(cfg.web_dir / "index.html", headers={"Cache-Control": "no-cache"})
-
-        app.router.add_get("/", index)
-        app.router.add_static("/", cfg.web_dir, show_index=False, append_version=False)
+        _add_web_page(app, cfg.web_dir)
     else:
         log.warning("web folder %s not found: serving the API only", cfg.web_dir)
     app.on_shutdown.append(on_shutdown)
     return app
 
 
+def _add_web_page(app: web.Application, folder: Path) -> None:
+    """GET / and the page's files. Not aiohttp's static route: its 404 for a missing file is an empty
+    body decided after the handler returns, where the middleware cannot make it a JSON error."""
+    root = folder.resolve()
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def file(request: web.Request) -> web.FileResponse:
+        try:
+            path = (root / request.match_info["name"]).resolve()
+            inside = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a name the file system cannot take (NUL, too long)
+            inside = False
+        if not inside:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/{name:.+}", file)  # last: every API route above takes precedence
+
+
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Every refusal as a JSON error; a bug of ours as a logged traceback and a JSON 500, never HTML."""
     try:
         return await handler(request)
     except OfferError as exc:
@@ -489,10 +483,19 @@ async def _errors_middleware(request: web.Request, handler: Callable[[web.Reques
         hook = request.app[SERVER_KEY].on_refused
         if hook is not None:
             hook(exc.code)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return _error(exc.status, exc.code, exc.message, headers)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "body_too_large", f"request body over {request.app[SERVER_KEY].cfg.max_body_bytes} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # Routing refusals (404, 405 with its Allow header): JSON like the rest of the API.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        code = exc.reason.lower().replace(" ", "_")
+        return _error(exc.status, code, exc.reason, headers)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal_error", "the server failed on this request (a bug: see its log)")
 
 
 def _cors(origin: str | None, *, preflight: bool = False) -> dict[str, str]:

@@ -218,6 +218,7 @@ class RTCClient:
     ice_hosts: tuple[str, ...] = LOOPBACK  # the ICE host candidates this caller offers
     jitter_packets: int | None = 0  # receive buffer depth (None: aiortc's own, 4 packets)
     honour_mute: bool = True  # record `muted` on frames the page would not play (`heard=True` zeroes them)
+    source_address: str | None = None  # signal from this local address (e.g. 127.0.0.2: another client)
 
     def __post_init__(self) -> None:
         from rejoinder.streaming.webrtc import restrict_ice_hosts
@@ -265,7 +266,7 @@ class RTCClient:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription
         self.offer_sdp = offer.sdp
-        async with aiohttp.ClientSession() as http:
+        async with self._http() as http:
             if self.use_whip:
                 async with http.post(f"{self.base_url}/whip", data=offer.sdp,
                                      headers=self._headers("application/sdp")) as r:
@@ -295,10 +296,14 @@ class RTCClient:
         self.connected_at = time.monotonic()
         await asyncio.wait_for(self._channel_open.wait(), max(0.1, deadline - time.monotonic()))
 
+    def _http(self) -> aiohttp.ClientSession:
+        local = (self.source_address, 0) if self.source_address else None
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=local))
+
     async def hang_up(self) -> int:
         """WHIP-style DELETE of the session resource; returns the HTTP status."""
         assert self.resource is not None
-        async with aiohttp.ClientSession() as http:
+        async with self._http() as http:
             async with http.delete(f"{self.base_url}{self.resource}", headers=self._headers("application/json")) as r:
                 return r.status
 
@@ -379,19 +384,34 @@ class RTCClient:
     # --- events -------------------------------------------------------------------------------------
 
     def _on_message(self, message: str | bytes) -> None:
-        ev = json.loads(message)
+        # Whatever the server sends must not break the caller: abuse tests make it echo odd ids.
+        try:
+            ev = json.loads(message)
+        except (ValueError, UnicodeDecodeError):
+            ev = {"type": "_unparsable", "raw": message[:200]}
+        if not isinstance(ev, dict):
+            ev = {"type": "_not_an_object", "value": ev}
         ev["_received_at"] = time.monotonic()
         self.events.append(ev)
         change = self.gate.update(ev)
         if change is not None:
             self.mutes.append((ev["_received_at"], *change))
-        if ev.get("type") in ("control_result", "transport_stats") and ev.get("id") in self._replies:
-            fut = self._replies.pop(ev["id"])
+        rid = ev.get("id")
+        if ev.get("type") in ("control_result", "transport_stats") and isinstance(rid, (str, int)) \
+                and rid in self._replies:
+            fut = self._replies.pop(rid)
             if not fut.done():
                 fut.set_result(ev)
         for pair in list(self._waiters):
             pred, fut = pair
-            if not fut.done() and pred(ev):
+            try:
+                hit = not fut.done() and pred(ev)
+            except Exception as exc:  # noqa: BLE001 - a predicate that chokes on an odd event fails its waiter
+                if not fut.done():
+                    fut.set_exception(exc)
+                self._waiters.remove(pair)
+                continue
+            if hit:
                 fut.set_result(ev)
                 self._waiters.remove(pair)
 
@@ -436,6 +456,33 @@ class RTCClient:
         self.channel.send(text)
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+async def post(url: str, body: bytes | str, content_type: str = "application/json", headers: dict | None = None,
+               source_address: str | None = None) -> tuple[int, str, dict[str, str]]:
+    """POST `body`; (status, text, headers). `source_address`: send from this local address."""
+    connector = aiohttp.TCPConnector(local_addr=(source_address, 0) if source_address else None)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(url, data=body, headers={"Content-Type": content_type, **(headers or {})}) as r:
+            return r.status, await r.text(), dict(r.headers)
+
+
+async def audio_offer(**kw: Any) -> str:
+    """A valid offer (audio + data channel) from a peer that is closed at once: it never connects."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", **kw)
+    pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
 def _maybe_json(text: str) -> Any:
     try:
         return json.loads(text)

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rejoinder.errors import OutputError
+
 from .. import config
+from .outputs import check_writable
 from .reply import print_timings
 
 
@@ -22,18 +25,24 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.audio import write_wav
 
-    from ..models import Models
-    from ..reply import reply_to_file
-
     cfg = config.from_args(args)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out-dir {out_dir}: is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out-dir {out_dir}: cannot create it ({exc.strerror or exc})") from None
+    question, answer = out_dir / "demo-question.wav", out_dir / "demo-answer.wav"
+    for path in (question, answer):
+        check_writable(path, "--out-dir")  # before the models load
     print("loading the embedded models…", file=sys.stderr)
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..reply import reply_to_file
+
     models = Models(cfg)
     try:
-        question = out_dir / "demo-question.wav"
         write_wav(question, models.tts.synthesize(args.question), models.tts.sample_rate)
-        answer = out_dir / "demo-answer.wav"
         reply = reply_to_file(models, cfg, question, answer)
     finally:
         models.close()

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 from rejoinder.errors import BadInputError
 
 from .. import config
+from .outputs import check_writable
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -35,23 +36,24 @@ def print_timings(reply: Any, stream: TextIO = sys.stdout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rejoinder.streaming.audio import read_wav
-
-    from ..models import Models
-    from ..reply import reply_to_file
+    from rejoinder.streaming.audio import read_wav, write_wav
 
     cfg = config.from_args(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
     if not in_path.exists():
         raise BadInputError(f"input file not found: {in_path}")
-    read_wav(in_path, max_seconds=cfg.max_input_seconds)  # fail on bad input before loading any model
-    if not out_path.parent.exists():
-        raise BadInputError(f"output folder does not exist: {out_path.parent}")
+    # Bad input and an unwritable output fail before any model loads.
+    samples, rate = read_wav(in_path, max_seconds=cfg.max_input_seconds)
+    check_writable(out_path, "--out")
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..reply import reply_to_audio
+
     models = Models(cfg)
     try:
-        reply = reply_to_file(models, cfg, in_path, out_path)
+        reply = reply_to_audio(models, cfg, samples, rate)
     finally:
         models.close()
+    write_wav(out_path, reply.audio, reply.sample_rate)
     if args.json:
         print(json.dumps(reply.as_json(), ensure_ascii=False))
     else:

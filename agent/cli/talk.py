@@ -27,6 +27,7 @@ from rejoinder.streaming.transport import InProcessTransport
 
 from .. import config
 from ..config import AgentConfig
+from .outputs import check_writable, write_text
 
 if TYPE_CHECKING:
     from ..events import EventListener
@@ -54,22 +55,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """A whole session over a recorded conversation, in real time; per-turn metrics out."""
-    from ..mcp_tools import MCPTools
-    from ..models import Models
-    from ..mqtt import start_bridge
-    from ..tracing import start_tracing
-
     cfg = config.from_args(args)
     in_path, out_path = Path(args.in_path), Path(args.out_path)
     if not in_path.exists():
         raise BadInputError(f"input file not found: {in_path}")
-    samples, rate = load_input(in_path, cfg)  # bad input fails before any model loads
-    for p in (out_path, Path(args.metrics_json) if args.metrics_json else None):
-        if p is not None and not p.parent.exists():
-            raise BadInputError(f"output folder does not exist: {p.parent}")
+    samples, rate = load_input(in_path, cfg)  # bad input and unwritable outputs fail before any model loads
+    check_writable(out_path, "--out")
+    if args.metrics_json:
+        check_writable(Path(args.metrics_json), "--metrics-json")
     if not 0.25 <= args.speed <= 8:
         raise BadInputError("--speed must be within 0.25-8")
     print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
+    from ..models import Models  # imported only now: torch alone takes seconds to import
+    from ..mcp_tools import MCPTools
+    from ..mqtt import start_bridge
+    from ..tracing import start_tracing
+
     models = Models(cfg)
 
     async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
@@ -93,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
         session, agent, _ = asyncio.run(main())
     finally:
         models.close()
+    print_table(session)  # first: a failed write below still leaves the figures on the screen
     write_outputs(agent, models.tts.sample_rate, samples, rate, out_path, args.stereo)
-    print_table(session)
     if args.metrics_json:
-        Path(args.metrics_json).write_text(dumps(metrics_document(session)))
+        write_text(Path(args.metrics_json), dumps(metrics_document(session)), "--metrics-json")
     print(f"wrote {out_path}" + (f" and {args.metrics_json}" if args.metrics_json else ""), file=sys.stderr)
     return 0
 
