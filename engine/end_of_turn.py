@@ -10,7 +10,9 @@ sentence ended. Ellipsis tokens do not count as an end (they announce more to co
 Measured on the embedded SmolLM2-135M (persona as system prompt): complete turns score 0.008-0.9
 ("What time is it" 0.21, "Tell me a joke" 0.05, "Can you recommend a good book" 0.008), incomplete
 ones 0.0000-0.006 ("I'd like to book a table for" 0.0007). The scoring prompt shares its prefix
-with the reply prompt, so the KV cache it fills is reused when the answer is generated.
+with the reply prompt, so the KV cache it fills is reused when the answer is generated -- provided
+both run in the same session's cache slot: pass the session's `slot` to `ascore` / `score` and to
+`Engine.stream`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import cast
 import torch
 
 from .engine import Engine
+from .kv_slots import SlotKey
 from .tokenizer import Message
 
 _TRAILING = re.compile(r"[\s.,;:!?…\-–—\"'”’)]+$")
@@ -64,12 +67,15 @@ class EndOfTurnScorer:
         cut = rendered.index(_SENTINEL)
         return tok.encode(rendered[:cut] + strip_trailing_punctuation(user_text))
 
-    def score(self, history: Sequence[Message], user_text: str) -> float:
-        """Runs the model (call on the engine thread, e.g. via Engine.run_async)."""
+    def score(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
+        """Runs the model in the session's cache `slot` (blocks until the engine thread has run it;
+        from asyncio use `ascore`)."""
         if not strip_trailing_punctuation(user_text):
             return 0.0
-        probs = self.engine.next_token_probs(self.prompt_ids(history, user_text))
+        probs = self.engine.next_token_probs(self.prompt_ids(history, user_text), slot=slot)
         return float(probs[self.end_ids.to(probs.device)].sum())
 
-    async def ascore(self, history: Sequence[Message], user_text: str) -> float:
-        return await self.engine.run_async(self.score, list(history), user_text)
+    async def ascore(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
+        """`score` on the engine thread, after the work queued before it for the same slot and between
+        the decode steps of other sessions."""
+        return await self.engine.run_async(self.score, list(history), user_text, slot, slot=slot)
