@@ -5,8 +5,10 @@ static KV cache with its per-session slots -- so the eager fp32 model and the na
 interleave freely and prefix reuse keeps working. `step_batch` runs one token for each of several
 sequences (each at its own position in its own slot) in one pass over the weights: every weight
 block is unpacked once for up to 4 (AVX2) or 8 (AVX-512) of them, and each sequence's logits are
-bit for bit those of a `step` on its own. Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix:
-an end-of-turn check, the reply header) are prefilled natively too, each weight block dequantised
+bit for bit those of a `step` on its own.
+
+Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix: an end-of-turn
+check, the reply header) are prefilled natively too, each weight block dequantised
 once per 8 tokens, where the eager path pays ~50 ms of reading fp32 weights whatever the length.
 Measured with `bench/decode.py --prefill-sweep` (2 threads, after a cached 32-token prefix): 2 new
 tokens 22 vs 57 ms eager, 8 tokens 26 vs 49 ms, 16 tokens 51 vs 58 ms, 32 tokens 106 vs 78 ms. Past
@@ -51,7 +53,8 @@ class NativeDecoder:
     name = "native"  # what Engine.backend reports
     prefill_max = PREFILL_MAX  # the engine prefills prompts up to this many new tokens here
 
-    def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1):
+    def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1,
+                 lib: ctypes.CDLL | None = None):
         cfg = model.cfg
         p = next(model.parameters())
         if p.dtype != torch.float32 or p.device.type != "cpu":
@@ -60,7 +63,7 @@ class NativeDecoder:
             raise ValueError("call model.setup_cache() before building a NativeDecoder")
         if cfg.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
-        self.lib = load_library()
+        self.lib = lib or load_library()  # or a kernels/cpu_native.load_variant build (tests)
         self.model = model
         blocks = blocks or {}
         self._keep: list[torch.Tensor] = []  # everything the C side points at stays alive with us

@@ -187,6 +187,10 @@ class Engine:
         """How many generations are decoding right now (a snapshot)."""
         return len(self._scheduler.running)
 
+    def batch_histogram(self) -> dict[int, int]:
+        """Decode steps run so far, by how many generations shared each (a snapshot)."""
+        return dict(self._scheduler.batch_sizes)
+
     def slot_keys(self) -> list[SlotKey]:
         """The sessions whose prefix is cached now, least recently used first (a snapshot)."""
         return self._scheduler.slots.keys()

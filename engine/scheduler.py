@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,8 +31,8 @@ import torch
 
 from rejoinder.errors import EngineError
 
-from .kv_slots import KVSlots, Slot, SlotKey
 from .generation import Generation
+from .kv_slots import KVSlots, Slot, SlotKey
 
 __all__ = ["ANY_TIME", "Job", "Runner", "Scheduler"]
 
@@ -66,6 +66,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # decode steps run, by how many sequences shared them
 
     # --- any thread --------------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class Scheduler:
         batch = list(self.running)
         if not batch:
             return
+        self.batch_sizes[len(batch)] += 1
         slots = [seq.slot for seq in batch]
         try:
             logits = self.runner.step_batch([s.pending for s in batch], [len(s.ids) for s in slots],  # type: ignore[union-attr]

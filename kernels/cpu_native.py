@@ -183,12 +183,14 @@ def load_variant(extra_flags: Sequence[str]) -> ctypes.CDLL:
         return _open(tuple(extra_flags))
 
 
-def matvec(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+def matvec(x: torch.Tensor, w: GGMLWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """y = W x for one fp32 vector x [cols], or Y = X W^T for a batch X [n, cols] of vectors, each
-    weight row read once for several of them (single thread; the decode step parallelises itself)."""
+    weight row read once for several of them (single thread; the decode step parallelises itself).
+    `lib`: a `load_variant` build instead of the default one."""
     if x.dtype != torch.float32 or x.shape[-1:] != (w.cols,) or x.dim() not in (1, 2) or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU vector of {w.cols} (or [n, {w.cols}]), got {tuple(x.shape)} {x.dtype}")
-    lib = load_library()
+        raise ValueError(f"x must be a float32 CPU vector of {w.cols} (or [n, {w.cols}]), "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    lib = lib or load_library()
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32)
     if x.numel() == 0:
