@@ -113,7 +113,7 @@ size_t rj_row_bytes(int32_t type, int32_t cols) {
  *
  * A weight row's blocks are unpacked (nibbles / int8 -> fp32 lanes) once and multiplied into every
  * vector; each vector's sum is formed exactly as it would be alone (two accumulator chains, even
- * and odd blocks, then the horizontal sum, then the Q4 minimum term summed block by block), so the
+ * and odd blocks, then the horizontal sum, plus the Q4 minimum term summed block by block), so the
  * result for a vector does not depend on how many others share the pass. Vector v lives at
  * x + v * ldx; `xsum + v * ldxs` holds the sums of its 32-element blocks (for the Q4 minimum term). */
 
@@ -124,17 +124,6 @@ size_t rj_row_bytes(int32_t type, int32_t cols) {
 #endif
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-
-/* sum over blocks of m_g * xsum[g] (Q4_1: the stored minimum; Q4_0: -8 d), block by block */
-static ALWAYS_INLINE float q4_offset(const uint8_t *row, const float *xsum, int nb, int has_min) {
-    const int bytes = has_min ? 20 : 18;
-    float offset = 0.0f;
-    for (int g = 0; g < nb; g++) {
-        const uint8_t *b = row + (size_t)g * bytes;
-        offset += (has_min ? load_fp16(b + 2) : -8.0f * load_fp16(b)) * xsum[g];
-    }
-    return offset;
-}
 
 #if defined(__AVX512F__)
 /* The 32 codes of a Q4 block: elements 0-15 (low nibbles) and 16-31 (high nibbles). */
@@ -152,11 +141,17 @@ static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx
                                   int nb, int has_min, const int nv, float *out) {
     const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
     __m512 acc0[RJ_TILE], acc1[RJ_TILE]; /* two chains per vector hide FMA latency */
-    for (int v = 0; v < nv; v++) acc0[v] = acc1[v] = _mm512_setzero_ps();
+    float offset[RJ_TILE];
+    for (int v = 0; v < nv; v++) {
+        acc0[v] = acc1[v] = _mm512_setzero_ps();
+        offset[v] = 0.0f;
+    }
     int g = 0;
     for (; g + 1 < nb; g += 2) {
         const uint8_t *b0 = row + (size_t)g * bytes, *b1 = b0 + bytes;
-        const __m512 d0 = _mm512_set1_ps(load_fp16(b0)), d1 = _mm512_set1_ps(load_fp16(b1));
+        const float f0 = load_fp16(b0), f1 = load_fp16(b1);
+        const float m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0, m1 = has_min ? load_fp16(b1 + 2) : -8.0f * f1;
+        const __m512 d0 = _mm512_set1_ps(f0), d1 = _mm512_set1_ps(f1);
         __m512 lo0, hi0, lo1, hi1;
         q4_unpack(b0 + qoff, &lo0, &hi0);
         q4_unpack(b1 + qoff, &lo1, &hi1);
@@ -164,17 +159,22 @@ static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx
             const float *xv = x + v * ldx + (size_t)g * QK;
             acc0[v] = _mm512_fmadd_ps(d0, q4_dot(lo0, hi0, xv), acc0[v]);
             acc1[v] = _mm512_fmadd_ps(d1, q4_dot(lo1, hi1, xv + QK), acc1[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+            offset[v] += m1 * xsum[v * ldxs + g + 1];
         }
     }
     for (; g < nb; g++) {
         const uint8_t *b0 = row + (size_t)g * bytes;
-        const __m512 d0 = _mm512_set1_ps(load_fp16(b0));
+        const float f0 = load_fp16(b0), m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0;
+        const __m512 d0 = _mm512_set1_ps(f0);
         __m512 lo0, hi0;
         q4_unpack(b0 + qoff, &lo0, &hi0);
-        for (int v = 0; v < nv; v++) acc0[v] = _mm512_fmadd_ps(d0, q4_dot(lo0, hi0, x + v * ldx + (size_t)g * QK), acc0[v]);
+        for (int v = 0; v < nv; v++) {
+            acc0[v] = _mm512_fmadd_ps(d0, q4_dot(lo0, hi0, x + v * ldx + (size_t)g * QK), acc0[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+        }
     }
-    for (int v = 0; v < nv; v++)
-        out[v] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[v], acc1[v])) + q4_offset(row, xsum + v * ldxs, nb, has_min);
+    for (int v = 0; v < nv; v++) out[v] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[v], acc1[v])) + offset[v];
 }
 
 static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
@@ -224,26 +224,37 @@ static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx
                                   int nb, int has_min, const int nv, float *out) {
     const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
     __m256 acc0[RJ_TILE], acc1[RJ_TILE], w[4];
-    for (int v = 0; v < nv; v++) acc0[v] = acc1[v] = _mm256_setzero_ps();
+    float offset[RJ_TILE];
+    for (int v = 0; v < nv; v++) {
+        acc0[v] = acc1[v] = _mm256_setzero_ps();
+        offset[v] = 0.0f;
+    }
     int g = 0;
     for (; g + 1 < nb; g += 2) { /* one block unpacked at a time: registers are scarce */
         const uint8_t *b0 = row + (size_t)g * bytes, *b1 = b0 + bytes;
-        const __m256 d0 = _mm256_set1_ps(load_fp16(b0));
+        const float f0 = load_fp16(b0), f1 = load_fp16(b1);
+        const float m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0, m1 = has_min ? load_fp16(b1 + 2) : -8.0f * f1;
+        const __m256 d0 = _mm256_set1_ps(f0), d1 = _mm256_set1_ps(f1);
         q4_unpack(b0 + qoff, w);
         for (int v = 0; v < nv; v++) acc0[v] = _mm256_fmadd_ps(d0, q4_dot(w, x + v * ldx + (size_t)g * QK), acc0[v]);
-        const __m256 d1 = _mm256_set1_ps(load_fp16(b1));
         q4_unpack(b1 + qoff, w);
-        for (int v = 0; v < nv; v++)
+        for (int v = 0; v < nv; v++) {
             acc1[v] = _mm256_fmadd_ps(d1, q4_dot(w, x + v * ldx + (size_t)(g + 1) * QK), acc1[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+            offset[v] += m1 * xsum[v * ldxs + g + 1];
+        }
     }
     for (; g < nb; g++) {
         const uint8_t *b0 = row + (size_t)g * bytes;
-        const __m256 d0 = _mm256_set1_ps(load_fp16(b0));
+        const float f0 = load_fp16(b0), m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0;
+        const __m256 d0 = _mm256_set1_ps(f0);
         q4_unpack(b0 + qoff, w);
-        for (int v = 0; v < nv; v++) acc0[v] = _mm256_fmadd_ps(d0, q4_dot(w, x + v * ldx + (size_t)g * QK), acc0[v]);
+        for (int v = 0; v < nv; v++) {
+            acc0[v] = _mm256_fmadd_ps(d0, q4_dot(w, x + v * ldx + (size_t)g * QK), acc0[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+        }
     }
-    for (int v = 0; v < nv; v++)
-        out[v] = hsum256(_mm256_add_ps(acc0[v], acc1[v])) + q4_offset(row, xsum + v * ldxs, nb, has_min);
+    for (int v = 0; v < nv; v++) out[v] = hsum256(_mm256_add_ps(acc0[v], acc1[v])) + offset[v];
 }
 
 static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
@@ -267,11 +278,11 @@ static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t l
 static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx, const float *xsum, size_t ldxs,
                                   int nb, int has_min, const int nv, float *out) {
     const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
-    float total[RJ_TILE], lo[16], hi[16];
-    for (int v = 0; v < nv; v++) total[v] = 0.0f;
+    float total[RJ_TILE], offset[RJ_TILE], lo[16], hi[16];
+    for (int v = 0; v < nv; v++) total[v] = offset[v] = 0.0f;
     for (int g = 0; g < nb; g++) {
         const uint8_t *b = row + (size_t)g * bytes, *qs = b + qoff;
-        const float d = load_fp16(b);
+        const float d = load_fp16(b), m = has_min ? load_fp16(b + 2) : -8.0f * d;
         for (int j = 0; j < 16; j++) {
             lo[j] = (float)(qs[j] & 15);
             hi[j] = (float)(qs[j] >> 4);
@@ -281,9 +292,10 @@ static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx
             float s = 0.0f;
             for (int j = 0; j < 16; j++) s += lo[j] * xb[j] + hi[j] * xb[j + 16];
             total[v] += d * s;
+            offset[v] += m * xsum[v * ldxs + g];
         }
     }
-    for (int v = 0; v < nv; v++) out[v] = total[v] + q4_offset(row, xsum + v * ldxs, nb, has_min);
+    for (int v = 0; v < nv; v++) out[v] = total[v] + offset[v];
 }
 
 static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
@@ -346,20 +358,18 @@ static ALWAYS_INLINE void row_dots_nv(const rj_weight *w, const uint8_t *row, co
     }
 }
 
-static void row_dots(const rj_weight *w, const uint8_t *row, const float *x, size_t ldx, const float *xsum,
-                     size_t ldxs, int nv, float *out) {
-    switch (nv) { /* one specialised copy per vector count keeps the accumulators in registers */
-    case 1: row_dots_nv(w, row, x, ldx, xsum, ldxs, 1, out); return;
-    case 2: row_dots_nv(w, row, x, ldx, xsum, ldxs, 2, out); return;
-    case 3: row_dots_nv(w, row, x, ldx, xsum, ldxs, 3, out); return;
-    case 4: row_dots_nv(w, row, x, ldx, xsum, ldxs, 4, out); return;
-#if RJ_TILE > 4
-    case 5: row_dots_nv(w, row, x, ldx, xsum, ldxs, 5, out); return;
-    case 6: row_dots_nv(w, row, x, ldx, xsum, ldxs, 6, out); return;
-    case 7: row_dots_nv(w, row, x, ldx, xsum, ldxs, 7, out); return;
-    case 8: row_dots_nv(w, row, x, ldx, xsum, ldxs, 8, out); return;
-#endif
-    default: return;
+/* One tile of nv (compile-time constant after inlining) vectors: the row loop with everything inlined. */
+static ALWAYS_INLINE void matvec_tile(const rj_weight *w, const float *x, size_t ldx, const float *xsum, size_t ldxs,
+                                      const int nv, float *y, size_t ldy, int accumulate) {
+    const size_t row_bytes = rj_row_bytes(w->type, w->cols);
+#pragma omp for schedule(static)
+    for (int r = 0; r < w->rows; r++) {
+        float out[RJ_TILE];
+        row_dots_nv(w, (const uint8_t *)w->data + (size_t)r * row_bytes, x, ldx, xsum, ldxs, nv, out);
+        for (int v = 0; v < nv; v++) {
+            float *dst = y + (size_t)v * ldy + r;
+            *dst = accumulate ? *dst + out[v] : out[v];
+        }
     }
 }
 
@@ -368,18 +378,21 @@ static void row_dots(const rj_weight *w, const uint8_t *row, const float *x, siz
  * enclosing parallel region (or all done here when called outside one). */
 static void matvec_n(const rj_weight *w, const float *x, size_t ldx, const float *xsum, size_t ldxs, int nv,
                      float *y, size_t ldy, int accumulate) {
-    const size_t row_bytes = rj_row_bytes(w->type, w->cols);
-#pragma omp for schedule(static)
-    for (int r = 0; r < w->rows; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * row_bytes;
-        for (int v0 = 0; v0 < nv; v0 += RJ_TILE) {
-            const int n = nv - v0 < RJ_TILE ? nv - v0 : RJ_TILE;
-            float out[RJ_TILE];
-            row_dots(w, row, x + v0 * ldx, ldx, xsum + v0 * ldxs, ldxs, n, out);
-            for (int v = 0; v < n; v++) {
-                float *dst = y + (size_t)(v0 + v) * ldy + r;
-                *dst = accumulate ? *dst + out[v] : out[v];
-            }
+    for (int v0 = 0; v0 < nv; v0 += RJ_TILE) {
+        const float *xt = x + v0 * ldx, *st = xsum + v0 * ldxs;
+        float *yt = y + v0 * ldy;
+        switch (nv - v0 < RJ_TILE ? nv - v0 : RJ_TILE) { /* a copy per vector count: accumulators in registers */
+        case 1: matvec_tile(w, xt, ldx, st, ldxs, 1, yt, ldy, accumulate); break;
+        case 2: matvec_tile(w, xt, ldx, st, ldxs, 2, yt, ldy, accumulate); break;
+        case 3: matvec_tile(w, xt, ldx, st, ldxs, 3, yt, ldy, accumulate); break;
+        case 4: matvec_tile(w, xt, ldx, st, ldxs, 4, yt, ldy, accumulate); break;
+#if RJ_TILE > 4
+        case 5: matvec_tile(w, xt, ldx, st, ldxs, 5, yt, ldy, accumulate); break;
+        case 6: matvec_tile(w, xt, ldx, st, ldxs, 6, yt, ldy, accumulate); break;
+        case 7: matvec_tile(w, xt, ldx, st, ldxs, 7, yt, ldy, accumulate); break;
+        case 8: matvec_tile(w, xt, ldx, st, ldxs, 8, yt, ldy, accumulate); break;
+#endif
+        default: break;
         }
     }
 }
