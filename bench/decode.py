@@ -2,6 +2,8 @@
 
     python bench/decode.py                         # embedded SmolLM2-135M Q4_1, 64-token prompt
     python bench/decode.py --prompt-tokens 256 --new-tokens 128 --threads 2 --json out.json
+    python bench/decode.py --batch                 # several sessions: batched decoding, KV slots
+                                                   # (bench/decode_batch.py; its own --help)
 
 For each peer it measures, on the same GGUF, the same prompt token ids and the same thread count:
 prefill tokens/s, time to first token (request start -> first token sampled) and decode tokens/s
@@ -272,7 +274,14 @@ def prefill_sweep(ours: Engine, llama: LlamaCppPeer | None, ids: list[int], repe
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if "--batch" in (sys.argv[1:] if argv is None else argv):
+        from decode_batch import main as batch_main
+
+        return batch_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", action="store_true",
+                    help="concurrent sessions instead: batched vs serialised decoding, follow-up prefill with "
+                         "per-session KV slots (bench/decode_batch.py --help)")
     ap.add_argument("--model", default=None,
                     help=f"GGUF file or safetensors folder (default: the embedded SmolLM2-135M Q4_1), or {RANDOM_1B}")
     ap.add_argument("--prompt-tokens", type=int, default=64)

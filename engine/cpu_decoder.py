@@ -1,9 +1,14 @@
-"""The native CPU decode step: one token per ctypes call into ``kernels/cpu_decode.c``.
+"""The native CPU decode step: one token per sequence per ctypes call into ``kernels/cpu_decode.c``.
 
 It runs over the eager model's own memory -- embedding, norms, RoPE tables and, above all, the
-static KV cache -- so the eager fp32 model and the native code interleave freely and prefix reuse
-keeps working. Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix:
-an end-of-turn check, the reply header) are prefilled natively too, each weight block dequantised
+static KV cache with its per-session slots -- so the eager fp32 model and the native code
+interleave freely and prefix reuse keeps working. `step_batch` runs one token for each of several
+sequences (each at its own position in its own slot) in one pass over the weights: every weight
+block is unpacked once for up to 4 (AVX2) or 8 (AVX-512) of them, and each sequence's logits are
+bit for bit those of a `step` on its own.
+
+Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix: an end-of-turn
+check, the reply header) are prefilled natively too, each weight block dequantised
 once per 8 tokens, where the eager path pays ~50 ms of reading fp32 weights whatever the length.
 Measured with `bench/decode.py --prefill-sweep` (2 threads, after a cached 32-token prefix): 2 new
 tokens 22 vs 57 ms eager, 8 tokens 26 vs 49 ms, 16 tokens 51 vs 58 ms, 32 tokens 106 vs 78 ms. Past
@@ -48,7 +53,8 @@ class NativeDecoder:
     name = "native"  # what Engine.backend reports
     prefill_max = PREFILL_MAX  # the engine prefills prompts up to this many new tokens here
 
-    def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1):
+    def __init__(self, model: Transformer, blocks: dict[str, GGMLWeight] | None = None, threads: int = 1,
+                 lib: ctypes.CDLL | None = None):
         cfg = model.cfg
         p = next(model.parameters())
         if p.dtype != torch.float32 or p.device.type != "cpu":
@@ -57,7 +63,7 @@ class NativeDecoder:
             raise ValueError("call model.setup_cache() before building a NativeDecoder")
         if cfg.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
-        self.lib = load_library()
+        self.lib = lib or load_library()  # or a kernels/cpu_native.load_variant build (tests)
         self.model = model
         blocks = blocks or {}
         self._keep: list[torch.Tensor] = []  # everything the C side points at stays alive with us
@@ -94,6 +100,7 @@ class NativeDecoder:
             )
         self._layers = layers
         self._cache_ptr = attn.cache.k.data_ptr()
+        self.max_batch = attn.cache.k.shape[0]  # one sequence per KV-cache slot
         self.m = RjModel(
             dim=cfg.dim,
             n_layers=cfg.n_layers,
@@ -104,6 +111,7 @@ class NativeDecoder:
             vocab=cfg.vocab_size,
             max_seq=model.max_seq,
             threads=max(1, threads),
+            n_slots=self.max_batch,
             norm_eps=cfg.norm_eps,
             embed=vec(model.embed.weight),
             rope_cos=vec(model.rope_cos),
@@ -112,35 +120,46 @@ class NativeDecoder:
             output=weight("output.weight"),
             layers=layers,
         )
-        self._scratch = torch.empty(self.lib.rj_scratch_floats(ctypes.byref(self.m)), dtype=torch.float32)
-        self.m.scratch = self._scratch.data_ptr()
-        self._logits = torch.empty(cfg.vocab_size, dtype=torch.float32)
         self._mref = ctypes.byref(self.m)
+        self._work = torch.empty(self.lib.rj_decode_floats(self._mref, self.max_batch), dtype=torch.float32)
+        self._logits = torch.empty(self.max_batch, cfg.vocab_size, dtype=torch.float32)
+        self._args = torch.empty(3, self.max_batch, dtype=torch.int32)  # tokens, positions, slots
         self._prefill_work = torch.empty(self.lib.rj_prefill_floats(self._mref, PREFILL_CHUNK), dtype=torch.float32)
 
-    def step(self, token: int, pos: int) -> torch.Tensor:
-        """Run `token` at position `pos` (the cache holds 0..pos-1); returns logits [V] fp32.
+    def step(self, token: int, pos: int, slot: int = 0) -> torch.Tensor:
+        """Run `token` at position `pos` of cache slot `slot` (which holds 0..pos-1); returns logits
+        [V] fp32. The returned tensor is reused by the next step: copy it to keep it."""
+        return self.step_batch([token], [pos], [slot])[0]
 
-        The returned tensor is reused by the next step: copy it to keep it."""
+    def step_batch(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        """One token for each of B sequences (distinct slots, B <= max_batch) -> logits [B, V],
+        in a buffer the next step reuses."""
+        n = len(tokens)
+        if not 0 < n <= self.max_batch or len(positions) != n or len(slots) != n:
+            raise ValueError(f"a batch is 1..{self.max_batch} tokens with a position and a slot each")
         self._check_cache()
-        if self.lib.rj_decode_step(self._mref, token, pos, self._logits.data_ptr()) != 0:
-            raise ValueError(f"token {token} or position {pos} out of range "
-                             f"(vocab {self.m.vocab}, cache {self.m.max_seq})")
-        return self._logits
+        args = self._args[:, :n]
+        args.copy_(torch.tensor([list(tokens), list(positions), list(slots)], dtype=torch.int32))
+        if self.lib.rj_decode_batch(self._mref, n, args[0].data_ptr(), args[1].data_ptr(), args[2].data_ptr(),
+                                    self._logits.data_ptr(), self._work.data_ptr()) != 0:
+            raise ValueError(f"tokens {list(tokens)}, positions {list(positions)} or slots {list(slots)} out of "
+                             f"range (vocab {self.m.vocab}, cache {self.m.max_seq}, {self.max_batch} slots) "
+                             "or a slot given twice")
+        return self._logits[:n]
 
-    def prefill(self, tokens: Sequence[int], pos: int) -> torch.Tensor:
-        """Run `tokens` at positions pos.. (the cache holds 0..pos-1); returns the last one's logits [V].
-
-        Reused buffer, as for `step`."""
+    def prefill(self, tokens: Sequence[int], pos: int, slot: int = 0) -> torch.Tensor:
+        """Run `tokens` at positions pos.. of slot `slot` (which holds 0..pos-1); returns the last
+        one's logits [V]. Reused buffer, as for `step`."""
         self._check_cache()
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = torch.tensor(tokens[i : i + PREFILL_CHUNK], dtype=torch.int32)
-            rc = self.lib.rj_prefill(self._mref, chunk.data_ptr(), chunk.numel(), pos + i, self._logits.data_ptr(),
-                                     self._prefill_work.data_ptr())
+            rc = self.lib.rj_prefill(self._mref, chunk.data_ptr(), chunk.numel(), pos + i, slot,
+                                     self._logits.data_ptr(), self._prefill_work.data_ptr())
             if rc != 0:
-                raise ValueError(f"tokens out of range (vocab {self.m.vocab}) or positions {pos + i}.."
-                                 f"{pos + i + chunk.numel() - 1} past the cache ({self.m.max_seq})")
-        return self._logits
+                raise ValueError(f"tokens out of range (vocab {self.m.vocab}), slot {slot} not one of "
+                                 f"{self.max_batch} or positions {pos + i}..{pos + i + chunk.numel() - 1} "
+                                 f"past the cache ({self.m.max_seq})")
+        return self._logits[0]
 
     def _check_cache(self) -> None:
         if self.model.layers[-1].attn.cache.k.data_ptr() != self._cache_ptr:

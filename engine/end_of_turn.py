@@ -18,7 +18,9 @@ while keeping the model's ordering (bench/eot_accuracy.py measures both).
 Measured on the embedded SmolLM2-135M (persona as system prompt): complete turns score 0.008-0.9
 ("What time is it" 0.21, "Tell me a joke" 0.05, "Can you recommend a good book" 0.008), incomplete
 ones 0.0000-0.006 ("I'd like to book a table for" 0.0007). The scoring prompt shares its prefix
-with the reply prompt, so the KV cache it fills is reused when the answer is generated.
+with the reply prompt, so the KV cache it fills is reused when the answer is generated -- provided
+both run in the same session's cache slot: pass the session's `slot` to `ascore` / `score` and to
+`Engine.stream`.
 
 When Whisper was unsure of the last word(s), `score_unsure_tail` weighs the two readings by how
 likely the model finds that tail after the words before it (`unsure_tail_prob`).
@@ -32,6 +34,7 @@ from typing import cast
 import torch
 
 from .engine import Engine
+from .kv_slots import SlotKey
 from .tokenizer import Message
 
 _TRAILING = re.compile(r"[\s.,;:!?…\-–—\"'”’)]+$")
@@ -141,39 +144,45 @@ class EndOfTurnScorer:
     def _end_mass(self, probs: torch.Tensor) -> float:
         return float(probs[self.end_ids.to(probs.device)].sum())
 
-    def model_prob(self, history: Sequence[Message], user_text: str) -> float:
+    def model_prob(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
         """The model's P(end) after the text (trailing punctuation removed), before the trail-off rule."""
         if not strip_trailing_punctuation(user_text):
             return 0.0
-        return self._end_mass(self.engine.next_token_probs(self.prompt_ids(history, user_text)))
+        return self._end_mass(self.engine.next_token_probs(self.prompt_ids(history, user_text), slot=slot))
 
-    def score(self, history: Sequence[Message], user_text: str) -> float:
-        """Runs the model (call on the engine thread, e.g. via Engine.run_async)."""
-        p = self.model_prob(history, user_text)
+    def score(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
+        """Runs the model in the session's cache `slot` (blocks until the engine thread has run it;
+        from asyncio use `ascore`)."""
+        p = self.model_prob(history, user_text, slot)
         return p * UNFINISHED_FACTOR if trails_off(user_text) else p
 
-    def unsure_tail_parts(self, history: Sequence[Message], user_text: str,
-                          sure_text: str) -> tuple[float, float, float | None]:
+    def unsure_tail_parts(self, history: Sequence[Message], user_text: str, sure_text: str,
+                          slot: SlotKey = None) -> tuple[float, float, float | None]:
         """(p_text, p_sure, p_tail) for `unsure_tail_prob`; p_tail None when the tail does not start
         a token of its own (it merged into the last sure token)."""
-        p_text = self.score(history, user_text)
+        p_text = self.score(history, user_text, slot)
         sure_ids = self.prompt_ids(history, sure_text)
         text_ids = self.prompt_ids(history, user_text)
-        probs = self.engine.next_token_probs(sure_ids)
+        probs = self.engine.next_token_probs(sure_ids, slot=slot)
         p_sure = self._end_mass(probs) * (UNFINISHED_FACTOR if trails_off(sure_text) else 1.0)
         grows = len(text_ids) > len(sure_ids) and text_ids[: len(sure_ids)] == sure_ids
         return p_text, p_sure, float(probs[text_ids[len(sure_ids)]]) if grows else None
 
-    def score_unsure_tail(self, history: Sequence[Message], user_text: str, sure_text: str) -> float:
+    def score_unsure_tail(self, history: Sequence[Message], user_text: str, sure_text: str,
+                          slot: SlotKey = None) -> float:
         """P(end) for `user_text` whose words after `sure_text` Whisper was unsure of
         (`unsure_tail_prob`); two forward passes, the second mostly from the prefix cache."""
         if sure_text == user_text or not strip_trailing_punctuation(sure_text):
-            return self.score(history, user_text)
-        p_text, p_sure, p_tail = self.unsure_tail_parts(history, user_text, sure_text)
+            return self.score(history, user_text, slot)
+        p_text, p_sure, p_tail = self.unsure_tail_parts(history, user_text, sure_text, slot)
         return min(p_text, p_sure) if p_tail is None else unsure_tail_prob(p_text, p_sure, p_tail)
 
-    async def ascore(self, history: Sequence[Message], user_text: str) -> float:
-        return await self.engine.run_async(self.score, list(history), user_text)
+    async def ascore(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
+        """`score` on the engine thread, after the work queued before it for the same slot and between
+        the decode steps of other sessions."""
+        return await self.engine.run_async(self.score, list(history), user_text, slot, slot=slot)
 
-    async def ascore_unsure_tail(self, history: Sequence[Message], user_text: str, sure_text: str) -> float:
-        return await self.engine.run_async(self.score_unsure_tail, list(history), user_text, sure_text)
+    async def ascore_unsure_tail(self, history: Sequence[Message], user_text: str, sure_text: str,
+                                 slot: SlotKey = None) -> float:
+        return await self.engine.run_async(self.score_unsure_tail, list(history), user_text, sure_text, slot,
+                                           slot=slot)

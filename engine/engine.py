@@ -1,27 +1,34 @@
-"""The generation engine: load a model, keep its KV cache across turns, stream tokens, cancel any time.
+"""The generation engine: load a model, keep each session's KV cache across turns, stream tokens, cancel any time.
 
-One Engine owns one model and one KV cache, so calls are serialised on a single worker thread; the
-asyncio side (`stream`) never blocks the event loop. The cache remembers which token ids it holds;
-a new prompt that starts with them (the conversation so far) only prefills what is new. Decode
-steps and short prompts run on the engine's `Decoder` (decoder.py: native C on CPU, Triton on
-CUDA, or the eager model itself); longer prompts on the eager model.
+One Engine owns one model and a KV cache of `kv_slots` slots, one per session (kv_slots.py). All
+model work runs on one engine thread (scheduler.py) that batches the decode steps of every
+generation in flight into one pass over the weights; the asyncio side (`stream`) never blocks the
+event loop. Each slot remembers which token ids it holds; a new prompt for the same session that
+starts with them (the conversation so far) only prefills what is new. Decode steps and short
+prompts run on the engine's `Decoder` (decoder.py: native C on CPU, Triton on CUDA, or the eager
+model itself); longer prompts on the eager model.
+
+Sessions name their slot with `slot=` (a session id) on `stream`, `generate`, `prefill`,
+`next_token_probs` and `run_async`, and free it with `release_slot` when they end; callers that
+name none share the default slot (`None`) and are served one at a time, as before slots existed.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from rejoinder.errors import BadInputError, ConfigError
+from rejoinder.errors import BadInputError, ConfigError, EngineError
 
 from ..kernels import pack_q4_0_blocks, pack_q4_1_blocks, pack_q8_0_blocks
 from ..kernels.cpu_native import NativeKernelsUnavailable
@@ -29,11 +36,16 @@ from ..kernels.ggml import Q4_0, Q4_1, Q8_0, GGMLWeight
 from .config import ModelConfig
 from .decoder import Decoder, EagerDecoder
 from .errors import ContextOverflow, ModelFileError
+from .generation import Generation, GenerationSink, GenerationStats, TokenEvent
+from .kv_slots import Slot, SlotKey
 from .model import Transformer
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
+from .scheduler import ANY_TIME, Scheduler
+from .stream import TokenStream
 from .tokenizer import ChatTokenizer, Message, tokenizer_from_folder, tokenizer_from_gguf
 
 T = TypeVar("T")
+__all__ = ["Engine", "EngineOptions", "GenerationStats", "TokenEvent", "TokenStream", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ class EngineOptions:
     # (the reference and the baseline); "auto": triton on CUDA, native on CPU when a C compiler is
     # at hand (eager, with a warning, when not).
     backend: str = "auto"
+    # KV-cache slots: how many sessions keep their prefix cached at once, and the most generations
+    # decoded together in one batch. Each costs `Engine.kv_slot_bytes` (kv_slots.py: 90 MiB for
+    # SmolLM2-135M at 2048 positions in fp32, resident only as far as it is used).
+    kv_slots: int = 4
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -56,35 +72,6 @@ class EngineOptions:
         if self.dtype not in dtypes:
             raise ConfigError(f"unknown engine dtype {self.dtype!r}; one of auto, {', '.join(dtypes)}")
         return dtypes[self.dtype]
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    text: str  # the text this token completes (may be "" while a UTF-8 sequence is incomplete)
-    index: int  # 0-based position among the generated tokens
-    t: float  # time.monotonic() when the token was sampled
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    reused_tokens: int = 0  # prompt tokens whose KV came from the cache
-    prefill_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0  # request start -> first token sampled
-    decode_s: float = 0.0
-    finish_reason: str = ""  # "stop", "length", "cancelled"
-    started_at: float = 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -106,20 +93,20 @@ class Engine:
         options: EngineOptions = EngineOptions(),
         blocks: dict[str, GGMLWeight] | None = None,
     ):
+        if options.kv_slots < 1:
+            raise ConfigError(f"kv_slots must be at least 1, got {options.kv_slots}")
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
         self.device = next(model.parameters()).device
         self.max_seq_len = min(options.max_seq_len, model.cfg.max_position)
-        model.setup_cache(self.max_seq_len)
+        model.setup_cache(self.max_seq_len, options.kv_slots)
         self._eager = EagerDecoder(model)  # prefills long prompts whatever runs the steps
         self.decoder: Decoder = self._decoder(options, blocks)
-        self._cached_ids: list[int] = []
+        self._scheduler = Scheduler(self, options.kv_slots)
         # EndOfTurnScorer.shared keeps this engine's one scorer here (building it walks the vocabulary)
         self._end_of_turn_scorer: object | None = None
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rejoinder-engine")
-        self.last_stats = GenerationStats()
+        self.last_stats = GenerationStats()  # of the latest request; concurrent callers read their stream's
 
     def _decoder(self, options: EngineOptions, blocks: dict[str, GGMLWeight] | None) -> Decoder:
         """What runs decode steps for this model, device and backend option."""
@@ -189,182 +176,174 @@ class Engine:
         model = build_model(cfg, state, options)
         return cls(model, tokenizer, options, blocks)
 
+    @property
+    def kv_slot_bytes(self) -> int:
+        """Bytes of K and V one session's cache slot takes (for all `max_seq_len` positions)."""
+        cfg, k = self.model.cfg, self.model.layers[0].attn.cache.k
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.max_seq_len * k.element_size()
+
+    @property
+    def generating(self) -> int:
+        """How many generations are decoding right now (a snapshot)."""
+        return len(self._scheduler.running)
+
+    def batch_histogram(self) -> dict[int, int]:
+        """Decode steps run so far, by how many generations shared each (a snapshot)."""
+        return dict(self._scheduler.batch_sizes)
+
+    def slot_keys(self) -> list[SlotKey]:
+        """The sessions whose prefix is cached now, least recently used first (a snapshot)."""
+        return self._scheduler.slots.keys()
+
     def reset(self) -> None:
-        """Forget the cached prefix (the next prompt is prefilled from scratch)."""
-        with self._lock:
-            self._cached_ids = []
+        """Forget every cached prefix (next prompts prefill from scratch); slots decoding are left alone."""
+        self._call(self._scheduler.slots.clear, key=ANY_TIME, needs_slot=False)
+
+    def release_slot(self, slot: SlotKey) -> None:
+        """Free a session's cache slot (call when the session ends). Returns at once; the slot is freed
+        after the session's queued work, so another session can have it without evicting anyone."""
+        if slot is not None:
+            self._scheduler.call(partial(self._scheduler.slots.forget, slot), slot, needs_slot=False)
 
     # --- core decoding (runs on the engine thread) -----------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
-        """Logits [1, V] after `ids` at positions start..: the one speed seam. Decode steps and short
-        prompts go to the decoder, longer prompts to the eager model's GEMMs."""
+    def _forward(self, ids: Sequence[int], start: int, slot: int) -> torch.Tensor:
+        """Logits [V] after `ids` at positions start.. of cache slot `slot`: the one speed seam for
+        prompts. Decode steps and short prompts go to the decoder, longer prompts to the eager GEMMs."""
         if len(ids) == 1:
-            return self.decoder.step(ids[0], start)[None].clone()  # decoders reuse their buffer
+            return self.decoder.step(ids[0], start, slot).clone()  # decoders reuse their buffer
         if len(ids) <= self.decoder.prefill_max:
-            return self.decoder.prefill(ids, start)[None].clone()
-        return self._eager.prefill(ids, start)[None]
+            return self.decoder.prefill(ids, start, slot).clone()
+        return self._eager.prefill(ids, start, slot)
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Make the cache hold exactly `ids` and return the next-token logits [V] (float32)."""
-        ids = list(ids)
+    def step_batch(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step for B sequences (token b at position b of slot b) -> logits [B, V], in a
+        buffer the next step may reuse. The scheduler's speed seam: one pass over the weights."""
+        if len(tokens) == 1:
+            return self.decoder.step(tokens[0], positions[0], slots[0])[None]
+        return self.decoder.step_batch(tokens, positions, slots)
+
+    def prefill_slot(self, slot: Slot, ids: list[int], stats: GenerationStats) -> torch.Tensor:
+        """Make `slot` hold exactly `ids`, running only what it does not hold yet; the next-token
+        logits [V] (float32). Fills `stats` (reused / prefilled tokens)."""
         if not ids:
             raise BadInputError("empty prompt")
         if len(ids) >= self.max_seq_len:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit a context of {self.max_seq_len}")
-        common = _common_prefix(self._cached_ids, ids)
+        common = _common_prefix(slot.ids, ids)
         if common == len(ids):
             common -= 1  # we need logits, so at least the last token is run again
-        self._cached_ids = self._cached_ids[:common]  # anything past the divergence is stale
-        logits = self._forward(ids[common:], common)
-        self._cached_ids = ids
-        self.last_stats.reused_tokens = common
-        self.last_stats.prefill_tokens = len(ids) - common
-        return logits[0]
+        del slot.ids[common:]  # anything past the divergence is stale
+        logits = self._forward(ids[common:], common, slot.index)
+        slot.ids[:] = ids
+        stats.reused_tokens = common
+        stats.prefill_tokens = len(ids) - common
+        stats.prefill_s = time.monotonic() - stats.started_at
+        return logits
+
+    def _prefill_now(self, ids: list[int], key: SlotKey) -> torch.Tensor:
+        stats = GenerationStats(prompt_tokens=len(ids), started_at=time.monotonic())
+        self.last_stats = stats
+        return self.prefill_slot(self._scheduler.slot_for(key), ids, stats)
+
+    def _call(self, fn: Callable[..., T], *args: object, key: object, needs_slot: bool = True) -> T:
+        """fn(*args) on the engine thread (directly when already there), waiting for the result."""
+        if self._scheduler.on_engine_thread():
+            return fn(*args)
+        return self._scheduler.call(partial(fn, *args), key, needs_slot).result()
+
+    # --- the public API --------------------------------------------------------------------------
+
+    def prefill(self, ids: Sequence[int], *, slot: SlotKey = None) -> torch.Tensor:
+        """Make the slot hold exactly `ids` and return the next-token logits [V] (float32)."""
+        return self._call(self._prefill_now, list(ids), slot, key=slot)
+
+    def next_token_probs(self, ids: Sequence[int], *, slot: SlotKey = None) -> torch.Tensor:
+        """Probabilities [V] of the token after `ids` (prefix reuse applies; the slot then holds `ids`)."""
+        return torch.softmax(self.prefill(ids, slot=slot).float(), dim=-1)
 
     def generate(
         self,
         ids: Sequence[int],
         params: SamplingParams = SamplingParams(),
         cancel: threading.Event | None = None,
+        *,
+        slot: SlotKey = None,
     ) -> Iterator[TokenEvent]:
-        """Synchronous token generator. Setting `cancel` stops it before the next forward pass."""
-        with self._lock:
-            yield from self._generate_locked(list(ids), params, cancel)
+        """Synchronous token generator (on the engine thread, batched with whatever else decodes).
+        Once `cancel` is set no further token is yielded and decoding stops before its next step;
+        leaving the loop early stops it too."""
+        if self._scheduler.on_engine_thread():
+            raise EngineError("generate() on the engine thread would wait for itself; use stream() or a thread")
+        sink = _QueueSink()
+        gen = self._submit(ids, params, slot, sink, cancel)
+        try:
+            while (item := sink.items.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                if cancel is None or not cancel.is_set():
+                    yield item
+        finally:
+            if not gen.done.is_set():
+                gen.abort()
 
-    def _generate_locked(self, ids: list[int], params: SamplingParams, cancel: threading.Event | None):
-        stats = GenerationStats(prompt_tokens=len(ids), started_at=time.monotonic())
-        self.last_stats = stats
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed)
-        stop_ids = self.tokenizer.stop_ids
-        if cancel is not None and cancel.is_set():
-            stats.finish_reason = "cancelled"
-            return
-        logits = self.prefill(ids)
-        stats.reused_tokens, stats.prefill_tokens = self.last_stats.reused_tokens, self.last_stats.prefill_tokens
-        self.last_stats = stats
-        stats.prefill_s = time.monotonic() - stats.started_at
-        generated: list[int] = []
-        emitted = ""
-        t_first = 0.0
-        while True:
-            token = int(sample(logits[None], params, gen, generated)[0])
-            now = time.monotonic()
-            if not generated:
-                t_first = now
-                stats.ttft_s = now - stats.started_at
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            generated.append(token)
-            stats.new_tokens = len(generated)
-            text = self.tokenizer.decode(generated)
-            delta = ""
-            if not text.endswith("\ufffd"):  # hold back half a UTF-8 character
-                delta, emitted = text[len(emitted):], text
-            yield TokenEvent(token, delta, len(generated) - 1, now)
-            if len(generated) >= params.max_new_tokens:
-                stats.finish_reason = "length"
-                break
-            if len(self._cached_ids) + 1 >= self.max_seq_len:
-                stats.finish_reason = "length"
-                break
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            with torch.inference_mode():
-                logits = self._forward([token], len(self._cached_ids))[0]
-            self._cached_ids.append(token)
-        stats.decode_s = (time.monotonic() - t_first) if t_first else 0.0
+    def _submit(self, ids: Sequence[int], params: SamplingParams, slot: SlotKey, sink: GenerationSink,
+                cancel: threading.Event | None) -> Generation:
+        gen = Generation(ids, params, slot, sink, self.tokenizer, self.max_seq_len, self.device, cancel)
+        self.last_stats = gen.stats
+        self._scheduler.submit(gen)
+        return gen
 
     # --- conveniences ----------------------------------------------------------------------------
 
-    def next_token_probs(self, ids: Sequence[int]) -> torch.Tensor:
-        """Probabilities [V] of the token after `ids` (prefix reuse applies; the cache then holds `ids`)."""
-        with self._lock:
-            with torch.inference_mode():
-                return torch.softmax(self.prefill(ids).float(), dim=-1)
-
-    async def run_async(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on the engine thread, after any generation queued before it."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def run_async(self, fn: Callable[..., T], *args: object, slot: SlotKey = None) -> T:
+        """Run `fn(*args)` on the engine thread between two decode steps, after every request queued
+        before it for the same `slot` (fn may use that slot: `prefill(..., slot=slot)`)."""
+        return await asyncio.wrap_future(self._scheduler.call(partial(fn, *args), slot))
 
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
-    def complete(self, messages: Sequence[Message], params: SamplingParams = SamplingParams()) -> str:
-        out = [ev.token_id for ev in self.generate(self.chat_ids(messages), params)]
+    def complete(self, messages: Sequence[Message], params: SamplingParams = SamplingParams(), *,
+                 slot: SlotKey = None) -> str:
+        out = [ev.token_id for ev in self.generate(self.chat_ids(messages), params, slot=slot)]
         return self.tokenizer.decode(out)
 
     def stream(
         self,
         prompt: Sequence[Message] | Sequence[int],
         params: SamplingParams = SamplingParams(),
+        *,
+        slot: SlotKey = None,
     ) -> TokenStream:
-        """Start generating on the engine thread; iterate the result with `async for`."""
+        """Start generating on the engine thread; iterate the result with `async for`. `slot`: the
+        session whose cache slot it uses (see the module docstring)."""
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.chat_ids(prompt)  # type: ignore[arg-type]
-        return TokenStream(self, ids, params)
+        stream = TokenStream(self)
+        stream._generation = self._submit(ids, params, slot, stream, stream._cancel)
+        return stream
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Cancel queued and running generations and stop the engine thread."""
+        self._scheduler.close()
 
 
 _END = object()
 
 
-class TokenStream:
-    """An async iterator of TokenEvents, produced on the engine thread; `cancel()` or `aclose()` stop it."""
+class _QueueSink:
+    """`generate`'s end of a generation: tokens, then an error or the end, through a thread-safe queue."""
 
-    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams):
-        self.engine = engine
-        self._cancel = threading.Event()
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.stats: GenerationStats | None = None
-        self._done = self._loop.run_in_executor(engine._executor, self._work, ids, params)
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
 
-    def _work(self, ids: list[int], params: SamplingParams) -> None:
-        put = self._loop.call_soon_threadsafe
-        try:
-            for event in self.engine.generate(ids, params, self._cancel):
-                put(self._queue.put_nowait, event)
-            self.stats = self.engine.last_stats
-        except BaseException as exc:  # surfaced to the consumer, not lost in the thread
-            put(self._queue.put_nowait, exc)
-        finally:
-            put(self._queue.put_nowait, _END)
+    def token(self, event: TokenEvent) -> None:
+        self.items.put(event)
 
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        item = await self._queue.get()
-        if item is _END:
-            await self._done
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        """Cancel and wait until the engine thread has really stopped (at most one token later)."""
-        self.cancel()
-        await self._done
-
-    async def text(self) -> str:
-        return "".join([ev.text async for ev in self])
+    def finished(self, error: BaseException | None) -> None:
+        self.items.put(_END if error is None else error)
 
 
 def _packed_for_triton(blocks: dict[str, GGMLWeight]) -> dict:

@@ -61,17 +61,23 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        shape = (batch, n_kv, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    """K and V of `slots` independent sequences (one per session): [slots, n_kv, max_seq, head_dim].
 
-    def write(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    Allocated uninitialised: a sequence only ever reads the positions it has written."""
+
+    def __init__(self, slots: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (slots, n_kv, max_seq, head_dim)
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, start: int, k: Tensor, v: Tensor, slot: int = 0) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, n_kv, T, hd] at positions start.. of slots slot..slot+B-1; returns those
+        slots' K and V up to the last position written."""
+        rows, end = slice(slot, slot + k.shape[0]), start + k.shape[2]
+        self.k[rows, :, start:end] = k
+        self.v[rows, :, start:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class Attention(nn.Module):
@@ -85,7 +91,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, slot: int = 0) -> Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.wq(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
@@ -93,7 +99,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.write(start, k, v)
+            k, v = self.cache.write(start, k, v, slot)
         total = k.shape[2]
         if t == 1:
             mask = None  # one new query sees the whole (already causal) cache
@@ -127,8 +133,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), start, cos, sin)
+    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, slot: int = 0) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), start, cos, sin, slot)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -146,16 +152,18 @@ class Transformer(nn.Module):
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
 
-    def setup_cache(self, max_seq: int, batch: int = 1) -> None:
-        """Allocate the static KV cache once; decoding then allocates nothing per token for it."""
+    def setup_cache(self, max_seq: int, slots: int = 1) -> None:
+        """Allocate the static KV cache once, `slots` sequences of up to `max_seq` tokens each;
+        decoding then allocates nothing per token for it."""
         p = self.output.weight
         self.max_seq = max_seq
         for layer in self.layers:
-            layer.attn.cache = KVCache(batch, self.cfg.n_kv_heads, max_seq, self.cfg.head_dim, p.dtype, p.device)
+            layer.attn.cache = KVCache(slots, self.cfg.n_kv_heads, max_seq, self.cfg.head_dim, p.dtype, p.device)
         self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_seq, p.device)
 
-    def forward(self, tokens: Tensor, start: int = 0, last_only: bool = False) -> Tensor:
-        """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, 1, V])."""
+    def forward(self, tokens: Tensor, start: int = 0, last_only: bool = False, slot: int = 0) -> Tensor:
+        """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, 1, V]); with a
+        cache, row b reads and writes cache slot `slot + b`."""
         t = tokens.shape[1]
         if self.max_seq and start + t > self.max_seq:
             raise ValueError(f"context overflow: {start + t} tokens > cache of {self.max_seq}")
@@ -165,7 +173,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[start : start + t]
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, start, cos, sin)
+            x = layer(x, start, cos, sin, slot)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

@@ -1,7 +1,7 @@
-"""One-token decode step built from the fused kernels, replayable as a CUDA graph.
+"""Decode step built from the fused kernels -- one token for each of B sessions -- replayable as CUDA graphs.
 
 The eager `Transformer` does prefill (many tokens, compute bound); this module does the decode step
-(one token, bound by weight reads and launch overhead). Per layer a step is:
+(one token per sequence, bound by weight reads and launch overhead). Per layer a step is:
 
     add_rms_norm -> qkv GEMV -> rope_kv_write -> decode_attention -> wo GEMV
     add_rms_norm -> gate_up GEMV -> swiglu_fused -> down GEMV
@@ -10,10 +10,15 @@ so each layer reads 4 weights (q/k/v and gate/up fused into one matrix each). Th
 the model's own KV cache tensors, so eager prefill and this decode step interleave freely and the
 engine's prefix reuse keeps working.
 
-Everything the step reads that changes per token (token id, position) lives in static device
-buffers and nothing syncs with the host, so on CUDA the whole step is captured once as a
-`torch.cuda.CUDAGraph` and replayed: ~10 launches per layer collapse into one graph launch. Off
-CUDA (CPU twins, or Triton's interpreter in tests) the same code runs eagerly.
+Batches: B sequences, sequence b at position pos[b] of cache slot rows[b], run as one step: the
+GEMVs apply each dequantised weight tile to up to `GEMV_BLOCK_M` sequences, rope_kv_write and
+decode_attention index the per-session cache slots through `rows`.
+
+Everything the step reads that changes per token (token ids, positions, slots) lives in static
+device buffers and nothing syncs with the host, so on CUDA the step is captured as one
+`torch.cuda.CUDAGraph` per batch size 1..max_batch (all sharing one memory pool) and replayed:
+~10 launches per layer collapse into one graph launch. Off CUDA (CPU twins, or Triton's
+interpreter in tests) the same code runs eagerly.
 """
 from __future__ import annotations
 
@@ -132,13 +137,14 @@ class _Layer:
 
 
 class TritonDecoder:
-    """Decode one token with the fused kernels, into the KV cache the eager model also uses (a `Decoder`).
+    """Decode one token per sequence with the fused kernels, into the KV cache the eager model also
+    uses (a `Decoder`).
 
-    `model.setup_cache(max_seq)` must have been called; calling it again reallocates the cache, so
-    build a new decoder afterwards. `packed` optionally maps HF-layout weight names
+    `model.setup_cache(max_seq, slots)` must have been called; calling it again reallocates the
+    cache, so build a new decoder afterwards. `packed` optionally maps HF-layout weight names
     ("layers.0.attn.wq.weight", "output.weight", ...) to packed weights used instead of the dense
     ones. Note that the model's wq/wk/wv and w_gate/w_up weights are rebound to views of the fused
-    matrices (same values, no extra memory).
+    matrices (same values, no extra memory). A batch holds at most one sequence per cache slot.
 
     `backend` is passed to every kernel dispatcher: None / "auto" runs Triton on CUDA and the torch
     twins elsewhere; tests force "triton" to run the kernels on the CPU interpreter.
@@ -167,89 +173,132 @@ class TritonDecoder:
         self.output = _Projection([model.output], [packed.get("output.weight")], backend)
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.device = self.embed.device
+        self.max_batch = self.layers[0].k_cache.shape[0]  # one sequence per cache slot
         # Static inputs/outputs: a captured graph reads and writes these very tensors on replay.
-        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, device=self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        n = self.max_batch
+        self.tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(n, dtype=torch.long, device=self.device)  # batch row -> cache slot
+        self.logits = torch.zeros(n, cfg.vocab_size, dtype=torch.float32, device=self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> captured step
 
-    def _run(self) -> None:
-        """The step itself: reads self.token / self.pos, writes the caches and self.logits."""
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured single-sequence step (None before `capture`, and off CUDA)."""
+        return self.graphs.get(1)
+
+    def _run(self, b: int) -> None:
+        """The step for the first `b` batch rows: reads tokens / pos / rows, writes the caches and logits."""
         cfg, be, hd = self.cfg, self.backend, self.cfg.head_dim
         nq, nkv = cfg.n_heads * hd, cfg.n_kv_heads * hd
         eps = cfg.norm_eps
-        seq_lens = self.pos + 1  # the new token attends to itself too
-        h = F.embedding(self.token, self.embed)  # [1, dim], the residual stream
+        pos, rows = self.pos[:b], self.rows[:b]
+        seq_lens = pos + 1  # each new token attends to itself too
+        h = F.embedding(self.tokens[:b], self.embed)  # [b, dim], the residual stream
         x = K.rms_norm(h, self.layers[0].attn_norm, eps, backend=be)
         delta: Tensor | None = None
         for layer in self.layers:
             if delta is not None:  # the previous layer's FFN output joins the stream here
                 x, h = K.add_rms_norm(delta, h, layer.attn_norm, eps, backend=be)
-            qkv = layer.qkv(x)  # [1, nq + 2 nkv]
-            q = qkv[:, :nq].view(1, 1, cfg.n_heads, hd)
-            k = qkv[:, nq : nq + nkv].view(1, 1, cfg.n_kv_heads, hd)
-            v = qkv[:, nq + nkv :].view(1, 1, cfg.n_kv_heads, hd)
-            q = K.rope_kv_write(q, k, v, self.rope_cos, self.rope_sin, self.pos, layer.k_cache, layer.v_cache,
+            qkv = layer.qkv(x)  # [b, nq + 2 nkv]
+            q = qkv[:, :nq].view(b, 1, cfg.n_heads, hd)
+            k = qkv[:, nq : nq + nkv].view(b, 1, cfg.n_kv_heads, hd)
+            v = qkv[:, nq + nkv :].view(b, 1, cfg.n_kv_heads, hd)
+            q = K.rope_kv_write(q, k, v, self.rope_cos, self.rope_sin, pos, layer.k_cache, layer.v_cache, rows,
                                 backend=be)
-            y = K.decode_attention(q.view(1, cfg.n_heads, hd), layer.k_cache, layer.v_cache, seq_lens, backend=be)
-            x, h = K.add_rms_norm(layer.wo(y.view(1, nq)), h, layer.ffn_norm, eps, backend=be)
+            y = K.decode_attention(q.view(b, cfg.n_heads, hd), layer.k_cache, layer.v_cache, seq_lens,
+                                   cache_rows=rows, backend=be)
+            x, h = K.add_rms_norm(layer.wo(y.view(b, nq)), h, layer.ffn_norm, eps, backend=be)
             delta = layer.down(K.swiglu_fused(layer.gate_up(x), backend=be))
         assert delta is not None
         x, _ = K.add_rms_norm(delta, h, self.norm, eps, backend=be)
-        self.logits.copy_(self.output(x)[0])
+        self.logits[:b].copy_(self.output(x))
+
+    def _launch(self, b: int) -> Tensor:
+        graph = self.graphs.get(b)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._run(b)
+        return self.logits[:b]
 
     @torch.inference_mode()
-    def step(self, token: Tensor | int, pos: Tensor | int) -> Tensor:
-        """Run one decode token at position `pos` (int64 [1] device tensors, or Python ints, which are
-        written with `fill_` so they need no host-to-device copy either). Returns the logits [V]
-        (fp32) in a static buffer that the next step overwrites: clone it to keep it."""
+    def step(self, token: Tensor | int, pos: Tensor | int, slot: int = 0) -> Tensor:
+        """Run one decode token at position `pos` of cache slot `slot` (token and pos as int64 [1]
+        device tensors, or Python ints, which are written with `fill_` so they need no host-to-device
+        copy either). Returns the logits [V] (fp32) in a static buffer that the next step overwrites:
+        clone it to keep it."""
         if isinstance(pos, int) and not 0 <= pos < self.max_seq:  # a tensor pos is not checked: no sync
             raise ValueError(f"position {pos} outside the KV cache of {self.max_seq}")
-        for buf, val in ((self.token, token), (self.pos, pos)):
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is not one of the cache's {self.max_batch}")
+        for buf, val in ((self.tokens, token), (self.pos, pos), (self.rows, slot)):
             if isinstance(val, Tensor):
-                buf.copy_(val.reshape(1), non_blocking=True)
+                buf[:1].copy_(val.reshape(1), non_blocking=True)
             else:
-                buf.fill_(val)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._run()
-        return self.logits
-
-    def prefill(self, tokens: Sequence[int], pos: int) -> Tensor:
-        """Run `tokens` at positions pos.., one decode step each; the last one's logits [V] (the
-        static buffer, as for `step`). The engine leaves prompts to the eager model (`prefill_max`)."""
-        for i, token in enumerate(tokens):
-            self.step(token, pos + i)
-        return self.logits
+                buf[:1].fill_(val)
+        return self._launch(1)[0]
 
     @torch.inference_mode()
-    def capture(self, warmup: int = 2) -> None:
-        """Capture the step as a CUDA graph; later `step` calls replay it. No-op off CUDA.
+    def step_batch(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> Tensor:
+        """One token for each of B sequences (distinct slots) -> logits [B, V] in the static buffer."""
+        b = len(tokens)
+        if not 0 < b <= self.max_batch or len(positions) != b or len(slots) != b:
+            raise ValueError(f"a batch is 1..{self.max_batch} tokens with a position and a slot each")
+        if len(set(slots)) != b or not all(0 <= s < self.max_batch for s in slots):
+            raise ValueError(f"slots {list(slots)} must be distinct, each one of the cache's {self.max_batch}")
+        if not all(0 <= p < self.max_seq for p in positions):
+            raise ValueError(f"positions {list(positions)} outside the KV cache of {self.max_seq}")
+        host = torch.tensor([list(tokens), list(positions), list(slots)], dtype=torch.long)
+        for buf, row in zip((self.tokens, self.pos, self.rows), host):
+            buf[:b].copy_(row, non_blocking=True)
+        return self._launch(b)
+
+    def prefill(self, tokens: Sequence[int], pos: int, slot: int = 0) -> Tensor:
+        """Run `tokens` at positions pos.. of `slot`, one decode step each; the last one's logits [V]
+        (the static buffer, as for `step`). The engine leaves prompts to the eager model (`prefill_max`)."""
+        for i, token in enumerate(tokens):
+            self.step(token, pos + i, slot)
+        return self.logits[0]
+
+    @torch.inference_mode()
+    def capture(self, warmup: int = 2, batch_sizes: Sequence[int] | None = None) -> None:
+        """Capture the step as CUDA graphs, one per batch size (default 1..max_batch); later steps of
+        those sizes replay them. No-op off CUDA.
 
         Warm-up (which compiles the Triton kernels and lets the allocator settle) runs real steps,
-        so it writes one KV slot: the last one, saved and restored around it, so a cache that
-        already holds a prefix is left untouched.
+        so it writes the last position of the slots it uses: saved and restored around it, so a
+        cache that already holds prefixes is left untouched. The graphs share one memory pool
+        (captured largest first), so several sizes cost little more memory than one.
         """
-        if self.device.type != "cuda" or self.graph is not None:
+        if self.device.type != "cuda":
+            return
+        sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)) - set(self.graphs), reverse=True)
+        if not sizes:
             return
         last = self.max_seq - 1
         saved = [(layer.k_cache[:, :, last].clone(), layer.v_cache[:, :, last].clone()) for layer in self.layers]
-        self.token.zero_()
+        self.tokens.zero_()
         self.pos.fill_(last)
+        self.rows.copy_(torch.arange(self.max_batch, device=self.device))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self._run()
+                for b in sizes:
+                    self._run(b)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads (ASR, TTS) may use CUDA
-            self._run()
+        pool = None
+        for b in sizes:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (ASR, TTS) may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._run(b)
+            pool = graph.pool()
+            self.graphs[b] = graph
         for layer, (k, v) in zip(self.layers, saved):
             layer.k_cache[:, :, last] = k
             layer.v_cache[:, :, last] = v
-        self.graph = graph
 
 
 def sample_on_device(

@@ -26,7 +26,7 @@ RMSNorm (:mod:`.rmsnorm`)
 
 RoPE + KV-cache write (:mod:`.rope`)
     ``rope_kv_write(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cos, sin, input_pos,
-    k_cache [B,Hkv,S,D], v_cache [B,Hkv,S,D]) -> q_rot [B,T,Hq,D]`` (contiguous).
+    k_cache [B,Hkv,S,D], v_cache [B,Hkv,S,D], cache_rows=None) -> q_rot [B,T,Hq,D]`` (contiguous).
     HF rotate_half convention (halves, not interleaved); ``cos``/``sin`` [S, D/2] (or [S, D]
     duplicated, HF style); ``input_pos`` int tensor [B] (or [1]) of each row's first position;
     rotated k and raw v are written into the caches in place. q/k/v may be strided views.
@@ -34,8 +34,11 @@ RoPE + KV-cache write (:mod:`.rope`)
 
 Decode attention (:mod:`.attention`)
     ``decode_attention(q [B,Hq,D], k_cache [B,Hkv,S,D], v_cache, seq_lens [B] int, scale=None,
-    num_splits=None) -> [B,Hq,D]`` -- flash-decoding (KV length split across programs, merged by
-    log-sum-exp), GQA-aware (Hq % Hkv == 0), positions >= seq_lens[b] masked.
+    cache_rows=None, num_splits=None) -> [B,Hq,D]`` -- flash-decoding (KV length split across
+    programs, merged by log-sum-exp), GQA-aware (Hq % Hkv == 0), positions >= seq_lens[b] masked.
+    Per-session caches: ``cache_rows`` [B] int maps batch row b to cache row cache_rows[b] of
+    caches with any number of rows (rope_kv_write takes the same), so B sessions at B lengths
+    share one launch.
 
 SwiGLU (:mod:`.activations`)
     ``swiglu(gate [..., I], up [..., I]) -> silu(gate) * up``;
@@ -50,7 +53,8 @@ Weight-only quantised linear (:mod:`.quant_matmul`)
     ``pack_q8_0_blocks(raw uint8, (N, K))``, ``pack_q4_0_blocks(...)``, ``pack_q4_1_blocks(...)``
     -- lossless from raw GGUF block bytes (torch-order shape [N, K]; GGUF lists it as (K, N)).
     ``quant_linear(x [..., K], qw, bias=None) -> [..., N]`` -- in-register dequantising GEMV for
-    up to ``GEMV_MAX_ROWS`` rows; more rows dequantise and use cuBLAS.
+    up to ``GEMV_MAX_ROWS`` rows (a decode batch; each dequantised weight tile serves
+    ``GEMV_BLOCK_M`` rows); more rows dequantise and use cuBLAS.
 
 Sampling (:mod:`.sampling`)
     ``sample(logits [B,V], temperature, top_k, top_p, uniform [B] fp32) -> int64 [B]`` -- per-row
@@ -70,6 +74,7 @@ from ._backend import BACKEND_ENV, interpreter_enabled, triton_available, use_tr
 from .activations import swiglu, swiglu_fused, swiglu_ref, swiglu_triton
 from .attention import decode_attention, decode_attention_ref, decode_attention_triton
 from .quant_matmul import (
+    GEMV_BLOCK_M,
     GEMV_MAX_ROWS,
     QuantizedWeight,
     pack_q4_0_blocks,
@@ -94,6 +99,7 @@ from .sampling import logit_keys, sample, sample_ref, sample_triton
 
 __all__ = [
     "BACKEND_ENV",
+    "GEMV_BLOCK_M",
     "GEMV_MAX_ROWS",
     "QuantizedWeight",
     "add_rms_norm",

@@ -143,6 +143,16 @@ def drive(quick: bool = False) -> None:
                         e(n, k, dtype=torch.int8), e(n, k // 32, dtype=torch.float16), None, 8, 32, k,
                     )
                 quant_matmul.quant_linear_triton(e(1, k, dtype=dt), qw)
+                quant_matmul.quant_linear_triton(e(4, k, dtype=dt), qw)  # a batch of 4 sessions
+        # a batch of 4 sessions over 8 per-session cache slots
+        slots, rows = 8, e(4, dtype=torch.int64)
+        rope.rope_kv_write_triton(
+            e(4, 1, hq, d, dtype=dt), e(4, 1, hkv, d, dtype=dt), e(4, 1, hkv, d, dtype=dt),
+            e(seq, d // 2), e(seq, d // 2), e(4, dtype=torch.int64),
+            e(slots, hkv, seq, d, dtype=dt), e(slots, hkv, seq, d, dtype=dt), rows,
+        )
+        kcs = e(slots, hkv, seq, d, dtype=dt)
+        attention.decode_attention_triton(e(4, hq, d, dtype=dt), kcs, kcs, e(4, dtype=torch.int64), cache_rows=rows)
         if not quick:
             rmsnorm.rms_norm_triton(x, e(hidden, dtype=dt))
             attention.decode_attention_triton(e(1, hq, d, dtype=dt), kc, kc, e(1, dtype=torch.int32), num_splits=1)

@@ -6,17 +6,21 @@ import triton.language as tl
 
 @triton.jit
 def decode_attn_split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, row_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     sqb, sqh,
     skb, skh, sks,
     svb, svh, svs,
     D, qk_scale_log2,
     CHUNK,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, CACHE_ROWS: tl.constexpr,
 ):
     # Grid (B, Hkv, NUM_SPLITS): one KV head, its GROUP query heads, one chunk of the KV length.
     b = tl.program_id(0).to(tl.int64)
+    if CACHE_ROWS:  # query row b attends over its session's cache slot
+        cb = tl.load(row_ptr + b).to(tl.int64)
+    else:
+        cb = b
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(len_ptr + b).to(tl.int32)
@@ -30,8 +34,8 @@ def decode_attn_split_kernel(
     qh = kvh * GROUP + g
     q = tl.load(q_ptr + b * sqb + qh[:, None] * sqh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
 
-    k_base = k_ptr + b * skb + kvh.to(tl.int64) * skh
-    v_base = v_ptr + b * svb + kvh.to(tl.int64) * svh
+    k_base = k_ptr + cb * skb + kvh.to(tl.int64) * skh
+    v_base = v_ptr + cb * svb + kvh.to(tl.int64) * svh
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)

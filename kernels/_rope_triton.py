@@ -6,7 +6,7 @@ import triton.language as tl
 
 @triton.jit
 def rope_kv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, qo_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, kc_ptr, vc_ptr, qo_ptr,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
@@ -15,6 +15,7 @@ def rope_kv_kernel(
     scos_s, scos_d,
     T, HQ, HALF,
     POS_PER_ROW: tl.constexpr,
+    CACHE_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Grid: (B*T, Hq + Hkv). Programs with head < Hq rotate a query head; the others rotate one
@@ -41,15 +42,19 @@ def rope_kv_kernel(
         tl.store(dst + offs, (x1 * c - x2 * s).to(qo_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF + offs, (x2 * c + x1 * s).to(qo_ptr.dtype.element_ty), mask=mask)
     else:
+        if CACHE_ROWS:  # batch row b writes its session's cache slot
+            cb = tl.load(row_ptr + b).to(tl.int64)
+        else:
+            cb = b
         kh = head - HQ
         src = k_ptr + b * skb + t * skt + kh * skh
         x1 = tl.load(src + offs * skd, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + (offs + HALF) * skd, mask=mask, other=0.0).to(tl.float32)
-        dst = kc_ptr + b * skcb + kh * skch + pos * skcs
+        dst = kc_ptr + cb * skcb + kh * skch + pos * skcs
         tl.store(dst + offs, (x1 * c - x2 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF + offs, (x2 * c + x1 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         vsrc = v_ptr + b * svb + t * svt + kh * svh
-        vdst = vc_ptr + b * svcb + kh * svch + pos * svcs
+        vdst = vc_ptr + cb * svcb + kh * svch + pos * svcs
         v1 = tl.load(vsrc + offs * svd, mask=mask, other=0.0)
         v2 = tl.load(vsrc + (offs + HALF) * svd, mask=mask, other=0.0)
         tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)

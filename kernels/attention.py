@@ -13,6 +13,9 @@ its group together, so each K/V tile is read from memory once per group, not onc
 Layouts: q [B, Hq, D]; k_cache, v_cache [B, Hkv, max_seq, D] (unit stride along D);
 seq_lens [B] int32/int64 on the device = number of valid cache positions per row (the new token
 included), 1 <= seq_len <= max_seq. Output [B, Hq, D] in q.dtype. Softmax in fp32.
+Per-session caches: with ``cache_rows`` [B] (int, on the device) the caches are [S, Hkv, max_seq, D],
+one row per session slot, and query row b attends over cache row ``cache_rows[b]`` -- B sessions at
+B different lengths in one launch.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ def decode_attention_ref(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float | None = None,
+    cache_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch twin: masked softmax attention of one query token per row over the cache (fp32)."""
+    if cache_rows is not None:
+        rows = cache_rows.reshape(-1).long()
+        k_cache, v_cache = k_cache[rows], v_cache[rows]
     b, hq, d = q.shape
     hkv, max_seq = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -73,6 +80,7 @@ def decode_attention_triton(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float | None = None,
+    cache_rows: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -85,8 +93,12 @@ def decode_attention_triton(
 
     b, hq, d = q.shape
     _, hkv, max_seq, dk = k_cache.shape
-    if k_cache.shape[0] != b or dk != d or v_cache.shape != k_cache.shape or hq % hkv:
-        raise ValueError("expected q [B, Hq, D] and caches [B, Hkv, S, D] with Hq % Hkv == 0")
+    if cache_rows is not None and cache_rows.numel() != b:
+        raise ValueError(f"cache_rows must have one entry per query row ({b})")
+    if ((cache_rows is None and k_cache.shape[0] != b) or dk != d or v_cache.shape != k_cache.shape
+            or hq % hkv):
+        raise ValueError("expected q [B, Hq, D] and caches [B, Hkv, S, D] (any number of rows with cache_rows) "
+                         "with Hq % Hkv == 0")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the caches need unit stride along head_dim")
     group = hq // hkv
@@ -103,16 +115,17 @@ def decode_attention_triton(
     else:
         part_out, part_lse = out, out  # unused: stage 1 writes the final result
     seq_lens = seq_lens.reshape(-1)
+    rows = seq_lens if cache_rows is None else cache_rows.reshape(-1)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     kern.decode_attn_split_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, seq_lens, rows, out, part_out, part_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         d, scale * 1.4426950408889634,  # fold log2(e): the kernel uses exp2
         chunk,
         GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        SPLIT=splits > 1, NUM_SPLITS=splits, DOT_PREC=dot_prec,
+        SPLIT=splits > 1, NUM_SPLITS=splits, DOT_PREC=dot_prec, CACHE_ROWS=cache_rows is not None,
         num_warps=4, num_stages=2 if gpu_config(q) else 1,
     )
     if splits > 1:
@@ -131,11 +144,13 @@ def decode_attention(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float | None = None,
+    cache_rows: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     backend: Backend | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B,Hq,D] over caches [B,Hkv,S,D], first ``seq_lens[b]`` positions valid."""
+    """Attention of q [B,Hq,D] over caches [B,Hkv,S,D], first ``seq_lens[b]`` positions valid
+    (over cache row ``cache_rows[b]`` of [S,Hkv,max_seq,D] caches when given)."""
     if use_triton(q, k_cache, v_cache, seq_lens, backend=backend):
-        return decode_attention_triton(q, k_cache, v_cache, seq_lens, scale, num_splits=num_splits)
-    return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale)
+        return decode_attention_triton(q, k_cache, v_cache, seq_lens, scale, cache_rows, num_splits=num_splits)
+    return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, cache_rows)

@@ -1,10 +1,17 @@
-/* Rejoinder's CPU decode step: one token through a Llama-family decoder, weights left in their GGUF
- * block quantisation and dequantised in registers, fp32 activations throughout.
+/* Rejoinder's CPU decode step: one token for each of B sequences through a Llama-family decoder,
+ * weights left in their GGUF block quantisation and dequantised in registers, fp32 activations
+ * throughout.
  *
  * Why C and not torch ops: at batch 1 a token is ~210 matrix-vector products plus ~400 small ops.
  * torch's packed int4/int8 CPU kernels are only fast with bf16 activations (which would change the
  * model's outputs), and eager torch spends a few milliseconds per token on dispatch alone. Here one
- * call runs the whole step, so Python costs one ctypes call per token.
+ * call runs the whole step, so Python costs one ctypes call per step.
+ *
+ * Batches (rj_decode_batch): B sessions, each at its own position in its own KV-cache slot, step
+ * together. Each weight row is read and its blocks unpacked once for up to RJ_TILE activation
+ * vectors, which is where batching pays on a memory-bound step. Every vector goes through exactly
+ * the arithmetic it would go through alone (same operations, same order), so a sequence's logits
+ * are bit-for-bit the same whatever else shares its batch, and B = 1 is the single-token step.
  *
  * Weight rows use ggml's own block layouts (32 weights per block):
  *   Q4_0: fp16 d, 16 bytes of nibbles;            w = d * (q - 8)
@@ -22,7 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -39,19 +46,24 @@ typedef struct {
     rj_weight wq, wk, wv, wo, w_gate, w_up, w_down;
     const float *bq, *bk, *bv; /* NULL without attention bias */
     const float *attn_norm, *ffn_norm;
-    float *k_cache, *v_cache; /* [n_kv_heads, max_seq, head_dim] */
+    float *k_cache, *v_cache; /* [n_slots, n_kv_heads, max_seq, head_dim] */
 } rj_layer;
 
 typedef struct {
     int32_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, max_seq, threads;
+    int32_t n_slots; /* KV-cache slots (one per session) in every layer's cache */
     float norm_eps;
     const float *embed;              /* [vocab, dim] */
     const float *rope_cos, *rope_sin; /* [max_seq, head_dim / 2], rotate-half convention */
     const float *final_norm;
     rj_weight output;
     const rj_layer *layers;
-    float *scratch; /* rj_scratch_floats(model) floats */
 } rj_model;
+
+/* Offset of (slot, kv head, position) in a layer's K or V cache, in floats. */
+static inline size_t cache_at(const rj_model *m, int slot, int head, int pos) {
+    return (((size_t)slot * m->n_kv_heads + head) * m->max_seq + pos) * m->head_dim;
+}
 
 /* ------------------------------------------------------------------------------------------------
  * fp16 -> fp32 */
@@ -97,127 +109,212 @@ size_t rj_row_bytes(int32_t type, int32_t cols) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * One row dot products. `xsum[g]` is the sum of x over block g (for the Q4 minimum term). */
+ * Row dot products against up to RJ_TILE activation vectors at once.
+ *
+ * A weight row's blocks are unpacked (nibbles / int8 -> fp32 lanes) once and multiplied into every
+ * vector; each vector's sum is formed exactly as it would be alone (two accumulator chains, even
+ * and odd blocks, then the horizontal sum, plus the Q4 minimum term summed block by block), so the
+ * result for a vector does not depend on how many others share the pass. Vector v lives at
+ * x + v * ldx; `xsum + v * ldxs` holds the sums of its 32-element blocks (for the Q4 minimum term). */
 
 #if defined(__AVX512F__)
-static inline __m512 q4_block_dot(const uint8_t *qs, const float *x) {
+#define RJ_TILE 8 /* 2 * 8 accumulators + 4 unpacked blocks fit the 32 zmm registers */
+#else
+#define RJ_TILE 4 /* AVX2 has 16 ymm registers: 2 * 4 accumulators + one unpacked block */
+#endif
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+#if defined(__AVX512F__)
+/* The 32 codes of a Q4 block: elements 0-15 (low nibbles) and 16-31 (high nibbles). */
+static ALWAYS_INLINE void q4_unpack(const uint8_t *qs, __m512 *lo, __m512 *hi) {
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+}
+static ALWAYS_INLINE __m512 q4_dot(__m512 lo, __m512 hi, const float *x) {
     return _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));
 }
-#elif defined(__AVX2__)
-static inline __m256 q4_block_dot(const uint8_t *qs, const float *x) {
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), t);
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), t);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), t);
+
+static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx, const float *xsum, size_t ldxs,
+                                  int nb, int has_min, const int nv, float *out) {
+    const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
+    __m512 acc0[RJ_TILE], acc1[RJ_TILE]; /* two chains per vector hide FMA latency */
+    float offset[RJ_TILE];
+    for (int v = 0; v < nv; v++) {
+        acc0[v] = acc1[v] = _mm512_setzero_ps();
+        offset[v] = 0.0f;
+    }
+    int g = 0;
+    for (; g + 1 < nb; g += 2) {
+        const uint8_t *b0 = row + (size_t)g * bytes, *b1 = b0 + bytes;
+        const float f0 = load_fp16(b0), f1 = load_fp16(b1);
+        const float m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0, m1 = has_min ? load_fp16(b1 + 2) : -8.0f * f1;
+        const __m512 d0 = _mm512_set1_ps(f0), d1 = _mm512_set1_ps(f1);
+        __m512 lo0, hi0, lo1, hi1;
+        q4_unpack(b0 + qoff, &lo0, &hi0);
+        q4_unpack(b1 + qoff, &lo1, &hi1);
+        for (int v = 0; v < nv; v++) {
+            const float *xv = x + v * ldx + (size_t)g * QK;
+            acc0[v] = _mm512_fmadd_ps(d0, q4_dot(lo0, hi0, xv), acc0[v]);
+            acc1[v] = _mm512_fmadd_ps(d1, q4_dot(lo1, hi1, xv + QK), acc1[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+            offset[v] += m1 * xsum[v * ldxs + g + 1];
+        }
+    }
+    for (; g < nb; g++) {
+        const uint8_t *b0 = row + (size_t)g * bytes;
+        const float f0 = load_fp16(b0), m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0;
+        const __m512 d0 = _mm512_set1_ps(f0);
+        __m512 lo0, hi0;
+        q4_unpack(b0 + qoff, &lo0, &hi0);
+        for (int v = 0; v < nv; v++) {
+            acc0[v] = _mm512_fmadd_ps(d0, q4_dot(lo0, hi0, x + v * ldx + (size_t)g * QK), acc0[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+        }
+    }
+    for (int v = 0; v < nv; v++) out[v] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[v], acc1[v])) + offset[v];
 }
+
+static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
+    __m512 acc0[RJ_TILE], acc1[RJ_TILE];
+    for (int v = 0; v < nv; v++) acc0[v] = acc1[v] = _mm512_setzero_ps();
+    for (int g = 0; g < nb; g++) {
+        const uint8_t *b = row + (size_t)g * 34;
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
+        const __m512 d = _mm512_set1_ps(load_fp16(b));
+        for (int v = 0; v < nv; v++) {
+            const float *xv = x + v * ldx + (size_t)g * QK;
+            __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xv + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xv)));
+            if (g & 1)
+                acc1[v] = _mm512_fmadd_ps(d, t, acc1[v]);
+            else
+                acc0[v] = _mm512_fmadd_ps(d, t, acc0[v]);
+        }
+    }
+    for (int v = 0; v < nv; v++) out[v] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[v], acc1[v]));
+}
+#elif defined(__AVX2__)
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-#endif
+/* The 32 codes of a Q4 block as four 8-lane vectors: elements 0-7, 8-15 (low nibbles), 16-23, 24-31. */
+static ALWAYS_INLINE void q4_unpack(const uint8_t *qs, __m256 w[4]) {
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+static ALWAYS_INLINE __m256 q4_dot(const __m256 w[4], const float *x) {
+    __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+    t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), t);
+    t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), t);
+    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), t);
+}
 
-/* Q4_0 / Q4_1: d * sum(q x) + m * sum(x), m = -8 d for Q4_0 */
-static float dot_q4(const uint8_t *row, const float *x, const float *xsum, int nb, int has_min) {
+static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx, const float *xsum, size_t ldxs,
+                                  int nb, int has_min, const int nv, float *out) {
     const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
-    float offset = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* two chains hide FMA latency */
+    __m256 acc0[RJ_TILE], acc1[RJ_TILE], w[4];
+    float offset[RJ_TILE];
+    for (int v = 0; v < nv; v++) {
+        acc0[v] = acc1[v] = _mm256_setzero_ps();
+        offset[v] = 0.0f;
+    }
     int g = 0;
-    for (; g + 1 < nb; g += 2) {
+    for (; g + 1 < nb; g += 2) { /* one block unpacked at a time: registers are scarce */
         const uint8_t *b0 = row + (size_t)g * bytes, *b1 = b0 + bytes;
-        float d0 = load_fp16(b0), d1 = load_fp16(b1);
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d0), q4_block_dot(b0 + qoff, x + g * QK), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(d1), q4_block_dot(b1 + qoff, x + (g + 1) * QK), acc1);
-        offset += (has_min ? load_fp16(b0 + 2) : -8.0f * d0) * xsum[g];
-        offset += (has_min ? load_fp16(b1 + 2) : -8.0f * d1) * xsum[g + 1];
+        const float f0 = load_fp16(b0), f1 = load_fp16(b1);
+        const float m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0, m1 = has_min ? load_fp16(b1 + 2) : -8.0f * f1;
+        const __m256 d0 = _mm256_set1_ps(f0), d1 = _mm256_set1_ps(f1);
+        q4_unpack(b0 + qoff, w);
+        for (int v = 0; v < nv; v++) acc0[v] = _mm256_fmadd_ps(d0, q4_dot(w, x + v * ldx + (size_t)g * QK), acc0[v]);
+        q4_unpack(b1 + qoff, w);
+        for (int v = 0; v < nv; v++) {
+            acc1[v] = _mm256_fmadd_ps(d1, q4_dot(w, x + v * ldx + (size_t)(g + 1) * QK), acc1[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+            offset[v] += m1 * xsum[v * ldxs + g + 1];
+        }
     }
     for (; g < nb; g++) {
         const uint8_t *b0 = row + (size_t)g * bytes;
-        float d0 = load_fp16(b0);
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d0), q4_block_dot(b0 + qoff, x + g * QK), acc0);
-        offset += (has_min ? load_fp16(b0 + 2) : -8.0f * d0) * xsum[g];
+        const float f0 = load_fp16(b0), m0 = has_min ? load_fp16(b0 + 2) : -8.0f * f0;
+        const __m256 d0 = _mm256_set1_ps(f0);
+        q4_unpack(b0 + qoff, w);
+        for (int v = 0; v < nv; v++) {
+            acc0[v] = _mm256_fmadd_ps(d0, q4_dot(w, x + v * ldx + (size_t)g * QK), acc0[v]);
+            offset[v] += m0 * xsum[v * ldxs + g];
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offset;
-#elif defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 1 < nb; g += 2) {
-        const uint8_t *b0 = row + (size_t)g * bytes, *b1 = b0 + bytes;
-        float d0 = load_fp16(b0), d1 = load_fp16(b1);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), q4_block_dot(b0 + qoff, x + g * QK), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), q4_block_dot(b1 + qoff, x + (g + 1) * QK), acc1);
-        offset += (has_min ? load_fp16(b0 + 2) : -8.0f * d0) * xsum[g];
-        offset += (has_min ? load_fp16(b1 + 2) : -8.0f * d1) * xsum[g + 1];
+    for (int v = 0; v < nv; v++) out[v] = hsum256(_mm256_add_ps(acc0[v], acc1[v])) + offset[v];
+}
+
+static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
+    __m256 acc[RJ_TILE], w[4];
+    for (int v = 0; v < nv; v++) acc[v] = _mm256_setzero_ps();
+    for (int g = 0; g < nb; g++) {
+        const uint8_t *b = row + (size_t)g * 34;
+        for (int h = 0; h < 4; h++)
+            w[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * h))));
+        const __m256 d = _mm256_set1_ps(load_fp16(b));
+        for (int v = 0; v < nv; v++) {
+            const float *xv = x + v * ldx + (size_t)g * QK;
+            __m256 t = _mm256_setzero_ps();
+            for (int h = 0; h < 4; h++) t = _mm256_fmadd_ps(w[h], _mm256_loadu_ps(xv + 8 * h), t);
+            acc[v] = _mm256_fmadd_ps(d, t, acc[v]);
+        }
     }
-    for (; g < nb; g++) {
-        const uint8_t *b0 = row + (size_t)g * bytes;
-        float d0 = load_fp16(b0);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), q4_block_dot(b0 + qoff, x + g * QK), acc0);
-        offset += (has_min ? load_fp16(b0 + 2) : -8.0f * d0) * xsum[g];
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + offset;
+    for (int v = 0; v < nv; v++) out[v] = hsum256(acc[v]);
+}
 #else
-    float total = 0.0f;
+static ALWAYS_INLINE void dots_q4(const uint8_t *row, const float *x, size_t ldx, const float *xsum, size_t ldxs,
+                                  int nb, int has_min, const int nv, float *out) {
+    const int bytes = has_min ? 20 : 18, qoff = has_min ? 4 : 2;
+    float total[RJ_TILE], offset[RJ_TILE], lo[16], hi[16];
+    for (int v = 0; v < nv; v++) total[v] = offset[v] = 0.0f;
     for (int g = 0; g < nb; g++) {
         const uint8_t *b = row + (size_t)g * bytes, *qs = b + qoff;
-        const float *xb = x + g * QK;
-        float d = load_fp16(b), s = 0.0f;
-        for (int j = 0; j < 16; j++) s += (float)(qs[j] & 15) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
-        total += d * s;
-        offset += (has_min ? load_fp16(b + 2) : -8.0f * d) * xsum[g];
+        const float d = load_fp16(b), m = has_min ? load_fp16(b + 2) : -8.0f * d;
+        for (int j = 0; j < 16; j++) {
+            lo[j] = (float)(qs[j] & 15);
+            hi[j] = (float)(qs[j] >> 4);
+        }
+        for (int v = 0; v < nv; v++) {
+            const float *xb = x + v * ldx + (size_t)g * QK;
+            float s = 0.0f;
+            for (int j = 0; j < 16; j++) s += lo[j] * xb[j] + hi[j] * xb[j + 16];
+            total[v] += d * s;
+            offset[v] += m * xsum[v * ldxs + g];
+        }
     }
-    return total + offset;
-#endif
+    for (int v = 0; v < nv; v++) out[v] = total[v] + offset[v];
 }
 
-static float dot_q8_0(const uint8_t *row, const float *x, int nb) {
-#if defined(__AVX512F__)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+static ALWAYS_INLINE void dots_q8_0(const uint8_t *row, const float *x, size_t ldx, int nb, const int nv, float *out) {
+    float total[RJ_TILE], q[QK];
+    for (int v = 0; v < nv; v++) total[v] = 0.0f;
     for (int g = 0; g < nb; g++) {
         const uint8_t *b = row + (size_t)g * 34;
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
-        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
-        __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + g * QK + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x + g * QK)));
-        if (g & 1)
-            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(load_fp16(b)), t, acc1);
-        else
-            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(load_fp16(b)), t, acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < nb; g++) {
-        const uint8_t *b = row + (size_t)g * 34;
-        const float *xb = x + g * QK;
-        __m256 t = _mm256_setzero_ps();
-        for (int h = 0; h < 4; h++) {
-            __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * h));
-            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(xb + 8 * h), t);
+        const float d = load_fp16(b);
+        for (int j = 0; j < QK; j++) q[j] = (float)((const int8_t *)(b + 2))[j];
+        for (int v = 0; v < nv; v++) {
+            const float *xb = x + v * ldx + (size_t)g * QK;
+            float s = 0.0f;
+            for (int j = 0; j < QK; j++) s += q[j] * xb[j];
+            total[v] += d * s;
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(load_fp16(b)), t, acc);
     }
-    return hsum256(acc);
-#else
-    float total = 0.0f;
-    for (int g = 0; g < nb; g++) {
-        const uint8_t *b = row + (size_t)g * 34;
-        const int8_t *q = (const int8_t *)(b + 2);
-        float s = 0.0f;
-        for (int j = 0; j < QK; j++) s += (float)q[j] * x[g * QK + j];
-        total += load_fp16(b) * s;
-    }
-    return total;
-#endif
+    for (int v = 0; v < nv; v++) out[v] = total[v];
 }
+#endif
 
 static float dot_f32(const float *a, const float *b, int n) {
     int i = 0;
@@ -249,23 +346,54 @@ static void block_sums(const float *x, int n, float *xsum) {
     }
 }
 
-static inline float row_dot(const rj_weight *w, int r, const float *x, const float *xsum) {
-    const uint8_t *row = (const uint8_t *)w->data + (size_t)r * rj_row_bytes(w->type, w->cols);
+/* out[v] = W[row] . x_v for v < nv, nv a compile-time constant after inlining */
+static ALWAYS_INLINE void row_dots_nv(const rj_weight *w, const uint8_t *row, const float *x, size_t ldx,
+                                      const float *xsum, size_t ldxs, const int nv, float *out) {
     switch (w->type) {
-    case RJ_Q4_1: return dot_q4(row, x, xsum, w->cols / QK, 1);
-    case RJ_Q4_0: return dot_q4(row, x, xsum, w->cols / QK, 0);
-    case RJ_Q8_0: return dot_q8_0(row, x, w->cols / QK);
-    default: return dot_f32((const float *)row, x, w->cols);
+    case RJ_Q4_1: dots_q4(row, x, ldx, xsum, ldxs, w->cols / QK, 1, nv, out); return;
+    case RJ_Q4_0: dots_q4(row, x, ldx, xsum, ldxs, w->cols / QK, 0, nv, out); return;
+    case RJ_Q8_0: dots_q8_0(row, x, ldx, w->cols / QK, nv, out); return;
+    default: /* fp32: the row stays in L1 for the vectors after the first */
+        for (int v = 0; v < nv; v++) out[v] = dot_f32((const float *)row, x + v * ldx, w->cols);
     }
 }
 
-/* y[r] (+)= W[r] . x for every row; rows are shared out among the threads of an enclosing parallel
- * region (or all done here when called outside one). `xsum` must hold block_sums(x). */
-static void matvec(const rj_weight *w, const float *x, const float *xsum, float *y, int accumulate) {
+/* One tile of nv (compile-time constant after inlining) vectors: the row loop with everything inlined. */
+static ALWAYS_INLINE void matvec_tile(const rj_weight *w, const float *x, size_t ldx, const float *xsum, size_t ldxs,
+                                      const int nv, float *y, size_t ldy, int accumulate) {
+    const size_t row_bytes = rj_row_bytes(w->type, w->cols);
 #pragma omp for schedule(static)
     for (int r = 0; r < w->rows; r++) {
-        float v = row_dot(w, r, x, xsum);
-        y[r] = accumulate ? y[r] + v : v;
+        float out[RJ_TILE];
+        row_dots_nv(w, (const uint8_t *)w->data + (size_t)r * row_bytes, x, ldx, xsum, ldxs, nv, out);
+        for (int v = 0; v < nv; v++) {
+            float *dst = y + (size_t)v * ldy + r;
+            *dst = accumulate ? *dst + out[v] : out[v];
+        }
+    }
+}
+
+/* Y[v][r] (+)= W[r] . X[v] for every row r and v < nv (row strides ldx, ldy; block sums ldxs):
+ * each weight row is read once per RJ_TILE vectors. Rows are shared out among the threads of an
+ * enclosing parallel region (or all done here when called outside one). */
+static void matvec_n(const rj_weight *w, const float *x, size_t ldx, const float *xsum, size_t ldxs, int nv,
+                     float *y, size_t ldy, int accumulate) {
+    for (int v0 = 0; v0 < nv; v0 += RJ_TILE) {
+        const float *xt = x + v0 * ldx, *st = xsum + v0 * ldxs;
+        float *yt = y + v0 * ldy;
+        switch (nv - v0 < RJ_TILE ? nv - v0 : RJ_TILE) { /* a copy per vector count: accumulators in registers */
+        case 1: matvec_tile(w, xt, ldx, st, ldxs, 1, yt, ldy, accumulate); break;
+        case 2: matvec_tile(w, xt, ldx, st, ldxs, 2, yt, ldy, accumulate); break;
+        case 3: matvec_tile(w, xt, ldx, st, ldxs, 3, yt, ldy, accumulate); break;
+        case 4: matvec_tile(w, xt, ldx, st, ldxs, 4, yt, ldy, accumulate); break;
+#if RJ_TILE > 4
+        case 5: matvec_tile(w, xt, ldx, st, ldxs, 5, yt, ldy, accumulate); break;
+        case 6: matvec_tile(w, xt, ldx, st, ldxs, 6, yt, ldy, accumulate); break;
+        case 7: matvec_tile(w, xt, ldx, st, ldxs, 7, yt, ldy, accumulate); break;
+        case 8: matvec_tile(w, xt, ldx, st, ldxs, 8, yt, ldy, accumulate); break;
+#endif
+        default: break;
+        }
     }
 }
 
@@ -322,90 +450,112 @@ static void attend_group(const float *q, const float *k, const float *v, int len
 }
 
 /* ------------------------------------------------------------------------------------------------
- * The step */
+ * The step: one token for each of n sequences, sequence i at position positions[i] of cache slot
+ * slots[i] (the slot holds positions 0..positions[i]-1 of that sequence). */
 
-size_t rj_scratch_floats(const rj_model *m) {
-    size_t qd = (size_t)m->n_heads * m->head_dim, kvd = (size_t)m->n_kv_heads * m->head_dim;
-    size_t wide = (size_t)(m->ffn_dim > m->dim ? m->ffn_dim : m->dim);
-    if (qd > wide) wide = qd;
-    /* x, h, q, k, v, att, gate, up, xsum, scores */
-    return 2 * (size_t)m->dim + 2 * qd + 2 * kvd + 2 * wide + wide / QK + 1 + (size_t)m->n_heads * m->max_seq;
+static size_t xsum_stride(const rj_model *m) {
+    size_t qd = (size_t)m->n_heads * m->head_dim, wide = (size_t)(m->ffn_dim > m->dim ? m->ffn_dim : m->dim);
+    return (qd > wide ? qd : wide) / QK + 1;
 }
 
-/* Returns 0, or -1 for a token / position out of range (nothing is written then). */
-int rj_decode_step(const rj_model *m, int32_t token, int32_t pos, float *logits) {
-    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_seq) return -1;
+size_t rj_decode_floats(const rj_model *m, int32_t n) {
+    size_t qd = (size_t)m->n_heads * m->head_dim, kvd = (size_t)m->n_kv_heads * m->head_dim;
+    /* per sequence: x, h, q, k, v, att, gate, up, block sums, attention scores */
+    return (size_t)n * (2 * (size_t)m->dim + 2 * qd + 2 * kvd + 2 * (size_t)m->ffn_dim + xsum_stride(m) +
+                        (size_t)m->n_heads * m->max_seq);
+}
+
+/* Writes n * vocab logits (sequence i's at logits + i * vocab). `work` holds rj_decode_floats(m, n)
+ * floats. Returns 0, or -1 when a token, position or slot is out of range or two sequences share a
+ * slot (nothing is written then). */
+int rj_decode_batch(const rj_model *m, int32_t n, const int32_t *tokens, const int32_t *positions,
+                    const int32_t *slots, float *logits, float *work) {
+    if (n <= 0) return -1;
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= m->vocab || positions[i] < 0 || positions[i] >= m->max_seq ||
+            slots[i] < 0 || slots[i] >= m->n_slots)
+            return -1;
+        for (int j = 0; j < i; j++)
+            if (slots[j] == slots[i]) return -1;
+    }
     const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, ffn = m->ffn_dim;
     const int qd = nh * hd, kvd = nkv * hd, group = nh / nkv, half = hd / 2;
-    size_t wide = (size_t)(ffn > dim ? ffn : dim);
-    if ((size_t)qd > wide) wide = qd;
-    float *x = m->scratch, *h = x + dim, *q = h + dim, *k = q + qd, *v = k + kvd, *att = v + kvd;
-    float *gate = att + qd, *up = gate + wide, *xsum = up + wide, *scores = xsum + wide / QK + 1;
-    const float *cos_row = m->rope_cos + (size_t)pos * half, *sin_row = m->rope_sin + (size_t)pos * half;
-    memcpy(x, m->embed + (size_t)token * dim, sizeof(float) * dim);
+    const size_t xs = xsum_stride(m), sc = (size_t)nh * m->max_seq;
+    float *x = work, *h = x + (size_t)n * dim, *q = h + (size_t)n * dim, *k = q + (size_t)n * qd;
+    float *v = k + (size_t)n * kvd, *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd;
+    float *up = gate + (size_t)n * ffn, *xsum = up + (size_t)n * ffn, *scores = xsum + (size_t)n * xs;
+    for (int i = 0; i < n; i++) memcpy(x + (size_t)i * dim, m->embed + (size_t)tokens[i] * dim, sizeof(float) * dim);
 
 #pragma omp parallel num_threads(m->threads > 0 ? m->threads : 1)
     {
         for (int l = 0; l < m->n_layers; l++) {
             const rj_layer *L = &m->layers[l];
-#pragma omp single
-            {
-                rms_norm(x, L->attn_norm, h, dim, m->norm_eps);
-                block_sums(h, dim, xsum);
+#pragma omp for schedule(static)
+            for (int i = 0; i < n; i++) {
+                rms_norm(x + (size_t)i * dim, L->attn_norm, h + (size_t)i * dim, dim, m->norm_eps);
+                block_sums(h + (size_t)i * dim, dim, xsum + i * xs);
             }
-            matvec(&L->wq, h, xsum, q, 0);
-            matvec(&L->wk, h, xsum, k, 0);
-            matvec(&L->wv, h, xsum, v, 0);
-#pragma omp single
-            {
-                if (L->bq) for (int i = 0; i < qd; i++) q[i] += L->bq[i];
-                if (L->bk) for (int i = 0; i < kvd; i++) k[i] += L->bk[i];
-                if (L->bv) for (int i = 0; i < kvd; i++) v[i] += L->bv[i];
-                rope(q, nh, hd, cos_row, sin_row);
-                rope(k, nkv, hd, cos_row, sin_row);
+            matvec_n(&L->wq, h, dim, xsum, xs, n, q, qd, 0);
+            matvec_n(&L->wk, h, dim, xsum, xs, n, k, kvd, 0);
+            matvec_n(&L->wv, h, dim, xsum, xs, n, v, kvd, 0);
+#pragma omp for schedule(static)
+            for (int i = 0; i < n; i++) {
+                float *qi = q + (size_t)i * qd, *ki = k + (size_t)i * kvd, *vi = v + (size_t)i * kvd;
+                const size_t p = (size_t)positions[i];
+                if (L->bq) for (int e = 0; e < qd; e++) qi[e] += L->bq[e];
+                if (L->bk) for (int e = 0; e < kvd; e++) ki[e] += L->bk[e];
+                if (L->bv) for (int e = 0; e < kvd; e++) vi[e] += L->bv[e];
+                rope(qi, nh, hd, m->rope_cos + p * half, m->rope_sin + p * half);
+                rope(ki, nkv, hd, m->rope_cos + p * half, m->rope_sin + p * half);
                 for (int j = 0; j < nkv; j++) {
-                    memcpy(L->k_cache + ((size_t)j * m->max_seq + pos) * hd, k + j * hd, sizeof(float) * hd);
-                    memcpy(L->v_cache + ((size_t)j * m->max_seq + pos) * hd, v + j * hd, sizeof(float) * hd);
+                    memcpy(L->k_cache + cache_at(m, slots[i], j, positions[i]), ki + j * hd, sizeof(float) * hd);
+                    memcpy(L->v_cache + cache_at(m, slots[i], j, positions[i]), vi + j * hd, sizeof(float) * hd);
                 }
             }
+            /* implicit barrier: every new K/V row is in its cache before anyone attends */
 #pragma omp for schedule(static)
-            for (int j = 0; j < nkv; j++) {
-                size_t kv_off = (size_t)j * m->max_seq * hd;
-                attend_group(q + j * group * hd, L->k_cache + kv_off, L->v_cache + kv_off, pos + 1, hd, group,
-                             scores + (size_t)j * group * m->max_seq, att + j * group * hd);
+            for (int t = 0; t < n * nkv; t++) {
+                const int i = t / nkv, j = t % nkv;
+                const size_t kv = cache_at(m, slots[i], j, 0);
+                attend_group(q + (size_t)i * qd + j * group * hd, L->k_cache + kv, L->v_cache + kv, positions[i] + 1,
+                             hd, group, scores + i * sc + (size_t)j * group * m->max_seq,
+                             att + (size_t)i * qd + j * group * hd);
             }
-#pragma omp single
-            block_sums(att, qd, xsum);
-            matvec(&L->wo, att, xsum, x, 1); /* residual add fused */
-#pragma omp single
-            {
-                rms_norm(x, L->ffn_norm, h, dim, m->norm_eps);
-                block_sums(h, dim, xsum);
+#pragma omp for schedule(static)
+            for (int i = 0; i < n; i++) block_sums(att + (size_t)i * qd, qd, xsum + i * xs);
+            matvec_n(&L->wo, att, qd, xsum, xs, n, x, dim, 1); /* residual add fused */
+#pragma omp for schedule(static)
+            for (int i = 0; i < n; i++) {
+                rms_norm(x + (size_t)i * dim, L->ffn_norm, h + (size_t)i * dim, dim, m->norm_eps);
+                block_sums(h + (size_t)i * dim, dim, xsum + i * xs);
             }
-            matvec(&L->w_gate, h, xsum, gate, 0);
-            matvec(&L->w_up, h, xsum, up, 0);
-#pragma omp single
-            {
-                for (int i = 0; i < ffn; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-                block_sums(gate, ffn, xsum);
+            matvec_n(&L->w_gate, h, dim, xsum, xs, n, gate, ffn, 0);
+            matvec_n(&L->w_up, h, dim, xsum, xs, n, up, ffn, 0);
+#pragma omp for schedule(static)
+            for (int i = 0; i < n; i++) {
+                float *gi = gate + (size_t)i * ffn, *ui = up + (size_t)i * ffn;
+                for (int e = 0; e < ffn; e++) gi[e] = gi[e] / (1.0f + expf(-gi[e])) * ui[e];
+                block_sums(gi, ffn, xsum + i * xs);
             }
-            matvec(&L->w_down, gate, xsum, x, 1);
+            matvec_n(&L->w_down, gate, ffn, xsum, xs, n, x, dim, 1);
         }
-#pragma omp single
-        {
-            rms_norm(x, m->final_norm, h, dim, m->norm_eps);
-            block_sums(h, dim, xsum);
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) {
+            rms_norm(x + (size_t)i * dim, m->final_norm, h + (size_t)i * dim, dim, m->norm_eps);
+            block_sums(h + (size_t)i * dim, dim, xsum + i * xs);
         }
-        matvec(&m->output, h, xsum, logits, 0);
+        matvec_n(&m->output, h, dim, xsum, xs, n, logits, m->vocab, 0);
     }
     return 0;
 }
 
-/* Single ops, exported for the tests that hold them against the torch reference. */
-void rj_matvec(const rj_weight *w, const float *x, float *y) {
-    float xsum[w->cols / QK + 1];
-    block_sums(x, w->cols, xsum);
-    matvec(w, x, xsum, y, 0);
+/* Single ops, exported for the tests that hold them against the torch reference:
+ * Y[v] = W X[v] for v < n (X [n, cols], Y [n, rows]); n = 1 is one matrix-vector product. */
+void rj_matvec(const rj_weight *w, int32_t n, const float *x, float *y) {
+    const size_t xs = (size_t)w->cols / QK + 1;
+    float xsum[(size_t)n * xs];
+    for (int v = 0; v < n; v++) block_sums(x + (size_t)v * w->cols, w->cols, xsum + v * xs);
+    matvec_n(w, x, w->cols, xsum, xs, n, y, w->rows, 0);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -516,10 +666,12 @@ size_t rj_prefill_floats(const rj_model *m, int32_t n) {
            (size_t)m->n_heads * m->max_seq;
 }
 
-/* Runs tokens[0..n) at positions pos..pos+n-1 (the cache holds 0..pos-1) and writes the logits of the
- * last one. `work` holds rj_prefill_floats(m, n) floats. Returns 0, or -1 if anything is out of range. */
-int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos, float *logits, float *work) {
-    if (n <= 0 || pos < 0 || pos + n > m->max_seq) return -1;
+/* Runs tokens[0..n) at positions pos..pos+n-1 of cache slot `slot` (which holds 0..pos-1) and writes
+ * the logits of the last one. `work` holds rj_prefill_floats(m, n) floats. Returns 0, or -1 if
+ * anything is out of range. */
+int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos, int32_t slot, float *logits,
+               float *work) {
+    if (n <= 0 || pos < 0 || pos + n > m->max_seq || slot < 0 || slot >= m->n_slots) return -1;
     for (int t = 0; t < n; t++)
         if (tokens[t] < 0 || tokens[t] >= m->vocab) return -1;
     const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, ffn = m->ffn_dim;
@@ -548,14 +700,14 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
                 rope(qt, nh, hd, m->rope_cos + p * half, m->rope_sin + p * half);
                 rope(kt, nkv, hd, m->rope_cos + p * half, m->rope_sin + p * half);
                 for (int j = 0; j < nkv; j++) {
-                    memcpy(L->k_cache + ((size_t)j * m->max_seq + p) * hd, kt + j * hd, sizeof(float) * hd);
-                    memcpy(L->v_cache + ((size_t)j * m->max_seq + p) * hd, vt + j * hd, sizeof(float) * hd);
+                    memcpy(L->k_cache + cache_at(m, slot, j, (int)p), kt + j * hd, sizeof(float) * hd);
+                    memcpy(L->v_cache + cache_at(m, slot, j, (int)p), vt + j * hd, sizeof(float) * hd);
                 }
             }
             /* implicit barrier: every token's K/V is in the cache before anyone attends */
 #pragma omp for schedule(static)
             for (int j = 0; j < nkv; j++) {
-                size_t kv_off = (size_t)j * m->max_seq * hd;
+                const size_t kv_off = cache_at(m, slot, j, 0);
                 for (int t = 0; t < n; t++)
                     attend_group(q + (size_t)t * qd + j * group * hd, L->k_cache + kv_off, L->v_cache + kv_off,
                                  pos + t + 1, hd, group, scores + (size_t)j * group * m->max_seq,
@@ -578,7 +730,7 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
             rms_norm(x + (size_t)(n - 1) * dim, m->final_norm, h, dim, m->norm_eps);
             block_sums(h, dim, xsum);
         }
-        matvec(&m->output, h, xsum, logits, 0);
+        matvec_n(&m->output, h, dim, xsum, 0, 1, logits, m->vocab, 0);
     }
     return 0;
 }

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -67,7 +68,8 @@ class RjLayer(ctypes.Structure):
 class RjModel(ctypes.Structure):
     _fields_ = [
         (n, ctypes.c_int32)
-        for n in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "max_seq", "threads")
+        for n in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "max_seq", "threads",
+                  "n_slots")
     ] + [
         ("norm_eps", ctypes.c_float),
         ("embed", ctypes.c_void_p),
@@ -76,7 +78,6 @@ class RjModel(ctypes.Structure):
         ("final_norm", ctypes.c_void_p),
         ("output", RjWeight),
         ("layers", ctypes.POINTER(RjLayer)),
-        ("scratch", ctypes.c_void_p),
     ]
 
 
@@ -113,8 +114,8 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build(cc: str, out: Path) -> None:
-    base = [cc, "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+def _build(cc: str, out: Path, extra: Sequence[str] = ()) -> None:
+    base = [cc, "-O3", "-march=native", *extra, "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
     attempts = [base + ["-fopenmp"], base]  # OpenMP when the compiler has it, one thread otherwise
     errors = []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,49 +135,65 @@ _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
 
 
-def library_path() -> Path:
+def library_path(extra: Sequence[str] = ()) -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         SOURCE.read_bytes() + version.encode() + _cpu_signature().encode() + platform.machine().encode()
+        + " ".join(extra).encode()
     ).hexdigest()[:16]
     return _cache_dir() / f"rejoinder_cpu_{key}.so"
+
+
+def _open(extra: Sequence[str] = ()) -> ctypes.CDLL:
+    path = library_path(extra)
+    if not path.exists():
+        _build(_compiler(), path, extra)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeKernelsUnavailable(f"cannot load {path}: {exc}") from None
+    model, i32, ptr = ctypes.POINTER(RjModel), ctypes.c_int32, ctypes.c_void_p
+    lib.rj_decode_batch.argtypes = [model, i32, ptr, ptr, ptr, ptr, ptr]
+    lib.rj_decode_batch.restype = ctypes.c_int
+    lib.rj_decode_floats.argtypes = [model, i32]
+    lib.rj_decode_floats.restype = ctypes.c_size_t
+    lib.rj_prefill.argtypes = [model, ptr, i32, i32, i32, ptr, ptr]
+    lib.rj_prefill.restype = ctypes.c_int
+    lib.rj_prefill_floats.argtypes = [model, i32]
+    lib.rj_prefill_floats.restype = ctypes.c_size_t
+    lib.rj_matvec.argtypes = [ctypes.POINTER(RjWeight), i32, ptr, ptr]
+    lib.rj_matvec.restype = None
+    return lib
 
 
 def load_library() -> ctypes.CDLL:
     """The compiled kernels (built on first use). Raises NativeKernelsUnavailable if impossible."""
     global _lib
     with _lib_lock:
-        if _lib is not None:
-            return _lib
-        path = library_path()
-        if not path.exists():
-            _build(_compiler(), path)
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeKernelsUnavailable(f"cannot load {path}: {exc}") from None
-        lib.rj_decode_step.argtypes = [ctypes.POINTER(RjModel), ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
-        lib.rj_decode_step.restype = ctypes.c_int
-        lib.rj_scratch_floats.argtypes = [ctypes.POINTER(RjModel)]
-        lib.rj_scratch_floats.restype = ctypes.c_size_t
-        lib.rj_prefill.argtypes = [ctypes.POINTER(RjModel), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
-                                   ctypes.c_void_p, ctypes.c_void_p]
-        lib.rj_prefill.restype = ctypes.c_int
-        lib.rj_prefill_floats.argtypes = [ctypes.POINTER(RjModel), ctypes.c_int32]
-        lib.rj_prefill_floats.restype = ctypes.c_size_t
-        lib.rj_matvec.argtypes = [ctypes.POINTER(RjWeight), ctypes.c_void_p, ctypes.c_void_p]
-        lib.rj_matvec.restype = None
-        _lib = lib
-        return lib
+        if _lib is None:
+            _lib = _open()
+        return _lib
 
 
-def matvec(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
-    """y = W x for one fp32 vector x [cols] (single thread; the decode step parallelises itself)."""
-    if x.dtype != torch.float32 or x.shape != (w.cols,) or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU vector of {w.cols}, got {tuple(x.shape)} {x.dtype}")
-    lib = load_library()
+def load_variant(extra_flags: Sequence[str]) -> ctypes.CDLL:
+    """The kernels built with extra compiler flags after -march=native (say ``-mno-avx2``, the
+    portable C path), so tests can hold every instruction-set path to the same results."""
+    with _lib_lock:
+        return _open(tuple(extra_flags))
+
+
+def matvec(x: torch.Tensor, w: GGMLWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """y = W x for one fp32 vector x [cols], or Y = X W^T for a batch X [n, cols] of vectors, each
+    weight row read once for several of them (single thread; the decode step parallelises itself).
+    `lib`: a `load_variant` build instead of the default one."""
+    if x.dtype != torch.float32 or x.shape[-1:] != (w.cols,) or x.dim() not in (1, 2) or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU vector of {w.cols} (or [n, {w.cols}]), "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    lib = lib or load_library()
     x = x.contiguous()
-    y = torch.empty(w.rows, dtype=torch.float32)
-    lib.rj_matvec(ctypes.byref(RjWeight.of(w)), x.data_ptr(), y.data_ptr())
+    y = torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32)
+    if x.numel() == 0:
+        return y
+    lib.rj_matvec(ctypes.byref(RjWeight.of(w)), 1 if x.dim() == 1 else x.shape[0], x.data_ptr(), y.data_ptr())
     return y

@@ -45,11 +45,14 @@ __all__ = [
     "quant_linear",
     "quant_linear_ref",
     "quant_linear_triton",
+    "GEMV_BLOCK_M",
     "GEMV_MAX_ROWS",
 ]
 
 #: Inputs with more rows than this use dequantise + cuBLAS matmul (prefill) instead of the GEMV.
 GEMV_MAX_ROWS = 8
+#: Rows of x (decode sequences of a batch) each GEMV program applies one dequantised weight tile to.
+GEMV_BLOCK_M = 4
 
 
 @dataclass(frozen=True)
@@ -232,11 +235,11 @@ def _is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-def _gemv_plan(m: int, n: int, kp: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(split_k, k_per_split): enough programs to cover the GPU ~4 times at batch 1."""
+def _gemv_plan(m_tiles: int, n: int, kp: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(split_k, k_per_split): enough programs to cover the GPU ~4 times."""
     k_tiles = -(-kp // block_k)
     n_tiles = -(-n // block_n)
-    split = max(1, min(k_tiles, -(-4 * sm_count(device) // (n_tiles * m))))
+    split = max(1, min(k_tiles, -(-4 * sm_count(device) // (n_tiles * m_tiles))))
     per = -(-k_tiles // split)
     return -(-k_tiles // per), per * block_k
 
@@ -249,8 +252,10 @@ def quant_linear_triton(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
-    """Triton GEMV for x [..., K] with few rows (<= GEMV_MAX_ROWS); more rows fall back to
+    """Triton GEMV for x [..., K] with few rows (<= GEMV_MAX_ROWS: a batch of decode sequences,
+    up to GEMV_BLOCK_M of them served by each weight tile read); more rows fall back to
     dequantise + ``F.linear`` in x.dtype. Block sizes / split are overridable for tuning."""
     from . import _quant_matmul_triton as kern
 
@@ -277,8 +282,10 @@ def quant_linear_triton(
         raise ValueError(f"int4 GEMV needs a power-of-two group size dividing block_k ({g}, {block_k})")
     if qw.bits == 8 and not (g == kp or _is_pow2(g)):
         raise ValueError(f"int8 GEMV needs one group per row or a power-of-two group size, got {g}")
+    block_m = block_m or min(GEMV_BLOCK_M, 1 << (m - 1).bit_length())
+    m_tiles = -(-m // block_m)
     if split_k is None:
-        split, per = _gemv_plan(m, n, kp, block_n, block_k, x.device)
+        split, per = _gemv_plan(m_tiles, n, kp, block_n, block_k, x.device)
     else:
         k_tiles = -(-kp // block_k)
         per = -(-k_tiles // split_k) * block_k  # K elements per split, whole tiles
@@ -287,12 +294,13 @@ def quant_linear_triton(
         target = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     else:
         target = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (-(-n // block_n), m, split)
+    grid = (-(-n // block_n), m_tiles, split)
     common = dict(
         HAS_BIAS=bias is not None and split == 1,
         SPLIT=split > 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        BLOCK_M=block_m,
         num_warps=4,
         num_stages=3 if on_gpu else 1,
     )

@@ -13,6 +13,8 @@ Layouts (for the engine): ``q`` [B, T, Hq, D], ``k``/``v`` [B, T, Hkv, D] (any s
 of a fused QKV projection); caches [B, Hkv, max_seq, D]. Token ``t`` of batch row ``b`` sits at
 position ``input_pos[b] + t``; ``input_pos`` is an int32/int64 device tensor of shape [B] (or [1],
 broadcast), so a captured CUDA graph replays with new positions without a host round trip.
+With ``cache_rows`` (int device tensor [B]) the caches are [S, Hkv, max_seq, D] with one row per
+session's cache slot, and batch row ``b`` writes cache row ``cache_rows[b]`` (distinct rows).
 Positions are not bounds-checked on device (that would need a sync): the caller keeps
 ``input_pos + T <= max_seq``.
 
@@ -86,13 +88,15 @@ def rope_kv_write_ref(
     input_pos: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    cache_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch twin: rotates q and k, writes rotated k and v into the caches in place, returns q."""
     b, t = q.shape[:2]
     pos = _positions(input_pos, b, t)  # [B, T]
     q_rot = apply_rope_ref(q, cos, sin, pos)
     k_rot = apply_rope_ref(k, cos, sin, pos)
-    bidx = torch.arange(b, device=q.device)[:, None].expand(b, t)
+    rows = torch.arange(b, device=q.device) if cache_rows is None else cache_rows.reshape(-1).long()
+    bidx = rows[:, None].expand(b, t)
     # Advanced indexing on (batch, seq) of a [B, H, S, D] cache: value shape [B, T, H, D].
     k_cache.permute(0, 2, 1, 3)[bidx, pos] = k_rot.to(k_cache.dtype)
     v_cache.permute(0, 2, 1, 3)[bidx, pos] = v.to(v_cache.dtype)
@@ -108,6 +112,7 @@ def rope_kv_write_triton(
     input_pos: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    cache_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton launch of :func:`rope_kv_write_ref` (one launch for q, k and v)."""
     from . import _rope_triton as kern
@@ -116,8 +121,11 @@ def rope_kv_write_triton(
     hkv = k.shape[2]
     if k.shape != (b, t, hkv, d) or v.shape != k.shape:
         raise ValueError("k and v must be [B, T, Hkv, D] matching q [B, T, Hq, D]")
-    if k_cache.shape[0] != b or k_cache.shape[1] != hkv or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError("caches must be [B, Hkv, max_seq, D]")
+    if cache_rows is not None and cache_rows.numel() != b:
+        raise ValueError(f"cache_rows must have one entry per batch row ({b})")
+    if ((cache_rows is None and k_cache.shape[0] != b) or k_cache.shape[1] != hkv or k_cache.shape[3] != d
+            or v_cache.shape != k_cache.shape):
+        raise ValueError("caches must be [B, Hkv, max_seq, D] ([S, Hkv, max_seq, D] with cache_rows)")
     if d % 2:
         raise ValueError("head_dim must be even")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -129,13 +137,14 @@ def rope_kv_write_triton(
     grid = (b * t, hq + hkv)
     if b * t:
         kern.rope_kv_kernel[grid](
-            q, k, v, cos, sin, pos, k_cache, v_cache, q_out,
+            q, k, v, cos, sin, pos, pos if cache_rows is None else cache_rows.reshape(-1), k_cache, v_cache, q_out,
             *q.stride(), *k.stride(), *v.stride(),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             cos.stride(0), cos.stride(1),
             t, hq, half,
             POS_PER_ROW=pos.numel() != 1,
+            CACHE_ROWS=cache_rows is not None,
             BLOCK=next_pow2(half),
             num_warps=1 if half <= 64 else 2,
         )
@@ -151,11 +160,13 @@ def rope_kv_write(
     input_pos: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    cache_rows: torch.Tensor | None = None,
     *,
     backend: Backend | None = None,
 ) -> torch.Tensor:
     """Rotate q [B,T,Hq,D] and k [B,T,Hkv,D], write k and v into the [B,Hkv,S,D] caches at
-    ``input_pos`` (in place) and return the rotated q as a new contiguous [B,T,Hq,D] tensor."""
+    ``input_pos`` (in place; batch row b into cache row ``cache_rows[b]`` when given) and return the
+    rotated q as a new contiguous [B,T,Hq,D] tensor."""
     if use_triton(q, k, v, cos, k_cache, input_pos, backend=backend):
-        return rope_kv_write_triton(q, k, v, cos, sin, input_pos, k_cache, v_cache)
-    return rope_kv_write_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache)
+        return rope_kv_write_triton(q, k, v, cos, sin, input_pos, k_cache, v_cache, cache_rows)
+    return rope_kv_write_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, cache_rows)

@@ -316,7 +316,8 @@ def test_engine_prefills_short_prompts_natively(native_engine):
     assert len(ids) > native_engine.decoder.prefill_max >= len(follow)
     calls = []
     real = native_engine.decoder.prefill
-    native_engine.decoder.prefill = lambda tokens, pos: (calls.append((len(tokens), pos)), real(tokens, pos))[1]
+    native_engine.decoder.prefill = lambda tokens, pos, slot: (calls.append((len(tokens), pos)),
+                                                               real(tokens, pos, slot))[1]
     try:
         native_engine.reset()
         native_engine.prefill(ids)  # a whole prompt: the eager GEMM
