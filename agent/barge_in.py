@@ -1,7 +1,9 @@
 """Was that an interruption? User speech while the agent talks: echo, candidate, resolution, resume.
 
-- The agent's own voice coming back through the caller's microphone is recognised by correlating
-  the input with what was just sent (`streaming.echo.EchoGuard`); it never interrupts.
+- The agent's own voice coming back through the caller's microphone is cancelled from the input
+  (`streaming.aec`, before the VAD); what is left of it, or all of it with the canceller off, is
+  recognised by correlating the input with what was just sent (`streaming.echo.EchoGuard`); it
+  never interrupts.
 - Any other speech while the agent speaks pauses its audio within one frame and cancels generation
   and synthesis: a *candidate* interruption. The words of the interruption decide it once its final
   transcript is in: no words (a cough, a door), a backchannel ("uh-huh", "okay") or the agent's own
@@ -76,7 +78,7 @@ class BargeInHandler:
                 or now - speaker.last_frame_at < ECHO_TAIL_S):
             return False
         score = s.echo_guard.score(max(onset - 0.05, now - 0.6), now)
-        if score < s.echo_guard.config.threshold:
+        if score < s.echo_guard.threshold:
             return False
         log.debug("[%s] speech while speaking is echo (corr %.2f)", s.session_id, score)
         turn_no = speaker.answer.turn if speaker.answer is not None else s.turn_taker.count

@@ -1,8 +1,8 @@
 """The one typed configuration of the agent, and the one place the environment is read.
 
 `AgentConfig` holds every setting with a sane default, in groups: models and generation (its own
-fields), turn-taking (`turns`), the echo guard (`echo`), the web server (`serve`), MQTT (`mqtt`) and
-LiveKit (`livekit`). Each field may carry metadata: `help`, `flag` (a flag name other than the field
+fields), turn-taking (`turns`), the echo guard (`echo`) and canceller (`aec`), the web server (`serve`),
+MQTT (`mqtt`) and LiveKit (`livekit`). Each field may carry metadata: `help`, `flag` (a flag name other than the field
 name), `env` (a variable name other than REJOINDER_<NAME>; None: no variable) and `choices`.
 
 From that one description come the CLI flags (`add_flags(parser, groups)`, generated, never written
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rejoinder.errors import ConfigError
+from rejoinder.streaming.aec import AECConfig
 from rejoinder.streaming.echo import EchoGuardConfig
 from rejoinder.streaming.signalling import ServeConfig
 
@@ -146,6 +147,7 @@ class AgentConfig:
     # groups
     turns: TurnTakingConfig = field(default_factory=TurnTakingConfig, metadata={"group": "turns"})
     echo: EchoGuardConfig = field(default_factory=EchoGuardConfig, metadata={"group": "echo", "prefix": "echo_"})
+    aec: AECConfig = field(default_factory=AECConfig, metadata={"group": "echo", "prefix": "aec_"})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"group": "serve"})
     mqtt: MQTTSettings = field(default_factory=MQTTSettings, metadata={"group": "mqtt"})
     livekit: LiveKitSettings = field(default_factory=LiveKitSettings, metadata={"group": "livekit"})
@@ -273,7 +275,7 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | No
 def add_flags(parser: argparse.ArgumentParser, groups: Sequence[Group]) -> None:
     """Flags for every setting of `groups` (dest "field" or "group__field"; None when not given)."""
     titles = {"models": "models and devices", "generation": "generation", "turns": "turn-taking and barge-in",
-              "echo": "echo guard", "serve": "web server", "mqtt": "call-center events (MQTT)",
+              "echo": "echo guard and cancellation", "serve": "web server", "mqtt": "call-center events (MQTT)",
               "livekit": "LiveKit server"}
     by_group: dict[str, argparse._ArgumentGroup] = {}
     for s in _settings():

@@ -34,6 +34,7 @@ import numpy as np
 
 from rejoinder.engine.end_of_turn import EndOfTurnScorer
 from rejoinder.errors import ControlError
+from rejoinder.streaming.aec import EchoCanceller
 from rejoinder.streaming.asr import ASR_RATE
 from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig
 from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
@@ -112,7 +113,8 @@ class Session:
         # needs no decode of its own once the hang-over confirms the end.
         asr_cfg = StreamingASRConfig(final_reuse_margin_s=0.08)
         self.listener = Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad_cfg, asr_config=asr_cfg)
-        self.echo_guard = EchoGuard(echo or cfg.echo)
+        self.aec = EchoCanceller(cfg.aec) if cfg.aec.enabled else None  # the input without the agent's voice
+        self.echo_guard = EchoGuard(echo or cfg.echo, cleaned=self.aec is not None)
         self.turn_taker = TurnTaker(self, turn_cfg)
         self.barge_in = BargeInHandler(self)
         self.speaker = Speaker(self, models.tts.sample_rate)
@@ -238,6 +240,8 @@ class Session:
             if self._ended.is_set():
                 return
             for f in self._chunker.push(frame):
+                if self.aec is not None:
+                    f = self.aec.process(f)
                 if self.muted:
                     f = AudioFrame(np.zeros_like(f.samples), f.sample_rate, 1, f.timestamp)
                 self.echo_guard.add_input(f)

@@ -236,7 +236,7 @@ class Speaker:
     # --- frames out ----------------------------------------------------------------------------
 
     async def _send_frame(self, frame: AudioFrame) -> None:
-        """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard."""
+        """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard and canceller."""
         s = self.s
         now = self.last_frame_at = time.monotonic()
         answer = self.answer
@@ -246,6 +246,8 @@ class Speaker:
         if s.state in (SessionState.THINKING, SessionState.LISTENING) and s.barge_in.candidate is None:
             s.set_state(SessionState.SPEAKING, "audio out")
         s.echo_guard.add_reference(frame, now)
+        if s.aec is not None:
+            s.aec.add_reference(frame, now)
         out = frame
         rate = s.transport.output_sample_rate
         if rate != frame.sample_rate:
