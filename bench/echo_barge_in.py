@@ -43,18 +43,21 @@ from rejoinder.streaming.frames import AudioFrame  # noqa: E402
 from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
 
 
-def variants(min_speech: float) -> list[Variant]:
-    out = [
-        BEFORE,
-        Variant(f"AEC + guard, {min_speech:.2f} s", aec=True, guard=True, min_speech_s=min_speech),
-        Variant(f"AEC only, {min_speech:.2f} s", aec=True, guard=False, min_speech_s=min_speech),
-        Variant(f"guard only, {min_speech:.2f} s", aec=False, guard=True, min_speech_s=min_speech),
+def variants(min_speech: list[float]) -> list[Variant]:
+    last = min_speech[-1]
+    out = [BEFORE]
+    out += [Variant(f"AEC + echo check, {m:.2f} s", aec=True, guard=True, min_speech_s=m) for m in min_speech]
+    out += [
+        Variant(f"AEC + NS + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
+                noise_suppression=True),
+        Variant(f"AEC, no echo check, {last:.2f} s", aec=True, guard=False, min_speech_s=last),
+        Variant(f"guard only, {last:.2f} s", aec=False, guard=True, min_speech_s=last),
     ]
     try:
         import pywebrtc_audio  # noqa: F401
 
-        out.append(Variant(f"AEC (pywebrtc) + guard, {min_speech:.2f} s", aec=True, guard=True,
-                           min_speech_s=min_speech, backend="pywebrtc"))
+        out.append(Variant(f"AEC + NS (pywebrtc) + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
+                           backend="pywebrtc", noise_suppression=True))
     except ImportError:
         pass
     return out
@@ -140,7 +143,7 @@ def plot(report: dict, png: Path) -> None:
                  f"{s[0]['reverberant_scenes']} stress, {s[0]['user_scenes']} talker scenes)", fontsize=9)
     ax.legend(fontsize=8)
     ax = axes[1]
-    after = names[1]
+    after = names[1]  # the first "AEC + echo check" variant
     grid = {}
     for r in report["results"][after]:
         if r["kind"] == "echo" and r["erle_db"] is not None:
@@ -160,15 +163,19 @@ def plot(report: dict, png: Path) -> None:
     fig.colorbar(im, ax=ax, label="ERLE (dB)")
     ax.set_title(f"echo removed, {after}")
     ax = axes[2]
-    for label, kinds, color in (("echo left by the canceller (VAD fired)", ("echo", "noise"), "#c44"),
-                                ("second talker, cleaned", ("user",), "#48c")):
-        vals = [st["guard"] for r in report["results"][names[2]] if r["kind"] in kinds for st in r["starts"]]
-        ax.hist(vals, bins=np.linspace(0, 1, 26), alpha=0.6, label=f"{label} (n={len(vals)})", color=color)
-    ax.axvline(report["guard_cleaned_threshold"], color="k", ls="--", label="guard threshold behind AEC")
-    ax.set_xlabel("echo guard correlation at a speech start (AEC on, guard not acting)")
-    ax.set_ylabel("speech starts")
-    ax.legend(fontsize=8)
-    ax.set_title("what the guard still tells apart behind AEC")
+    probe = next(n for n in names if "no echo check" in n)
+    for label, kinds, color in (("the agent's echo (VAD fired on what AEC left)", ("echo", "noise"), "#c44"),
+                                ("second talker", ("user",), "#48c")):
+        pts = [(st["guard"], st["local_erle_db"]) for r in report["results"][probe] if r["kind"] in kinds
+               for st in r["starts"]]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=f"{label} (n={len(pts)})", color=color, s=22)
+    ax.axvline(report["guard_cleaned_threshold"], color="k", ls="--", lw=1, label="guard threshold (cleaned input)")
+    ax.axhline(report["echo_removed_db"], color="k", ls=":", lw=1, label="echo_removed_db")
+    ax.set_xlabel("echo guard correlation of the cleaned input at a speech start")
+    ax.set_ylabel("energy the canceller removed around the onset (dB)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"speech starts while the agent spoke ({probe})", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -177,14 +184,15 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default="bench/results/echo_barge_in.json")
     ap.add_argument("--quick", action="store_true", help="a third of the scenes")
-    ap.add_argument("--min-speech", type=float, default=0.12, help="the lowered minimum speech (s)")
+    ap.add_argument("--min-speech", default="0.12,0.15", help="the lowered minimum speech values (s), comma-separated")
     ap.add_argument("--seed-offset", type=int, default=0, help="another draw of rooms and noises (held-out check)")
     args = ap.parse_args()
     tts_rate = piper_voice().config.sample_rate
     scenes = scene_set(lambda t: piper_say(t, rate=tts_rate), espeak_say, tts_rate, quick=args.quick,
                        seed_offset=args.seed_offset)
     asr = shared_whisper()
-    vs = variants(args.min_speech)
+    min_speech = [float(v) for v in args.min_speech.split(",")]
+    vs = variants(min_speech)
     results: dict[str, list[SceneResult]] = {v.name: [] for v in vs}
     t_start = time.perf_counter()
     for sc in scenes:
@@ -196,8 +204,9 @@ async def main() -> None:
     from rejoinder.streaming.echo import EchoGuardConfig
 
     report = {
-        "scenes": len(scenes), "seed_offset": args.seed_offset, "min_speech_s": args.min_speech,
+        "scenes": len(scenes), "seed_offset": args.seed_offset, "min_speech_s": min_speech,
         "guard_cleaned_threshold": EchoGuardConfig().cleaned_threshold,
+        "echo_removed_db": AECConfig().echo_removed_db,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "summary": {name: summarise(rs, scenes) for name, rs in results.items()},
         "canceller_ms_per_20ms_frame": {b: round(time_canceller(b), 3) for b in

@@ -21,6 +21,7 @@ Cost: ~0.2 ms per 10 ms block on one core (measured by the bench), so it runs in
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -55,12 +56,19 @@ class AECConfig:
     backend: str = field(default="livekit", metadata=_m(
         "who runs WebRTC's module: livekit (livekit's rtc package, installed) or pywebrtc (pywebrtc-audio)",
         choices=("livekit", "pywebrtc")))
-    noise_suppression: bool = field(default=True, metadata=_m("WebRTC noise suppression after the echo canceller"))
+    # livekit's build runs WebRTC's suppressor at a strength that, behind the echo canceller, hides
+    # the first second of a caller talking over the agent (bench/echo_barge_in.py): off by default.
+    noise_suppression: bool = field(default=False, metadata=_m(
+        "WebRTC noise suppression after the echo canceller (with the livekit backend it delays barge-ins)"))
     # How much later than the input it pairs with a reference frame may be written (see the module
     # docstring); echoes shorter than this are not cancelled.
     reference_lag_ms: int = field(default=20, metadata=_m(
         "the reference is paired with input captured this much later (covers late reference frames)"))
     history_s: float = field(default=2.0, metadata=_m("seconds of reference kept"))
+    # Speech the canceller took this much energy out of, around its onset, is what it left of the
+    # agent's voice (see `EchoCanceller.removed_db`), not the caller.
+    echo_removed_db: float = field(default=15.0, metadata=_m(
+        "speech whose onset the canceller removed this many dB from is leftover echo, never a barge-in"))
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -69,6 +77,8 @@ class AECConfig:
             raise ConfigError(f"aec reference_lag_ms must be within 0-500, got {self.reference_lag_ms}")
         if not self.reference_lag_ms / 1000 + 0.1 < self.history_s <= 30.0:
             raise ConfigError("aec history_s must exceed reference_lag_ms + 0.1 s and be at most 30 s")
+        if not 0.0 < self.echo_removed_db <= 100.0:
+            raise ConfigError(f"aec echo_removed_db must be within (0, 100], got {self.echo_removed_db}")
 
 
 @dataclass
@@ -138,7 +148,7 @@ class BlockProcessor(Protocol):
 class WebRTCModule:
     """WebRTC's audio processing module through livekit's rtc package: AEC3, NS, high-pass filter."""
 
-    def __init__(self, *, noise_suppression: bool = True) -> None:
+    def __init__(self, *, noise_suppression: bool = False) -> None:
         try:
             from livekit import rtc  # local: the FFI library loads on first use, not on `import rejoinder`
         except ImportError:
@@ -162,7 +172,7 @@ class WebRTCModule:
 class PyWebRTCModule:
     """The same module through the `pywebrtc-audio` package (optional; bench/echo_barge_in.py compares them)."""
 
-    def __init__(self, *, noise_suppression: bool = True) -> None:
+    def __init__(self, *, noise_suppression: bool = False) -> None:
         try:
             import pywebrtc_audio
         except ImportError:
@@ -187,6 +197,9 @@ class EchoCanceller:
         self._module = module or BACKENDS[self.config.backend](noise_suppression=self.config.noise_suppression)
         self._ref = _Reference(self.config.history_s)
         self._lag = int(round(self.config.reference_lag_ms * RATE / 1000))
+        # (capture time, input energy, cleaned energy) of recent frames: what the canceller removed.
+        self._energy: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=int(self.config.history_s * 100))
 
     def add_reference(self, frame: AudioFrame, sent_at: float) -> None:
         """Agent audio handed to the transport at `sent_at` (any rate; mono or not)."""
@@ -211,4 +224,24 @@ class EchoCanceller:
             out[k : k + BLOCK] = self._module.process(pcm[k : k + BLOCK], far)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.blocks += x.size // BLOCK
-        return AudioFrame(out.astype(np.float32) / 32768.0, RATE, 1, frame.timestamp)
+        y = out.astype(np.float32) / 32768.0
+        self._energy.append((frame.timestamp, float(np.dot(x, x)), float(np.dot(y, y))))
+        return AudioFrame(y, RATE, 1, frame.timestamp)
+
+    def removed_db(self, t0: float, t1: float) -> float:
+        """How much of the input captured in [t0, t1) the canceller took out, in dB (0.0: nothing known).
+
+        Speech the VAD finds in the cleaned input while this is high (15 dB and more) is a remnant of
+        the agent's voice: a person talking over it adds energy the canceller leaves in, so the ratio
+        stays low (under ~12 dB on bench/echo_barge_in.py's rooms, the interrupter 6 dB below the echo).
+        """
+        raw = clean = 0.0
+        for t, e_in, e_out in reversed(self._energy):
+            if t < t0:
+                break
+            if t < t1:
+                raw += e_in
+                clean += e_out
+        if raw < 1e-9:
+            return 0.0
+        return float(10.0 * np.log10(raw / max(clean, 1e-12)))

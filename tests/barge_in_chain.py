@@ -5,7 +5,8 @@ second voice or a noise on top. `run_scene` plays it through the same components
 (`streaming.aec.EchoCanceller`, `streaming.echo.EchoGuard`, `streaming.listener.Listener` with the
 session's VAD settings) and takes the session's decisions (agent.session `_on_vad`,
 agent.barge_in `is_echo` / `resolve`): speech that starts while the agent speaks (or within
-ECHO_TAIL_S of its last frame) is echo when the guard's correlation says so, else a barge-in
+ECHO_TAIL_S of its last frame) is echo when the guard's correlation or the canceller's removed
+energy says so, else a barge-in
 candidate; the agent's audio pauses at once (so its echo stops a delay later, as in a room); the
 candidate's final transcript confirms it or resumes the answer (no words: noise; backchannel; the
 agent's own words). Time is virtual (20 ms a step; while a candidate waits for its transcript the
@@ -44,6 +45,7 @@ class Variant:
     guard: bool
     min_speech_s: float
     backend: str = "livekit"  # streaming.aec.BACKENDS
+    noise_suppression: bool = False
 
 
 BEFORE = Variant("guard only, min speech 0.2 s", aec=False, guard=True, min_speech_s=0.2)
@@ -120,7 +122,8 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
     guard = EchoGuard(guard_cfg, cleaned=variant.aec)
     raw_guard = EchoGuard(guard_cfg)  # diagnostics: the guard on the input before the canceller
     energy: list[tuple[float, float]] = []  # per frame: raw and cleaned energy
-    aec = EchoCanceller(AECConfig(backend=variant.backend)) if variant.aec else None
+    aec = EchoCanceller(AECConfig(backend=variant.backend, noise_suppression=variant.noise_suppression)) \
+        if variant.aec else None
     result = SceneResult(scene.name, scene.kind, variant.name)
     room = scene.room
     path = room.echo_path()
@@ -192,9 +195,10 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
                 result.starts.append({"onset_s": round(onset - T0, 3), "guard": round(guard.score(w0, now), 3),
                                       "guard_raw": round(raw_guard.score(w0, now), 3),
                                       "local_erle_db": round(10 * np.log10(e_raw / e_clean), 1)})
-                if variant.guard:
-                    score = guard.score(max(onset - 0.05, now - 0.6), now)
-                    if score >= guard.threshold:
+                if variant.guard:  # the session's echo decision (BargeInHandler.is_echo)
+                    removed = aec.removed_db(w0, now) if aec is not None else 0.0
+                    if guard.score(w0, now) >= guard.threshold or (
+                            aec is not None and removed >= aec.config.echo_removed_db):
                         result.echo_suppressed += 1
                         ignored.add(uid)
                         continue
