@@ -9,10 +9,10 @@ the session's input chain on a virtual clock (tests/barge_in_chain.py: canceller
 Silero VAD + streaming Whisper -> the session's barge-in decisions), once per variant:
 
 - before: the correlation guard alone (streaming/echo.py), min speech 0.2 s (the old defaults);
-- after: WebRTC AEC3 + NS (streaming/aec.py, livekit's rtc build) before the VAD, the guard on
-  the cleaned input, min speech lowered; and, to see what each piece is worth, the same without the
-  guard, the guard alone at the lowered min speech, and pywebrtc-audio's build of the module when
-  it is importable (not a dependency: PYTHONPATH=... to compare).
+- after: WebRTC AEC3 + NS (streaming/aec.py, pywebrtc-audio's build) before the VAD, the echo check
+  behind it (the guard on the cleaned input, and the energy the canceller removed), min speech
+  lowered; and, to see what each piece is worth, the same without NS, without the echo check, and
+  with livekit's rtc build of the module when livekit-agents is installed.
 
 A false barge-in is any pause of the agent's audio in an echo or noise scene (even one that
 resumes when the transcript has no words); a missed one is a second-talker scene where the agent
@@ -46,18 +46,17 @@ from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
 def variants(min_speech: list[float]) -> list[Variant]:
     last = min_speech[-1]
     out = [BEFORE]
-    out += [Variant(f"AEC + echo check, {m:.2f} s", aec=True, guard=True, min_speech_s=m) for m in min_speech]
+    out += [Variant(f"AEC + NS + echo check, {m:.2f} s", aec=True, guard=True, min_speech_s=m) for m in min_speech]
     out += [
-        Variant(f"AEC + NS + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
-                noise_suppression=True),
-        Variant(f"AEC, no echo check, {last:.2f} s", aec=True, guard=False, min_speech_s=last),
-        Variant(f"guard only, {last:.2f} s", aec=False, guard=True, min_speech_s=last),
+        Variant(f"AEC (no NS) + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
+                noise_suppression=False),
+        Variant(f"AEC + NS, no echo check, {last:.2f} s", aec=True, guard=False, min_speech_s=last),
     ]
-    try:
-        import pywebrtc_audio  # noqa: F401
+    try:  # livekit's build of the same module (with the livekit extra)
+        from livekit import rtc  # noqa: F401
 
-        out.append(Variant(f"AEC + NS (pywebrtc) + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
-                           backend="pywebrtc", noise_suppression=True))
+        out.append(Variant(f"AEC + NS (livekit) + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
+                           backend="livekit"))
     except ImportError:
         pass
     return out
@@ -72,10 +71,10 @@ def summarise(results: list[SceneResult], scenes: list[Scene]) -> dict:
     reactions, wers = [], []
     for r in user:
         sc = by[r.scene]
-        if r.candidates:
-            onset = sc.near_at_s
-            reactions.append(r.candidates[0].paused_s - onset)
-            wers.append(word_error_rate(sc.near_text, r.candidates[0].text))
+        mine = [c for c in r.candidates if c.onset_s >= sc.near_at_s - 0.2]  # not an echo's earlier
+        if mine:
+            reactions.append(mine[0].paused_s - sc.near_at_s)
+            wers.append(word_error_rate(sc.near_text, mine[0].text))
     erles = [r.erle_db for r in echo if r.erle_db is not None]
     ms = [r.aec_ms_per_block for r in results if r.aec_ms_per_block is not None]
     return {
@@ -86,7 +85,8 @@ def summarise(results: list[SceneResult], scenes: list[Scene]) -> dict:
         "false_confirmed": sum(any(c.outcome == "interruption" for c in r.candidates) for r in echo + noise),
         "false_confirmed_reverberant": sum(any(c.outcome == "interruption" for c in r.candidates) for r in reverberant),
         "false_turns": sum(r.false_turns for r in echo + noise),
-        "missed_barge_ins": sum(r.missed for r in user), "user_scenes": len(user),
+        "missed_barge_ins": sum(not any(c.onset_s >= by[r.scene].near_at_s - 0.2 for c in r.candidates) for r in user),
+        "user_scenes": len(user),
         "confirmed_barge_ins": sum(any(c.outcome == "interruption" for c in r.candidates) for r in user),
         "echo_suppressed_by_guard": sum(r.echo_suppressed for r in results),
         "reaction_s_median": float(np.median(reactions)) if reactions else None,
@@ -163,7 +163,7 @@ def plot(report: dict, png: Path) -> None:
     fig.colorbar(im, ax=ax, label="ERLE (dB)")
     ax.set_title(f"echo removed, {after}")
     ax = axes[2]
-    probe = next(n for n in names if "no echo check" in n)
+    probe = next(n for n in names if "no echo check" in n)  # every start recorded, none acted on
     for label, kinds, color in (("the agent's echo (VAD fired on what AEC left)", ("echo", "noise"), "#c44"),
                                 ("second talker", ("user",), "#48c")):
         pts = [(st["guard"], st["local_erle_db"]) for r in report["results"][probe] if r["kind"] in kinds
@@ -210,8 +210,7 @@ async def main() -> None:
         "wall_s": round(time.perf_counter() - t_start, 1),
         "summary": {name: summarise(rs, scenes) for name, rs in results.items()},
         "canceller_ms_per_20ms_frame": {b: round(time_canceller(b), 3) for b in
-                                        (["livekit", "pywebrtc"] if any(v.backend == "pywebrtc" for v in vs)
-                                         else ["livekit"])},
+                                        sorted({v.backend for v in vs if v.aec})},
         "results": {name: [r.to_dict() for r in rs] for name, rs in results.items()},
     }
     print()

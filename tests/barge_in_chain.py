@@ -44,8 +44,8 @@ class Variant:
     aec: bool
     guard: bool
     min_speech_s: float
-    backend: str = "livekit"  # streaming.aec.BACKENDS
-    noise_suppression: bool = False
+    backend: str = "pywebrtc"  # streaming.aec.BACKENDS
+    noise_suppression: bool = True
 
 
 BEFORE = Variant("guard only, min speech 0.2 s", aec=False, guard=True, min_speech_s=0.2)
@@ -100,7 +100,8 @@ class SceneResult:
     def to_dict(self) -> dict:
         return {"scene": self.scene, "kind": self.kind, "variant": self.variant,
                 "candidates": [c.__dict__ for c in self.candidates], "echo_suppressed": self.echo_suppressed,
-                "false_turns": self.false_turns, "false_barge_in": self.false_barge_in, "missed": self.missed,
+                "false_turns": self.false_turns, "starts": self.starts, "false_barge_in": self.false_barge_in,
+                "missed": self.missed,
                 "erle_db": self.erle_db, "aec_ms_per_block": self.aec_ms_per_block}
 
 
@@ -194,7 +195,7 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
                 e_clean = sum(e[1] for e in energy[i0:]) + 1e-12
                 result.starts.append({"onset_s": round(onset - T0, 3), "guard": round(guard.score(w0, now), 3),
                                       "guard_raw": round(raw_guard.score(w0, now), 3),
-                                      "local_erle_db": round(10 * np.log10(e_raw / e_clean), 1)})
+                                      "local_erle_db": round(float(10 * np.log10(e_raw / e_clean)), 1)})
                 if variant.guard:  # the session's echo decision (BargeInHandler.is_echo)
                     removed = aec.removed_db(w0, now) if aec is not None else 0.0
                     if guard.score(w0, now) >= guard.threshold or (
@@ -299,4 +300,20 @@ def scene_set(agent_say, user_say, tts_rate: int, *, quick: bool = False, seed_o
         near = near * (level[text] * 10 ** (USER_LEVEL_DB / 20) / max(_rms(near), 1e-9))
         scenes.append(Scene(f"user over echo {int(room.delay_s * 1000)} ms {room.gain_db:+.0f} dB", "user", room,
                             text, audio[text], tts_rate, near.astype(np.float32), near_at_s=1.6, near_text=said))
+    if not quick:  # short interruptions, quieter (9 dB below the agent), later into the answer
+        for k, (said, d, g, at) in enumerate(SHORT_INTERRUPTIONS):
+            text = answers[k % len(answers)]
+            room = Room(d, g, RT60S[(k + seed_offset) % 3], seed=80 + k + seed_offset)
+            near = trim(np.asarray(user_say(said), np.float32))
+            near = near * (level[text] * 10 ** ((USER_LEVEL_DB - 3.0) / 20) / max(_rms(near), 1e-9))
+            scenes.append(Scene(f"short interruption {int(d * 1000)} ms {g:+.0f} dB", "user", room, text,
+                                audio[text], tts_rate, near.astype(np.float32), near_at_s=at, near_text=said))
     return scenes
+
+
+SHORT_INTERRUPTIONS = (
+    ("Stop, what is two plus two?", 0.12, -6.0, 3.0),
+    ("Hold on, stop please.", 0.06, 0.0, 4.0),
+    ("No, tell me about rivers instead.", 0.25, -6.0, 3.5),
+    ("Sorry, what time is it?", 0.02, -12.0, 4.0),
+)
