@@ -1,7 +1,10 @@
 """Was that an interruption? User speech while the agent talks: echo, candidate, resolution, resume.
 
-- The agent's own voice coming back through the caller's microphone is recognised by correlating
-  the input with what was just sent (`streaming.echo.EchoGuard`); it never interrupts.
+- The agent's own voice coming back through the caller's microphone is cancelled from the input
+  (`streaming.aec`, before the VAD). Speech found in what is left is still the agent's when the
+  canceller took most of the input away around its onset (`EchoCanceller.removed_db`), or when
+  the input correlates with what was just sent (`streaming.echo.EchoGuard`, all there is with the
+  canceller off); it never interrupts.
 - Any other speech while the agent speaks pauses its audio within one frame and cancels generation
   and synthesis: a *candidate* interruption. The words of the interruption decide it once its final
   transcript is in: no words (a cough, a door), a backchannel ("uh-huh", "okay") or the agent's own
@@ -75,10 +78,12 @@ class BargeInHandler:
         if not ((s.state == SessionState.SPEAKING and speaker.answer is not None)
                 or now - speaker.last_frame_at < ECHO_TAIL_S):
             return False
-        score = s.echo_guard.score(max(onset - 0.05, now - 0.6), now)
-        if score < s.echo_guard.config.threshold:
+        t0 = max(onset - 0.05, now - 0.6)
+        score = s.echo_guard.score(t0, now)
+        removed = s.aec.removed_db(t0, now) if s.aec is not None else 0.0
+        if score < s.echo_guard.threshold and (s.aec is None or removed < s.aec.config.echo_removed_db):
             return False
-        log.debug("[%s] speech while speaking is echo (corr %.2f)", s.session_id, score)
+        log.debug("[%s] speech while speaking is echo (corr %.2f, %.0f dB cancelled)", s.session_id, score, removed)
         turn_no = speaker.answer.turn if speaker.answer is not None else s.turn_taker.count
         s.emit(BargeIn(s.session_id, turn=turn_no, outcome="echo", at_s=onset - s.started_at, onset_at=onset,
                        stopped_at=None))

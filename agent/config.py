@@ -1,8 +1,8 @@
 """The one typed configuration of the agent, and the one place the environment is read.
 
 `AgentConfig` holds every setting with a sane default, in groups: models and generation (its own
-fields), turn-taking (`turns`), the echo guard (`echo`), the web server (`serve`), MQTT (`mqtt`) and
-LiveKit (`livekit`). Each field may carry metadata: `help`, `flag` (a flag name other than the field
+fields), turn-taking (`turns`), the echo guard (`echo`) and canceller (`aec`), the web server (`serve`),
+MQTT (`mqtt`) and LiveKit (`livekit`). Each field may carry metadata: `help`, `flag` (a flag name other than the field
 name), `env` (a variable name other than REJOINDER_<NAME>; None: no variable) and `choices`.
 
 From that one description come the CLI flags (`add_flags(parser, groups)`, generated, never written
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rejoinder.errors import ConfigError
+from rejoinder.streaming.aec import AECConfig
 from rejoinder.streaming.echo import EchoGuardConfig
 from rejoinder.streaming.signalling import ServeConfig
 
@@ -51,7 +52,9 @@ class TurnTakingConfig:
     """When a user turn ends and what speech during the agent's speech means (agent.turns, agent.barge_in)."""
 
     # VAD: speech must last min_speech_s to count (and to barge in); silence of hangover_s ends it.
-    min_speech_s: float = 0.2
+    # 0.15 s with echo cancellation on (the default); without it (--no-aec) 0.2 s keeps the agent's
+    # own voice and noises from barging in (bench/echo_barge_in.py).
+    min_speech_s: float = 0.15
     hangover_s: float = 0.3
     vad_threshold: float = 0.5
     # Semantic end of turn.
@@ -228,6 +231,7 @@ class AgentConfig:
     # groups
     turns: TurnTakingConfig = field(default_factory=TurnTakingConfig, metadata={"group": "turns"})
     echo: EchoGuardConfig = field(default_factory=EchoGuardConfig, metadata={"group": "echo", "prefix": "echo_"})
+    aec: AECConfig = field(default_factory=AECConfig, metadata={"group": "echo", "prefix": "aec_"})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"group": "serve"})
     mqtt: MQTTSettings = field(default_factory=MQTTSettings, metadata={"group": "mqtt"})
     livekit: LiveKitSettings = field(default_factory=LiveKitSettings, metadata={"group": "livekit"})
@@ -360,7 +364,7 @@ def load(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | No
 def add_flags(parser: argparse.ArgumentParser, groups: Sequence[Group]) -> None:
     """Flags for every setting of `groups` (dest "field" or "group__field"; None when not given)."""
     titles = {"models": "models and devices", "generation": "generation", "turns": "turn-taking and barge-in",
-              "echo": "echo guard", "serve": "web server", "mqtt": "call-center events (MQTT)",
+              "echo": "echo guard and cancellation", "serve": "web server", "mqtt": "call-center events (MQTT)",
               "livekit": "LiveKit server", "call": "call center: idle prompts, transfer, hold, recording, MCP tools",
               "telemetry": "metrics and traces"}
     by_group: dict[str, argparse._ArgumentGroup] = {}

@@ -35,6 +35,7 @@ import numpy as np
 
 from rejoinder.engine.end_of_turn import EndOfTurnScorer
 from rejoinder.errors import ControlError
+from rejoinder.streaming.aec import EchoCanceller
 from rejoinder.streaming.asr import ASR_RATE
 from rejoinder.streaming.asr_stream import ASREvent
 from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
@@ -111,7 +112,8 @@ class Session:
         self.eot = EndOfTurnScorer.shared(self.engine)
         turn_cfg = turn_taking or cfg.turns
         self.listener = listener_for(models, turn_cfg)
-        self.echo_guard = EchoGuard(echo or cfg.echo)
+        self.aec = EchoCanceller(cfg.aec) if cfg.aec.enabled else None  # the input without the agent's voice
+        self.echo_guard = EchoGuard(echo or cfg.echo, cleaned=self.aec is not None)
         self.turn_taker = TurnTaker(self, turn_cfg)
         self.barge_in = BargeInHandler(self)
         self.speaker = Speaker(self, models.tts.sample_rate)
@@ -245,6 +247,8 @@ class Session:
             if self._ended.is_set():
                 return
             for f in self._chunker.push(frame):
+                if self.aec is not None:
+                    f = self.aec.process(f)
                 if self.recorder is not None:
                     self.recorder.add_caller(f)
                 if self.muted:

@@ -343,14 +343,14 @@ class Speaker:
     # --- frames out ----------------------------------------------------------------------------
 
     async def _send_frame(self, frame: AudioFrame) -> None:
-        """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard."""
+        """Playout sink: resample to the transport's rate, stamp metrics, feed the echo guard and canceller."""
         s = self.s
         now = self.last_frame_at = time.monotonic()
         if s.recorder is not None:
             s.recorder.add_agent(frame, now)
         if self.holding is not None:
             # Hold audio: to the caller (and the echo guard's reference), nothing else.
-            s.echo_guard.add_reference(frame, now)
+            self._add_reference(frame, now)
             try:
                 await s.transport.send_audio(self._to_transport_rate(frame))
             except TransportClosed:
@@ -362,7 +362,7 @@ class Speaker:
             s.emit(AgentSpeech(s.session_id, turn=answer.turn, started=True))
         if s.state in (SessionState.THINKING, SessionState.LISTENING) and s.barge_in.candidate is None:
             s.set_state(SessionState.SPEAKING, "audio out")
-        s.echo_guard.add_reference(frame, now)
+        self._add_reference(frame, now)
         try:
             await s.transport.send_audio(self._to_transport_rate(frame))
         except TransportClosed:
@@ -372,6 +372,12 @@ class Speaker:
         if answer is not None and started != self._played_text_sent:
             self._played_text_sent = started
             s.emit(AgentText(s.session_id, turn=answer.turn, text=started, final=False))
+
+    def _add_reference(self, frame: AudioFrame, now: float) -> None:
+        """What the caller's loudspeaker plays, for the echo guard and the canceller."""
+        self.s.echo_guard.add_reference(frame, now)
+        if self.s.aec is not None:
+            self.s.aec.add_reference(frame, now)
 
     def _to_transport_rate(self, frame: AudioFrame) -> AudioFrame:
         rate = self.s.transport.output_sample_rate

@@ -7,6 +7,12 @@ both at 16 kHz on the monotonic clock, and scores an input stretch by its best n
 cross-correlation with the reference over the plausible echo delays. An echo is a delayed, filtered,
 attenuated copy of the reference, so it correlates strongly (0.6-1.0); a person talking over the
 agent does not (< 0.3), whatever the levels.
+
+Behind the echo canceller (streaming/aec.py) the guard sees what the canceller left: now and then
+a burst of residual echo (while it converges, or a reverberant tail it under-estimates) that the
+VAD takes for speech. The residual is still the agent's voice, but filtered and suppressed band by
+band, so it correlates less (0.34-0.45 on bench/echo_barge_in.py's room, where the second talker's
+cleaned speech scores 0.10-0.28): such input is judged against `cleaned_threshold`.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ RATE = 16_000
 @dataclass(frozen=True)
 class EchoGuardConfig:
     threshold: float = 0.6  # correlation at or above which input counts as echo
+    cleaned_threshold: float = 0.32  # the same, for input through the echo canceller (see the module docstring)
     max_delay_s: float = 0.6  # longest echo path considered (playout buffers + network + device)
     history_s: float = 4.0  # reference and input kept this long
     min_reference_rms: float = 1e-3  # the agent must have actually said something in the window
@@ -34,6 +41,8 @@ class EchoGuardConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"echo threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.cleaned_threshold <= 1.0:
+            raise ConfigError(f"echo cleaned_threshold must be in (0, 1], got {self.cleaned_threshold}")
         if not 0.0 < self.max_delay_s < self.history_s:
             raise ConfigError("need 0 < echo max_delay_s < echo history_s")
         if self.min_reference_rms < 0:
@@ -81,8 +90,10 @@ class _Timeline:
 
 
 class EchoGuard:
-    def __init__(self, config: EchoGuardConfig | None = None) -> None:
+    def __init__(self, config: EchoGuardConfig | None = None, *, cleaned: bool = False) -> None:
+        """`cleaned`: the input it is given has been through the echo canceller."""
         self.config = config or EchoGuardConfig()
+        self.threshold = self.config.cleaned_threshold if cleaned else self.config.threshold
         self._ref = _Timeline(self.config.history_s)
         self._inp = _Timeline(self.config.history_s)
         self._ref_next: float | None = None  # where the next reference block would start if contiguous
@@ -115,7 +126,7 @@ class EchoGuard:
         return _max_ncc(x, r)
 
     def is_echo(self, t0: float, t1: float) -> bool:
-        return self.score(t0, t1) >= self.config.threshold
+        return self.score(t0, t1) >= self.threshold
 
 
 def _max_ncc(x: np.ndarray, r: np.ndarray) -> float:

@@ -3,7 +3,9 @@
 `Mic` pushes 20 ms frames into an InProcessTransport at real-time pace for as long as it runs:
 speech when something was queued with `speak()`, silence otherwise — like a live microphone, so
 VAD hang-overs, silence timeouts and the agent's playout all see real time pass. With `echo_gain`
-the agent's own output comes back into the input after `echo_delay_s` (a speakerphone).
+the agent's own output comes back into the input after `echo_delay_s` (a speakerphone); with `room`
+(tests/echo_scenes.Room) it comes back through that room instead: delayed, reverberant, attenuated,
+over the microphone's noise floor.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from echo_scenes import Room, room_ir
 
 from rejoinder.streaming.echo import EchoGuard, EchoGuardConfig
 from rejoinder.streaming.frames import AudioFrame
@@ -26,6 +29,7 @@ class Mic:
     transport: InProcessTransport
     echo_gain: float = 0.0
     echo_delay_s: float = 0.12
+    room: Room | None = None
     _pending: list[np.ndarray] = field(default_factory=list)
     _task: asyncio.Task | None = None
 
@@ -36,7 +40,12 @@ class Mic:
         self._drained = asyncio.Event()
         self._drained.set()
         self.speech_spans: list[tuple[float, float]] = []  # monotonic [start, end) of each speak()
-        if self.echo_gain:
+        if self.room is not None:
+            self._h = room_ir(self.room.rt60, self.room.seed, drr_db=self.room.drr_db)
+            self._nfft = 1 << int(np.ceil(np.log2(self._h.size + 2 * FRAME)))
+            self._H = np.fft.rfft(self._h, self._nfft)
+            self._rng = np.random.default_rng(self.room.seed)
+        if self.echo_gain or self.room is not None:
             self.transport.on_audio_out = self._capture
 
     def _capture(self, frame: AudioFrame) -> None:
@@ -88,11 +97,21 @@ class Mic:
                     self._drained.set()
             else:
                 x = np.zeros(FRAME, np.float32)
-            if self.echo_gain:
+            if self.room is not None:
+                x = x + self._room_echo(due)
+            elif self.echo_gain:
                 x = x + self.echo_gain * self._echo._ref.span(due - self.echo_delay_s,
                                                               due - self.echo_delay_s + 0.02)[:FRAME]
             self.transport.push_audio(AudioFrame(np.clip(x, -1, 1), RATE, 1, due))
             k += 1
+
+
+    def _room_echo(self, due: float) -> np.ndarray:
+        room, L = self.room, self._h.size
+        t1 = due - room.delay_s + FRAME / RATE
+        dry = self._echo._ref.span(t1 - (FRAME + L - 1) / RATE, t1)
+        y = np.fft.irfft(np.fft.rfft(dry, self._nfft) * self._H, self._nfft)[L - 1 : L - 1 + FRAME]
+        return (10 ** (room.gain_db / 20) * y).astype(np.float32) + room.mic_noise(FRAME, self._rng)
 
 
 async def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:

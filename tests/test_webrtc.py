@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
-import av
 import numpy as np
 import pytest
 from speech import long_text, piper_say, shared_whisper, trim
-from webrtc_client import RTCClient, SignallingError, wait_until
+from webrtc_client import RTCClient, wait_until
 from webrtc_server import EchoSession, ServerThread, shared_agent
 
 from rejoinder.agent.serving import agent_session_factory

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.25 <= args.speed <= 8:
         raise BadInputError("--speed must be within 0.25-8")
     print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
-    from ..models import Models  # imported only now: torch alone takes seconds to import
     from ..mcp_tools import MCPTools
+    from ..models import Models  # imported only now: torch alone takes seconds to import
     from ..mqtt import start_bridge
     from ..tracing import start_tracing
 
