@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rejoinder.engine import Engine, SamplingParams, TokenStream
+from rejoinder.engine import Engine, SamplingParams, SlotKey, TokenStream
 from rejoinder.engine.forced_call import forced_call
 from rejoinder.streaming.streamed_tts import SpeechChunk, StreamedTTS, Synthesizer
 from rejoinder.streaming.text_segmenter import SegmenterConfig
@@ -59,8 +59,12 @@ class Answer:
         on_chunk: ChunkCallback | None = None,
         segmenter: SegmenterConfig | None = None,
         preemptive: bool = False,
+        slot: SlotKey = None,
     ) -> None:
         self.engine = engine
+        self.slot = slot  # the engine's KV-cache slot of the session it answers in
+        self.prompt_reused = 0  # prompt tokens found in the slot's cache
+        self.prompt_run = 0  # prompt tokens the model had to run (prefill)
         self.tts_engine = tts
         self.spec = spec
         self.on_chunk = on_chunk
@@ -174,7 +178,7 @@ class Answer:
         if spec.forced_tool:
             # A forced call is written for the model, argument by argument; the follow-up is a new answer.
             call = await forced_call(self.engine, prompt, {spec.forced_tool: spec.tool_parameters or {}},
-                                     spec.forced_tool, spec.params)
+                                     spec.forced_tool, spec.params, slot=self.slot)
             text = call.text()
             self.token_ids += self.engine.tokenizer.encode(text)
             if self.first_token_at is None:
@@ -184,11 +188,12 @@ class Answer:
                 yield out
             self.generation_done = True
             return
-        stream = self._stream = self.engine.stream(prompt, spec.params)
+        stream = self._stream = self.engine.stream(prompt, spec.params, slot=self.slot)
         try:
             async for ev in stream:
                 if self.first_token_at is None:
                     self.first_token_at = ev.t
+                    self.prompt_reused, self.prompt_run = stream.prompt_reuse()
                 self.last_token_at = ev.t
                 self.token_ids.append(ev.token_id)
                 out = self._filtered(ev.text)

@@ -116,6 +116,8 @@ class TurnMetrics(SessionEvent):
     first_audio_sent_at: float | None
     llm_tokens: int = 0
     llm_tokens_per_s: float | None = None  # decode speed of the answer (first to last token)
+    llm_prompt_reused: int = 0  # prompt tokens whose KV cache the session's slot already held
+    llm_prompt_run: int = 0  # prompt tokens prefilled for this answer
     tool_calls: tuple[str, ...] = ()
 
     @property

@@ -231,6 +231,7 @@ class Session:
                 t.cancel()
         await asyncio.gather(*[t for t in tasks if t is not asyncio.current_task()], return_exceptions=True)
         await self.listener.abort()
+        self.engine.release_slot(self.session_id)  # its cached prefix is no use to anyone else
         self.state = SessionState.ENDED
         if self.recorder is not None:
             self.recorder.close()

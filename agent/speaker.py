@@ -85,7 +85,8 @@ class Speaker:
         return self._answer(spec, preemptive=preemptive)
 
     def _answer(self, spec: AnswerSpec, *, preemptive: bool = False) -> Answer:
-        return Answer(self.s.engine, self.s.models.tts, spec, on_chunk=self._on_chunk, preemptive=preemptive)
+        return Answer(self.s.engine, self.s.models.tts, spec, on_chunk=self._on_chunk, preemptive=preemptive,
+                      slot=self.s.session_id)
 
     def _spoken(self, text: str, turn: int) -> Answer:
         return self._answer(AnswerSpec([], _NO_SAMPLING, turn, generate=False, pending_text=text, filter_tools=False))
@@ -190,6 +191,7 @@ class Speaker:
                 first_audio_sent_at=answer.first_sent_at or origin.first_sent_at,
                 llm_tokens=len(origin.token_ids),
                 llm_tokens_per_s=origin.tokens_per_s,
+                llm_prompt_reused=origin.prompt_reused, llm_prompt_run=origin.prompt_run,
                 tool_calls=tuple(origin.tool_names),
             ))
         if s.turn_taker.current is turn:

@@ -276,10 +276,11 @@ class TurnTaker:
         the words before them are scored too and the lower probability counts: answering a
         half-finished sentence is worse than waiting a little longer on a finished one."""
         messages = self.s.conversation.messages()
-        p = await self.s.eot.ascore(messages, text)
+        slot = self.s.session_id  # the session's KV-cache slot: the answer's prompt extends this one
+        p = await self.s.eot.ascore(messages, text, slot)
         sure = without_tail(text, unsure_tail)
         if sure != text and words(sure):
-            p = min(p, await self.s.eot.ascore(messages, sure))
+            p = min(p, await self.s.eot.ascore(messages, sure, slot))
         return p
 
     def _timer_fired(self, turn: UserTurn, epoch: int) -> None:

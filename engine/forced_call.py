@@ -23,6 +23,7 @@ from typing import Any
 from rejoinder.errors import EngineError
 
 from .engine import Engine, TokenStream
+from .kv_slots import SlotKey
 from .sampling import SamplingParams
 from .tool_format import ToolCall, forced_argument, forced_prefix
 
@@ -36,7 +37,8 @@ class ForcedCallError(EngineError):
 
 
 async def forced_call(engine: Engine, prompt: Sequence[int], tools: Mapping[str, Mapping[str, Any]],
-                      name: str | None, params: SamplingParams, *, on_stream: StreamHook | None = None) -> ToolCall:
+                      name: str | None, params: SamplingParams, *, on_stream: StreamHook | None = None,
+                      slot: SlotKey = None) -> ToolCall:
     """The call of `name` (None: the model picks one of `tools`) after `prompt` (token ids).
 
     `tools` maps names to their JSON-schema `parameters`. `on_stream` sees every token stream
@@ -51,7 +53,7 @@ async def forced_call(engine: Engine, prompt: Sequence[int], tools: Mapping[str,
     async def until(text: str, done: Callable[[str], int | None], max_new_tokens: int) -> tuple[str, bool]:
         p = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                            max_new_tokens=max_new_tokens)
-        ts = engine.stream(prompt + tok.encode(text), p)
+        ts = engine.stream(prompt + tok.encode(text), p, slot=slot)
         if on_stream is not None:
             on_stream(ts)
         out = ""

@@ -36,6 +36,12 @@ class TokenStream:
         gen = self._generation
         return gen.stats if gen is not None and gen.done.is_set() else None
 
+    def prompt_reuse(self) -> tuple[int, int]:
+        """(prompt tokens whose KV came from the slot's cache, prompt tokens run through the model).
+        Final once the first token has arrived: the prefill is done before it is sampled."""
+        gen = self._generation
+        return (gen.stats.reused_tokens, gen.stats.prefill_tokens) if gen is not None else (0, 0)
+
     # --- the generation's sink (engine thread) ----------------------------------------------------
 
     def token(self, event: TokenEvent) -> None:

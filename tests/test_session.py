@@ -278,6 +278,27 @@ async def test_fifty_turns_keep_history_and_memory_bounded(models):
     assert rss[1] - rss[0] < 200 * 1024, rss  # KiB: peak RSS grew < 200 MB over 40 turns
 
 
+async def test_two_sessions_keep_their_own_cached_prefix(models):
+    """Each session has its own KV-cache slot: A's follow-up prefills only what its last turn
+    added although B talked in between (one shared cache would keep only the common system prompt)."""
+    async with live_session(models, max_new_tokens=16) as (a, _, mic_a), \
+            live_session(models, max_new_tokens=16) as (b, _, mic_b):
+        await mic_a.speak(espeak_say("What is the capital of France?"))
+        assert await wait_for(lambda: len(a.turns) == 1 and a.state == SessionState.LISTENING, 40)
+        await mic_b.speak(espeak_say("Tell me a joke about cats."))
+        assert await wait_for(lambda: len(b.turns) == 1 and b.state == SessionState.LISTENING, 40)
+        assert {a.session_id, b.session_id} <= set(models.engine.slot_keys())
+        await mic_a.speak(espeak_say("And what is it famous for?"))
+        assert await wait_for(lambda: len(a.turns) == 2 and a.state == SessionState.LISTENING, 40)
+    first, follow = a.turns
+    first_prompt = first.llm_prompt_reused + first.llm_prompt_run
+    assert first.llm_prompt_run > 0 and first_prompt > 20, first
+    assert follow.llm_prompt_reused >= first_prompt, (first, follow)
+    assert follow.llm_prompt_run < follow.llm_prompt_reused, follow
+    # Ended sessions give their slots back.
+    assert await wait_for(lambda: not {a.session_id, b.session_id} & set(models.engine.slot_keys()), 10)
+
+
 # --- the speculative hand-over ------------------------------------------------------------------------
 # A long VAD hang-over makes the order of things certain on a loaded box: the pause is decoded and
 # the answer prepared well before the hang-over would end the utterance.
