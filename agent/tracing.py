@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from rejoinder.errors import ConfigError
+
 from .events import SessionEvent, TurnMetrics
 
 log = logging.getLogger("rejoinder.agent.tracing")
@@ -25,12 +27,16 @@ _STAGES = ("asr_final_at", "end_of_turn_at", "llm_first_token_at", "first_clause
 
 class TurnTracer:
     def __init__(self, endpoint: str, *, service_name: str = "rejoinder", exporter: Any = None) -> None:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            if exporter is None:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise ConfigError(f"--otlp-endpoint needs OpenTelemetry ({exc.name} is missing): "
+                              "pip install 'rejoinder[otel]'") from None
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
         # A provider of our own (not the global one): an embedding application keeps its own tracing.
