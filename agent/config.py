@@ -217,6 +217,7 @@ class AgentConfig:
     llm_backend: str = _f("auto", "who runs decode steps (auto: native C step on CPU, Triton CUDA graph on GPU)",
                           choices=("auto", "native", "triton", "eager"))
     tts_threads: int = _f(0, "onnxruntime threads for Piper (0: half the cores, at most 4)")
+    kv_slots: int = _f(4, "sessions whose KV cache the engine keeps at once (LRU; each slot also decodes in one batch)")
     max_input_seconds: float = _f(120.0, "longest input audio accepted by `reply`")
     # conversation and generation
     persona: str = _f(DEFAULT_PERSONA, "system prompt", "generation")

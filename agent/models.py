@@ -24,7 +24,7 @@ class Models:
         self.engine = Engine.load(
             resolve("llm", cfg.llm_model or None),
             EngineOptions(max_seq_len=cfg.max_context, device=cfg.device, threads=cfg.threads,
-                          backend=cfg.llm_backend),
+                          backend=cfg.llm_backend, kv_slots=cfg.kv_slots),
         )
         self.asr = WhisperASR(resolve("asr", cfg.asr_model or None), language=cfg.language or None,
                               context_pad_s=None if cfg.asr_full_window else DEFAULT_CONTEXT_PAD_S)
