@@ -432,3 +432,136 @@ async def test_page_stops_playing_the_agent_on_barge_in_and_plays_the_next_answe
                 {"mute_round_trip_ms": cut["ms"], "unmute_round_trip_ms": back["ms"]}, indent=2))
     finally:
         srv.stop()
+
+
+# A line long enough (several seconds of speech) to type over while the agent says it.
+LONG_LINE = ("Before you ask, let me tell you about this service: it runs on one server, it listens while it "
+             "talks, and you can interrupt it at any moment, by speaking or by typing.")
+TYPED_STATE_JS = """(() => {
+  const v = window.rejoinder.view, box = document.getElementById('say-text');
+  return {
+    box: box.value, disabled: box.disabled, send: document.getElementById('say-send').disabled,
+    maxLength: box.maxLength, error: v.typedError, typed: v.typed, agentMuted: v.agentMuted,
+    agentAudio: v.agentAudio, energy: v.stats.inboundAudioEnergy || 0, events: v.events,
+    shownError: document.getElementById('say-error').hidden ? null : document.getElementById('say-error').textContent,
+    users: [...document.querySelectorAll('.msg.user .text')].map(e => e.textContent),
+    agents: [...document.querySelectorAll('.msg.agent.final .text')].map(e => e.textContent),
+  };
+})()"""
+
+
+async def type_and_enter(page: CDP, text: str) -> None:
+    """Type into the page's text box as a person would (focus, keystrokes' text, the Enter key)."""
+    await page.eval("document.getElementById('say-text').focus()", gesture=True)
+    await page.send("Input.insertText", text=text)
+    for kind in ("keyDown", "keyUp"):
+        await page.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                        nativeVirtualKeyCode=13)
+
+
+@pytest.mark.slow
+async def test_typed_message_is_a_turn_and_cuts_the_agent_off_in_chromium(tmp_path):
+    """The page's text box: a typed question is a user turn like a spoken one, answered aloud.
+
+    Typed while the agent is speaking, it cuts the agent off (on the server, and its voice at once on
+    the page); a message the server refuses is explained under the box and given back, not lost.
+    """
+    from rejoinder.agent.control import COMMANDS
+
+    cap = COMMANDS["user_text"].args["text"].max_len
+    models, cfg = shared_agent()
+    srv = ServerThread(ServeConfig(max_sessions=1, connect_timeout_s=15.0, media_timeout_s=30.0),
+                       agent_session_factory(models, cfg)).start()
+    silent = tmp_path / "silence.wav"  # a microphone that hears nothing: every turn here is typed
+    write_wav(silent, np.zeros(240 * 48_000, np.float32), 48_000)
+
+    def session_state() -> dict:
+        (peer,) = srv.server.peers.values()
+        s = peer.session.session
+        return {"history": [dict(m) for m in s.conversation.turns],
+                "turns": [(t.user_text, t.agent_text, t.interrupted, t.first_audio_sent_at) for t in s.turns]}
+
+    try:
+        async with Browser(silent) as browser:
+            page = await browser.page(srv.url + "/")
+            before = await page.eval(TYPED_STATE_JS)
+            # Nothing can be sent before the call; the box takes no more than the server accepts.
+            assert before["disabled"] and before["send"], before
+            assert before["maxLength"] == cap, before
+
+            await page.eval("document.getElementById('connect').click()", gesture=True)
+            await page.wait_for(f"{VIEW}.phase === 'live' && {VIEW}.channelOpen", 30, "the data channel to open")
+            assert await page.eval("document.getElementById('say-text').disabled") is False
+            # The greeting first; then a long line (the data channel's `say`), to type over.
+            await page.wait_for(f"{VIEW}.agentState === 'listening' && {VIEW}.transcript.some("
+                                "e => e.role === 'agent' && e.final)", 90, "the greeting to be said")
+            assert await page.eval(f"window.rejoinder.control('say', {{text: {json.dumps(LONG_LINE)}}})")
+            await page.wait_for(f"{VIEW}.agentState === 'speaking'", 60, "the agent to start the long line")
+            await asyncio.sleep(0.8)  # well into it, with its audio playing here
+            await type_and_enter(page, QUESTION)
+            sent = await page.eval(TYPED_STATE_JS)
+            # At once: the box is cleared, the message shown as the user's, the agent's voice silenced.
+            assert sent["box"] == "" and sent["users"][-1] == QUESTION, sent
+            assert sent["typed"][-1]["text"] == QUESTION, sent
+            assert sent["agentMuted"] is True and sent["agentAudio"][-1]["reason"] == "typed", sent
+
+            reply = await page.wait_for(
+                "(() => { const t = window.rejoinder.transcript;"
+                " const u = t.findIndex(e => e.role === 'user' && e.source === 'text'"
+                f" && e.text === {json.dumps(QUESTION)});"
+                " const a = u >= 0 && t.slice(u + 1).find(e => e.role === 'agent' && e.final && !e.interrupted);"
+                " return a && a.text; })()", 120, "the agent's answer to the typed question")
+            assert len(normalized_words(reply)) >= 2, reply
+            await asyncio.sleep(1.5)  # the answer's last audio, and a stats poll
+            after = await page.eval(TYPED_STATE_JS)
+            entries = await page.eval("window.rejoinder.transcript")
+            # (b) the page: the user's typed words settled as a final turn, the answer shown after it.
+            users = [e for e in entries if e["role"] == "user"]
+            assert len(users) == 1, entries
+            (typed,) = users
+            assert typed["text"] == QUESTION and typed["final"] and not typed["pending"], entries
+            assert after["typed"][-1]["status"] == "ok" and reply in after["agents"], after
+            assert await page.eval("document.querySelector('.msg.user.typed.final .text').textContent") == QUESTION
+            # The long line was cut off, on the server (its bubble says so) and here: silenced at
+            # once, and heard again only for the answer (not at "thinking", while it was prepared).
+            said = [e for e in entries if e["role"] == "agent" and e["interrupted"]]
+            assert said and len(normalized_words(said[0]["text"])) < len(normalized_words(LONG_LINE)), entries
+            changes = [(c["muted"], c["reason"]) for c in after["agentAudio"]]
+            cut = changes.index((True, "typed"))
+            assert changes[cut + 1][0] is False and changes[cut + 1][1] in ("agent_speech:", "state:speaking"), changes
+
+            # (a) the server's session: a user turn with the typed text, in history, answered.
+            state = srv.call(session_state)
+            assert {"role": "user", "content": QUESTION} in state["history"], state
+            (turn,) = state["turns"]
+            assert turn[0] == QUESTION and turn[1] and not turn[2], state
+            # (c) the answer was spoken: sent by the server and heard by the browser.
+            assert turn[3] is not None, state
+            assert after["events"].get("agent_speech", 0) >= 5, after["events"]  # greeting, long line, answer
+            assert after["energy"] > sent["energy"] + 0.001, (sent["energy"], after["energy"])
+
+            # Refused by the server (longer than its cap; the box's own limit is bypassed here, as a
+            # pasted script could): the reason shows under the box, the text comes back, no turn.
+            too_long = "x" * (cap + 1)
+            await page.eval("(() => { const b = document.getElementById('say-text');"
+                            f" b.value = {json.dumps(too_long)}; b.dispatchEvent(new Event('input')); }})()")
+            await page.eval("document.getElementById('say-text').focus()", gesture=True)
+            for kind in ("keyDown", "keyUp"):
+                await page.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                                windowsVirtualKeyCode=13, nativeVirtualKeyCode=13)
+            shown = await page.wait_for("document.getElementById('say-error').hidden ? null"
+                                        " : document.getElementById('say-error').textContent", 15, "the refusal")
+            assert "not sent" in shown and f"longer than {cap} characters" in shown, shown
+            refused = await page.eval(TYPED_STATE_JS)
+            assert refused["box"] == too_long and refused["typed"][-1]["status"] == "refused", refused["typed"]
+            assert refused["users"] == [QUESTION], refused["users"]
+            assert len(srv.call(session_state)["turns"]) == 1
+            # Blank is not a message: Enter on spaces sends nothing.
+            await page.eval("(() => { const b = document.getElementById('say-text'); b.value = '   ';"
+                            " b.dispatchEvent(new Event('input')); })()")
+            await type_and_enter(page, "")
+            assert len(await page.eval(f"{VIEW}.typed")) == 2
+            await browser.screenshot(ARTIFACTS / "web_chromium_typed.png")
+            assert not page.exceptions(), page.exceptions()
+    finally:
+        srv.stop()

@@ -25,6 +25,10 @@ const ui = {
   latLast: $("lat-last"),
   latMedian: $("lat-median"),
   latTurns: $("lat-turns"),
+  composer: $("composer"),
+  sayText: $("say-text"),
+  saySend: $("say-send"),
+  sayError: $("say-error"),
 };
 
 const transcript = new Transcript($("transcript"), $("empty-note"));
@@ -44,6 +48,9 @@ const view = {
   events: {},
   stats: {},
   bargeIns: 0,
+  channelOpen: false, // the data channel: typed messages (and every control command) go over it
+  typed: [], // typed messages sent: {id, text, status: "sending" | "ok" | "refused", error}
+  typedError: null, // why the last typed message was refused, as shown under the box
   transcript: transcript.entries,
   latenciesMs: latencies,
 };
@@ -52,7 +59,7 @@ window.rejoinder = {
   get transcript() {
     return transcript.entries;
   },
-  control: (cmd, args) => call?.control(cmd, args) ?? false,
+  control: (cmd, args) => call?.control(cmd, args) ?? 0,
 };
 
 const STATE_TEXT = {
@@ -79,6 +86,13 @@ function render() {
   ui.mute.classList.toggle("on", view.muted);
   ui.muteLabel.textContent = view.muted ? "Unmute" : "Mute";
   ui.sessionId.textContent = view.sessionId ? `session ${view.sessionId.slice(0, 8)}` : "";
+  const canType = view.phase === "live" && view.channelOpen;
+  ui.sayText.disabled = !canType;
+  ui.saySend.disabled = !canType || !ui.sayText.value.trim();
+  ui.sayText.placeholder = canType ? "Type a message (Enter to send)" : view.phase === "connecting" || view.phase === "live"
+    ? "Connecting…" : "Start a call to type a message";
+  ui.sayError.hidden = !view.typedError;
+  ui.sayError.textContent = view.typedError || "";
   document.body.dataset.phase = view.phase;
 }
 
@@ -115,7 +129,11 @@ function onAgentEvent(ev) {
       view.agentState = ev.new;
       break;
     case "transcript":
-      transcript.userText(ev.utterance_id ?? "u", ev.text || "", !!ev.final);
+      if (ev.source === "text") transcript.typedConfirmed(ev.text || "");
+      else transcript.userText(ev.utterance_id ?? "u", ev.text || "", !!ev.final);
+      break;
+    case "control_result":
+      onControlResult(ev);
       break;
     case "agent_text":
       transcript.agentText(ev.turn, ev.text || "", !!ev.final, !!ev.interrupted);
@@ -154,6 +172,47 @@ function onAgentEvent(ev) {
       break;
   }
   render();
+}
+
+// --- typed messages ---------------------------------------------------------------------------------
+
+function sendTyped() {
+  const text = ui.sayText.value.trim();
+  if (!text || !call) return;
+  const id = call.sendText(text);
+  if (!id) {
+    view.typedError = "Not connected yet: the message was not sent.";
+    render();
+    return;
+  }
+  view.typedError = null;
+  view.typed.push({ id, text, status: "sending", error: null });
+  transcript.typedPending(id, text);
+  ui.sayText.value = "";
+  fitComposer();
+  render();
+}
+
+function onControlResult(ev) {
+  const sent = view.typed.find((t) => t.id === ev.id);
+  if (!sent) return;
+  if (ev.ok) {
+    sent.status = "ok";
+    transcript.typedConfirmed(sent.text, sent.id); // settles it if the transcript event did not
+    return;
+  }
+  // Refused (too long, on hold…): say why, and give the text back so nothing typed is lost.
+  sent.status = "refused";
+  sent.error = String(ev.error || "refused").replace(/^user_text: /, "");
+  view.typedError = `Your message was not sent: ${sent.error}`;
+  transcript.typedRefused(sent.id);
+  if (!ui.sayText.value) ui.sayText.value = sent.text;
+  fitComposer();
+}
+
+function fitComposer() {
+  ui.sayText.style.height = "auto";
+  ui.sayText.style.height = `${Math.min(ui.sayText.scrollHeight + 2, 140)}px`;
 }
 
 function renderLatency() {
@@ -217,6 +276,8 @@ async function connect() {
   view.agentState = null;
   view.muted = false;
   view.agentMuted = false;
+  view.channelOpen = false;
+  view.typedError = null;
   ui.audio.muted = false;
   render();
   const token = ui.token.value.trim();
@@ -236,7 +297,7 @@ async function connect() {
   call.addEventListener("connection", (e) => {
     if (e.detail.state === "connected") {
       view.phase = "live";
-      ui.hint.textContent = "Go ahead and speak. Talk over the agent to interrupt it.";
+      ui.hint.textContent = "Go ahead and speak, or type below. Talk (or type) over the agent to interrupt it.";
     } else if (e.detail.state === "disconnected") {
       toast("Connection unstable…", "warn");
     }
@@ -250,10 +311,19 @@ async function connect() {
     if (view.agentAudio.length > 20) view.agentAudio.shift();
   });
   call.addEventListener("agent-event", (e) => onAgentEvent(e.detail));
+  call.addEventListener("channel-open", () => {
+    view.channelOpen = true;
+    render();
+  });
+  call.addEventListener("channel-closed", () => {
+    view.channelOpen = false;
+    render();
+  });
   call.addEventListener("stats", (e) => (view.stats = e.detail));
   call.addEventListener("error", (e) => showError(e.detail.message));
   call.addEventListener("closed", () => {
     if (view.phase !== "idle") view.phase = "ended";
+    view.channelOpen = false;
     meters?.close();
     meters = null;
     render();
@@ -301,8 +371,23 @@ $("token-show").addEventListener("click", (e) => {
   e.currentTarget.textContent = hidden ? "Hide" : "Show";
 });
 $("banner-close").addEventListener("click", clearError);
+ui.composer.addEventListener("submit", (e) => {
+  e.preventDefault();
+  sendTyped();
+});
+ui.sayText.addEventListener("keydown", (e) => {
+  // Enter sends, Shift+Enter starts a new line; not while an input method is composing a word.
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    sendTyped();
+  }
+});
+ui.sayText.addEventListener("input", () => {
+  fitComposer();
+  render();
+});
 document.addEventListener("keydown", (e) => {
-  if (e.key === "m" && !e.target.closest("input") && view.phase === "live") ui.mute.click();
+  if (e.key === "m" && !e.target.closest("input, textarea") && view.phase === "live") ui.mute.click();
 });
 document.addEventListener("click", () => ui.audio.srcObject && ui.audio.paused && ui.audio.play().catch(() => {}));
 window.addEventListener("pagehide", () => call?.hangUp("page closed"));

@@ -20,13 +20,15 @@ export class CallError extends Error {
  * any state after the interruption (thinking, speaking, listening).
  * Returns the new muted value when `ev` changes it, otherwise null.
  */
-export function agentAudioGate(ev, muted) {
+export function agentAudioGate(ev, muted, typedCut = false) {
+  // `typedCut`: silenced because a typed message cut the agent off (AgentCall.sendText). The turn
+  // is already over, so it plays again only for what is said next: its answer, or nothing to say.
   let want = null;
   if (ev.type === "state") {
-    if (ev.new !== "user_speaking") want = false;
+    if (ev.new !== "user_speaking") want = typedCut && ev.new === "thinking" ? null : false;
     else if (ev.reason === "barge-in") want = true;
   } else if (ev.type === "barge_in") {
-    want = ev.outcome === "interruption";
+    want = typedCut ? null : ev.outcome === "interruption";
   } else if (ev.type === "agent_speech" && ev.started) {
     want = false;
   }
@@ -58,6 +60,8 @@ export class AgentCall extends EventTarget {
     this.sessionId = null;
     this.muted = false;
     this.agentMuted = false; // the agent's voice is silenced on this side (barge-in), see agentAudioGate
+    this.agentState = null; // the session's last `state` event
+    this.typedCut = null; // the control id of the typed message that silenced the agent, see sendText
     this.closed = false;
     this.stats = { inboundAudioBytes: 0, inboundPackets: 0, inboundAudioEnergy: 0, outboundAudioBytes: 0, jitterBufferMs: null, rttMs: null };
     this._statsTimer = null;
@@ -85,6 +89,7 @@ export class AgentCall extends EventTarget {
     this.channel = pc.createDataChannel("events", { ordered: true });
     this.channel.onmessage = (m) => this._onMessage(m.data);
     this.channel.onopen = () => this._emit("channel-open", {});
+    this.channel.onclose = () => this._emit("channel-closed", {});
     pc.ontrack = (ev) => {
       this.remoteStream = ev.streams[0] || new MediaStream([ev.track]);
       this._emit("remote-audio", { stream: this.remoteStream });
@@ -148,20 +153,44 @@ export class AgentCall extends EventTarget {
     }
     if (!ev || typeof ev.type !== "string") return;
     // Before anything else: every millisecond here is agent speech the person still hears.
-    const muted = agentAudioGate(ev, this.agentMuted);
-    if (muted !== null) {
-      this.agentMuted = muted;
-      for (const t of this.remoteStream?.getAudioTracks() || []) t.enabled = !muted;
-      this._emit("agent-audio", { muted, reason: `${ev.type}:${ev.outcome || ev.new || ""}`, at: performance.now() });
-    }
+    let muted = agentAudioGate(ev, this.agentMuted, this.typedCut !== null);
+    if (ev.type === "control_result" && ev.id === this.typedCut && !ev.ok) muted = false; // nothing was cut off
+    if (muted !== null) this._setAgentMuted(muted, `${ev.type}:${ev.outcome || ev.new || ""}`);
+    if (ev.type === "state") this.agentState = ev.new;
     this._emit("agent-event", ev);
   }
 
-  /** Ask the session something over the data channel (say, interrupt, end, status…). */
+  _setAgentMuted(muted, reason) {
+    if (muted === this.agentMuted) return;
+    this.agentMuted = muted;
+    if (!muted) this.typedCut = null;
+    for (const t of this.remoteStream?.getAudioTracks() || []) t.enabled = !muted;
+    this._emit("agent-audio", { muted, reason, at: performance.now() });
+  }
+
+  /**
+   * Ask the session something over the data channel (say, interrupt, end, status…). Returns the
+   * message's id (its `control_result` carries it), or 0 when the channel is not open.
+   */
   control(command, args = {}) {
-    if (this.channel?.readyState !== "open") return false;
-    this.channel.send(JSON.stringify({ type: "control", id: ++this._seq, command, args }));
-    return true;
+    if (this.channel?.readyState !== "open") return 0;
+    const id = ++this._seq;
+    this.channel.send(JSON.stringify({ type: "control", id, command, args }));
+    return id;
+  }
+
+  /**
+   * A typed message: a user turn like a spoken one (`user_text`). Typed while the agent speaks, it
+   * cuts the agent off on the server as talking over it would, so its voice is silenced here at
+   * once too, as for a barge-in, until what comes next. Returns the control id, or 0 (not sent).
+   */
+  sendText(text) {
+    const id = this.control("user_text", { text });
+    if (id && this.agentState === "speaking" && !this.agentMuted) {
+      this.typedCut = id;
+      this._setAgentMuted(true, "typed");
+    }
+    return id;
   }
 
   setMuted(muted) {

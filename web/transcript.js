@@ -7,7 +7,8 @@ export class Transcript {
     this.emptyNote = emptyNote;
     this.user = new Map(); // utterance_id -> bubble
     this.agent = new Map(); // turn -> bubble
-    this.entries = []; // {role, id, text, final, interrupted, latencyMs} — also read by tests
+    this.entries = []; // {role, id, text, final, interrupted, latencyMs, source?, pending?} — also read by tests
+    this.remoteTyped = 0; // typed turns that were not typed here
   }
 
   _bubble(role, id) {
@@ -45,7 +46,7 @@ export class Transcript {
       // The recogniser decided it was nothing: drop the interim bubble rather than leave it hanging.
       b.li.remove();
       this.user.delete(utteranceId);
-      this.entries = this.entries.filter((e) => e !== b.entry);
+      this.entries.splice(this.entries.indexOf(b.entry), 1); // in place: the page's view holds this array
       return;
     }
     b.text.textContent = text;
@@ -53,6 +54,56 @@ export class Transcript {
     b.li.classList.toggle("final", final);
     Object.assign(b.entry, { text, final });
     this._scroll();
+  }
+
+  /** A message typed in the page's box, shown at once as "sending" until the server takes it. */
+  typedPending(key, text) {
+    const b = this._bubble("user", `typed:${key}`);
+    b.li.classList.remove("interim");
+    b.li.classList.add("typed", "pending");
+    b.text.textContent = text;
+    const tag = document.createElement("span");
+    tag.className = "tag typed-tag";
+    tag.textContent = "sending…";
+    b.meta.append(tag);
+    Object.assign(b.entry, { text, final: false, source: "text", pending: true, echoed: false, key });
+    this._scroll();
+  }
+
+  /**
+   * A typed turn taken by the server: its `control_result` (`key`: the message's control id), or
+   * its `transcript` event with source "text" (no key), whichever comes first. The event settles
+   * the oldest message sent here with that text that it has not settled yet; one typed elsewhere
+   * (another client, an operator's user_text) gets a bubble of its own.
+   */
+  typedConfirmed(text, key = null) {
+    const same = (e) => (key !== null ? e.key === key : !e.echoed && e.text.trim() === text.trim());
+    const entry = this.entries.find((e) => e.role === "user" && e.source === "text" && same(e));
+    const id = entry ? `typed:${entry.key}` : `typed-remote:${++this.remoteTyped}`;
+    const b = this._bubble("user", id);
+    b.li.classList.remove("interim", "pending");
+    b.li.classList.add("typed", "final");
+    b.text.textContent = text;
+    let tag = b.meta.querySelector(".typed-tag");
+    if (!tag) {
+      tag = document.createElement("span");
+      tag.className = "tag typed-tag";
+      b.meta.append(tag);
+    }
+    tag.textContent = "typed";
+    Object.assign(b.entry, { text, final: true, source: "text", pending: false });
+    if (key === null) b.entry.echoed = true;
+    this._scroll();
+  }
+
+  /** A typed message the server refused: its bubble goes (the page puts the text back in the box). */
+  typedRefused(key) {
+    const id = `typed:${key}`;
+    const b = this.user.get(id);
+    if (!b) return;
+    b.li.remove();
+    this.user.delete(id);
+    this.entries.splice(this.entries.indexOf(b.entry), 1);
   }
 
   agentText(turn, text, final, interrupted) {
