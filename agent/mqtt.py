@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 from aiomqtt import MqttError, ProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rejoinder.streaming.transport import event_json
 
@@ -396,7 +397,7 @@ class MQTTBridge:
     async def _serve(self, client: aiomqtt.Client) -> None:
         # Subscribe before announcing "online": whoever reacts to presence with a command must find
         # the agent listening.
-        await client.subscribe(control_topic(self.cfg.agent_id), qos=1, timeout=self.cfg.publish_timeout_s)
+        await self._subscribe_control(client)
         self._presence_dirty = False
         await client.publish(status_topic(self.cfg.agent_id), self._presence("online", protocol=self._proto_name()),
                              qos=1, retain=True, timeout=self.cfg.publish_timeout_s)
@@ -413,6 +414,19 @@ class MQTTBridge:
             t.result()  # raises the MqttError that ended the connection
         if not self._closing:
             raise MqttError("connection loop ended")
+
+    async def _subscribe_control(self, client: aiomqtt.Client) -> None:
+        topic = control_topic(self.cfg.agent_id)
+        if self._protocol == ProtocolVersion.V5:
+            # Retain-as-published: without it the broker clears the retain flag of a message that
+            # matches an existing subscription, so a retained command published while the agent is
+            # connected would look live and run (and run again at every reconnect, now retained).
+            await client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True),
+                                   timeout=self.cfg.publish_timeout_s)
+        else:
+            # MQTT 3.1.1 has no such option: only retained commands present at subscribe time are
+            # recognisable (the broker flags those); see `_on_control`.
+            await client.subscribe(topic, qos=1, timeout=self.cfg.publish_timeout_s)
 
     def _proto_name(self) -> str:
         return "5" if self._protocol == ProtocolVersion.V5 else "3.1.1"
@@ -471,10 +485,22 @@ class MQTTBridge:
         if len(parts) != 5 or parts[4] != "control":
             return
         sid = parts[3]
+        if not msg.payload and (msg.retain or self._protocol != ProtocolVersion.V5):
+            # Someone cleared a retained command (an empty retained publish): nothing was asked.
+            # Over 3.1.1 the broker drops the retain flag for live subscribers, so any empty
+            # payload may be such a clear there.
+            log.debug("MQTT control for session %s: retained message cleared", sid)
+            return
         self._stats.control_received += 1
         if msg.retain:
             # A retained command would run again on every reconnect of every agent: refuse it.
-            self._reject(sid, "retained control messages are not accepted; clear the retained message", None)
+            try:  # the id, when it can be read, lets the sender match the refusal to its request
+                stale = parse_command(msg.payload, "mqtt")  # type: ignore[arg-type]
+                cid, command = stale.id, stale.command
+            except CommandRefused as exc:
+                cid, command = exc.id, exc.command
+            self._reject(sid, "retained control messages are not accepted: publish commands without the retain "
+                         "flag, and clear the retained message (an empty retained publish)", cid, command)
             return
         try:
             cmd = parse_command(msg.payload, "mqtt")  # type: ignore[arg-type]
