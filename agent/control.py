@@ -218,6 +218,8 @@ def parse_command(payload: bytes | bytearray | str | Mapping[str, Any] | None, c
             msg = json.loads(text)
         except ValueError as exc:
             raise _error(f"invalid JSON: {exc}") from None
+        except RecursionError:  # "[[[[..." within the size limit: the decoder's stack, not ours
+            raise _error("invalid JSON: nested too deeply") from None
     if not isinstance(msg, dict):
         raise _error("payload must be a JSON object")
     cid = msg.get("id")
