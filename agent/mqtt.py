@@ -2,11 +2,12 @@
 
 Topics and the connection: `agent.mqtt_client` (status, per-session events, per-session control).
 
-`MQTTBridge.publish_event()` is synchronous and only appends to a bounded in-memory queue; one
-background task owns the connection, publishes the queue in order, reconnects with capped backoff
-and re-announces presence. A broker that is absent, slow or restarting therefore costs the session
-nothing but queue memory, and when the queue is full the least valuable events go first: interim
-(`"final": false`) events, which a later final supersedes, before anything else.
+`MQTTBridge.publish_event()` is synchronous and only appends to a bounded in-memory queue
+(`agent.mqtt_queue`); one background task owns the connection, publishes the queue in order,
+reconnects with capped backoff and re-announces presence. A broker that is absent, slow or
+restarting therefore costs the session nothing but queue memory, and when the queue is full the
+least valuable events go first: interim (`"final": false`) events, which a later final supersedes,
+before anything else.
 
 Delivery is at-least-once for QoS 1 events: an event whose PUBACK was lost with the connection is
 sent again after reconnect. Every payload carries a per-session `seq` so a consumer can drop the
@@ -27,7 +28,6 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -47,6 +47,7 @@ from .mqtt_client import (
     open_client,
     status_topic,
 )
+from .mqtt_queue import MQTTStats, _Out, _OutQueue, is_interim
 
 if TYPE_CHECKING:
     from .config import MQTTSettings
@@ -73,78 +74,6 @@ PAYLOAD_VERSION = 1
 _SEQ_SESSIONS = 4096  # sessions whose event counter is remembered (least recently used forgotten)
 
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
-
-
-# --- outgoing queue ---------------------------------------------------------------------------------
-
-
-def is_interim(event: Mapping[str, Any]) -> bool:
-    """An event a later one supersedes (interim transcript, agent text so far): QoS 0, dropped first."""
-    return event.get("final") is False
-
-
-@dataclass(frozen=True)
-class _Out:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    interim: bool
-
-
-@dataclass
-class MQTTStats:
-    published: int = 0
-    dropped_interims: int = 0
-    dropped_other: int = 0
-    reconnects: int = 0  # successful connections after the first
-    connects: int = 0
-    control_received: int = 0
-    control_rejected: int = 0
-    queued: int = 0
-    connected: bool = False
-
-
-class _OutQueue:
-    """Bounded FIFO; when full, the oldest interim goes first, else the oldest event.
-
-    Guarded by a thread lock so publish_event may be called from a worker thread too.
-    """
-
-    def __init__(self, limit: int, stats: MQTTStats) -> None:
-        self.limit = limit
-        self.stats = stats
-        self._q: collections.deque[_Out] = collections.deque()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def put(self, item: _Out) -> None:
-        with self._lock:
-            self._q.append(item)
-            self._trim()
-
-    def take(self, n: int) -> list[_Out]:
-        with self._lock:
-            return [self._q.popleft() for _ in range(min(n, len(self._q)))]
-
-    def put_back(self, items: list[_Out]) -> None:
-        """Return unacknowledged items to the head, in their original order."""
-        with self._lock:
-            self._q.extendleft(reversed(items))
-            self._trim()
-
-    def _trim(self) -> None:
-        while len(self._q) > self.limit:
-            for i, o in enumerate(self._q):
-                if o.interim:
-                    del self._q[i]
-                    self.stats.dropped_interims += 1
-                    break
-            else:
-                self._q.popleft()
-                self.stats.dropped_other += 1
 
 
 def _dumps(payload: Mapping[str, Any]) -> bytes:
