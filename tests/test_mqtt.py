@@ -651,6 +651,12 @@ def test_monitor_state_tracks_sessions_and_renders():
                      "barge-ins 2: interruption 118 ms", "ended: hangup"):
         assert expected in screen, (expected, screen)
     assert st.apply("rejoinder/desk-1/status", b"") == "desk-1 status cleared" and "desk-1" not in st.agents
+    # Anyone who may publish there can send these; the monitor reports them and carries on.
+    assert "unreadable" in st.apply("rejoinder/desk-1/sessions/c1/events/state", b"[" * 5000)
+    assert st.apply("rejoinder/desk-9/status", b"[" * 5000) is None
+    for junk in (b"[1]", b"null", b'{"sessions": 5}'):
+        assert "unreadable" in st.apply("rejoinder/desk-9/status", junk), junk
+    assert "unreadable" in st.apply("rejoinder/desk-1/sessions/c9/events/metrics", b'{"turn": "x"}')
 
 
 async def test_monitor_command_shows_a_live_conversation(broker, agent_id, make_bridge):
