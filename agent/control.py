@@ -210,9 +210,16 @@ def parse_command(payload: bytes | bytearray | str | Mapping[str, Any] | None, c
         if len(raw) > MAX_CONTROL_BYTES:
             raise _error(f"payload larger than {MAX_CONTROL_BYTES} bytes")
         try:
-            msg = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # UTF-8 only (RFC 8259), a BOM tolerated: json.loads on bytes would also guess UTF-16/32.
+            text = bytes(raw).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise _error(f"invalid JSON: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})") from None
+        try:
+            msg = json.loads(text)
+        except ValueError as exc:
             raise _error(f"invalid JSON: {exc}") from None
+        except RecursionError:  # "[[[[..." within the size limit: the decoder's stack, not ours
+            raise _error("invalid JSON: nested too deeply") from None
     if not isinstance(msg, dict):
         raise _error("payload must be a JSON object")
     cid = msg.get("id")

@@ -2,11 +2,12 @@
 
 Topics and the connection: `agent.mqtt_client` (status, per-session events, per-session control).
 
-`MQTTBridge.publish_event()` is synchronous and only appends to a bounded in-memory queue; one
-background task owns the connection, publishes the queue in order, reconnects with capped backoff
-and re-announces presence. A broker that is absent, slow or restarting therefore costs the session
-nothing but queue memory, and when the queue is full the least valuable events go first: interim
-(`"final": false`) events, which a later final supersedes, before anything else.
+`MQTTBridge.publish_event()` is synchronous and only appends to a bounded in-memory queue
+(`agent.mqtt_queue`); one background task owns the connection, publishes the queue in order,
+reconnects with capped backoff and re-announces presence. A broker that is absent, slow or
+restarting therefore costs the session nothing but queue memory, and when the queue is full the
+least valuable events go first: interim (`"final": false`) events, which a later final supersedes,
+before anything else.
 
 Delivery is at-least-once for QoS 1 events: an event whose PUBACK was lost with the connection is
 sent again after reconnect. Every payload carries a per-session `seq` so a consumer can drop the
@@ -27,11 +28,11 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 from aiomqtt import MqttError, ProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rejoinder.streaming.transport import event_json
 
@@ -46,6 +47,7 @@ from .mqtt_client import (
     open_client,
     status_topic,
 )
+from .mqtt_queue import MQTTStats, _Out, _OutQueue, is_interim
 
 if TYPE_CHECKING:
     from .config import MQTTSettings
@@ -72,78 +74,6 @@ PAYLOAD_VERSION = 1
 _SEQ_SESSIONS = 4096  # sessions whose event counter is remembered (least recently used forgotten)
 
 ControlHandler = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
-
-
-# --- outgoing queue ---------------------------------------------------------------------------------
-
-
-def is_interim(event: Mapping[str, Any]) -> bool:
-    """An event a later one supersedes (interim transcript, agent text so far): QoS 0, dropped first."""
-    return event.get("final") is False
-
-
-@dataclass(frozen=True)
-class _Out:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    interim: bool
-
-
-@dataclass
-class MQTTStats:
-    published: int = 0
-    dropped_interims: int = 0
-    dropped_other: int = 0
-    reconnects: int = 0  # successful connections after the first
-    connects: int = 0
-    control_received: int = 0
-    control_rejected: int = 0
-    queued: int = 0
-    connected: bool = False
-
-
-class _OutQueue:
-    """Bounded FIFO; when full, the oldest interim goes first, else the oldest event.
-
-    Guarded by a thread lock so publish_event may be called from a worker thread too.
-    """
-
-    def __init__(self, limit: int, stats: MQTTStats) -> None:
-        self.limit = limit
-        self.stats = stats
-        self._q: collections.deque[_Out] = collections.deque()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def put(self, item: _Out) -> None:
-        with self._lock:
-            self._q.append(item)
-            self._trim()
-
-    def take(self, n: int) -> list[_Out]:
-        with self._lock:
-            return [self._q.popleft() for _ in range(min(n, len(self._q)))]
-
-    def put_back(self, items: list[_Out]) -> None:
-        """Return unacknowledged items to the head, in their original order."""
-        with self._lock:
-            self._q.extendleft(reversed(items))
-            self._trim()
-
-    def _trim(self) -> None:
-        while len(self._q) > self.limit:
-            for i, o in enumerate(self._q):
-                if o.interim:
-                    del self._q[i]
-                    self.stats.dropped_interims += 1
-                    break
-            else:
-                self._q.popleft()
-                self.stats.dropped_other += 1
 
 
 def _dumps(payload: Mapping[str, Any]) -> bytes:
@@ -396,7 +326,7 @@ class MQTTBridge:
     async def _serve(self, client: aiomqtt.Client) -> None:
         # Subscribe before announcing "online": whoever reacts to presence with a command must find
         # the agent listening.
-        await client.subscribe(control_topic(self.cfg.agent_id), qos=1, timeout=self.cfg.publish_timeout_s)
+        await self._subscribe_control(client)
         self._presence_dirty = False
         await client.publish(status_topic(self.cfg.agent_id), self._presence("online", protocol=self._proto_name()),
                              qos=1, retain=True, timeout=self.cfg.publish_timeout_s)
@@ -413,6 +343,19 @@ class MQTTBridge:
             t.result()  # raises the MqttError that ended the connection
         if not self._closing:
             raise MqttError("connection loop ended")
+
+    async def _subscribe_control(self, client: aiomqtt.Client) -> None:
+        topic = control_topic(self.cfg.agent_id)
+        if self._protocol == ProtocolVersion.V5:
+            # Retain-as-published: without it the broker clears the retain flag of a message that
+            # matches an existing subscription, so a retained command published while the agent is
+            # connected would look live and run (and run again at every reconnect, now retained).
+            await client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True),
+                                   timeout=self.cfg.publish_timeout_s)
+        else:
+            # MQTT 3.1.1 has no such option: only retained commands present at subscribe time are
+            # recognisable (the broker flags those); see `_on_control`.
+            await client.subscribe(topic, qos=1, timeout=self.cfg.publish_timeout_s)
 
     def _proto_name(self) -> str:
         return "5" if self._protocol == ProtocolVersion.V5 else "3.1.1"
@@ -471,10 +414,22 @@ class MQTTBridge:
         if len(parts) != 5 or parts[4] != "control":
             return
         sid = parts[3]
+        if not msg.payload and (msg.retain or self._protocol != ProtocolVersion.V5):
+            # Someone cleared a retained command (an empty retained publish): nothing was asked.
+            # Over 3.1.1 the broker drops the retain flag for live subscribers, so any empty
+            # payload may be such a clear there.
+            log.debug("MQTT control for session %s: retained message cleared", sid)
+            return
         self._stats.control_received += 1
         if msg.retain:
             # A retained command would run again on every reconnect of every agent: refuse it.
-            self._reject(sid, "retained control messages are not accepted; clear the retained message", None)
+            try:  # the id, when it can be read, lets the sender match the refusal to its request
+                stale = parse_command(msg.payload, "mqtt")  # type: ignore[arg-type]
+                cid, command = stale.id, stale.command
+            except CommandRefused as exc:
+                cid, command = exc.id, exc.command
+            self._reject(sid, "retained control messages are not accepted: publish commands without the retain "
+                         "flag, and clear the retained message (an empty retained publish)", cid, command)
             return
         try:
             cmd = parse_command(msg.payload, "mqtt")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import os
@@ -26,6 +27,7 @@ from rejoinder.streaming.listener import Listener
 from rejoinder.streaming.livekit import from_rtc_frame
 from rejoinder.streaming.vad import SileroVAD, VADConfig, VADEvent
 
+from .log import logger as log
 from .models import PROVIDER
 
 __all__ = ["STT", "SpeechStream"]
@@ -126,18 +128,32 @@ class STT(stt.STT):
 
 
 class SpeechStream(stt.RecognizeStream):
+    """One stream's utterances, each bracketed by its own START_OF_SPEECH ... END_OF_SPEECH.
+
+    The listener may open the next utterance (VAD speech start, interims) while the previous one's
+    final is still being decoded. The framework's events do not overlap, so such an utterance waits:
+    its START_OF_SPEECH goes out right after the previous END_OF_SPEECH, then its held transcripts
+    (the latest interim, and the final if it is already there). Timestamps are each utterance's own
+    speech start in the stream.
+    """
+
     def __init__(self, *, stt: STT, conn_options: APIConnectOptions) -> None:
         # The framework resamples pushed frames to 16 kHz for us (its native resampler).
         super().__init__(stt=stt, conn_options=conn_options, sample_rate=ASR_RATE)
         self._rstt = stt
-        self._utt_start_s: float | None = None
         self._request_id = utils.shortuuid("stt_")
+        self._starts: dict[int, float] = {}  # utterance id -> where its speech began (stream seconds)
+        self._next_uid = 1  # the utterance id the next VAD speech start opens (the listener's ASR counts)
+        self._open: int | None = None  # the utterance between its START_OF_SPEECH and END_OF_SPEECH
+        self._waiting: collections.deque[int] = collections.deque()  # began while another was open
+        self._held: dict[int, list[ASREvent]] = {}  # transcripts of waiting utterances
 
     async def _run(self) -> None:
         listener = Listener(
             self._rstt.asr, vad=self._rstt._new_vad(), vad_config=self._rstt._vad_config,
             asr_config=self._rstt._asr_config,
         )
+        self._next_uid = listener.asr.next_utterance_id
         forward = asyncio.create_task(self._forward(listener), name="rejoinder-stt-forward")
         try:
             async for item in self._input_ch:
@@ -153,27 +169,67 @@ class SpeechStream(stt.RecognizeStream):
                 await forward
         while (ev := listener.get_nowait()) is not None:
             self._emit(ev)
-        if self._utt_start_s is not None:  # input ended mid-utterance without a final: still close it
-            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH,
-                                                       request_id=self._request_id))
-            self._utt_start_s = None
+        # Input ended mid-utterance without a final: still close what was opened, in order.
+        while self._open is not None:
+            self._end(self._open)
+            self._advance()
 
     async def _forward(self, listener: Listener) -> None:
         async for ev in listener.events():
             self._emit(ev)
 
     def _emit(self, ev: VADEvent | ASREvent) -> None:
-        send = self._event_ch.send_nowait
-        rid = self._request_id
-        lang = _language(self._rstt._language)
         if isinstance(ev, VADEvent):
-            if ev.kind == "speech_start" and self._utt_start_s is None:
-                self._utt_start_s = ev.audio_time_s
-                send(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, request_id=rid))
+            if ev.kind == "speech_start":
+                # Speech start opens the listener's next ASR utterance: ids count up from its first.
+                uid, self._next_uid = self._next_uid, self._next_uid + 1
+                self._starts[uid] = ev.audio_time_s
+                if self._open is None:
+                    self._begin(uid)
+                else:
+                    self._waiting.append(uid)
             # speech_end: the final (and END_OF_SPEECH after it) follows once the last pass is in.
             return
-        start = (self._utt_start_s or 0.0) + self.start_time_offset
-        data = stt.SpeechData(language=lang, text=ev.text, start_time=start, end_time=start + ev.audio_s)
+        uid = ev.utterance_id
+        if uid == self._open:
+            self._transcript(uid, ev)
+            return
+        if uid not in self._starts:  # not opened by a speech start we saw: nothing to bracket it with
+            log.debug("ASR event for unknown utterance %d dropped", uid)
+            return
+        held = self._held.setdefault(uid, [])
+        if ev.kind == "interim" and held and held[-1].kind == "interim":
+            held[-1] = ev  # a later interim supersedes the earlier one
+        else:
+            held.append(ev)
+
+    def _begin(self, uid: int) -> None:
+        self._open = uid
+        self._request_id = utils.shortuuid("stt_")
+        self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH,
+                                                   request_id=self._request_id))
+        for ev in self._held.pop(uid, []):
+            if self._open != uid:
+                break
+            self._transcript(uid, ev)
+
+    def _end(self, uid: int) -> None:
+        self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH,
+                                                   request_id=self._request_id))
+        self._starts.pop(uid, None)
+        self._open = None
+
+    def _advance(self) -> None:
+        """Open the next waiting utterance (and any after it whose final was already held)."""
+        while self._open is None and self._waiting:
+            self._begin(self._waiting.popleft())
+
+    def _transcript(self, uid: int, ev: ASREvent) -> None:
+        send = self._event_ch.send_nowait
+        rid = self._request_id
+        start = self._starts[uid] + self.start_time_offset
+        data = stt.SpeechData(language=_language(self._rstt._language), text=ev.text, start_time=start,
+                              end_time=start + ev.audio_s)
         if ev.kind == "interim":
             if ev.text:
                 send(stt.SpeechEvent(type=stt.SpeechEventType.INTERIM_TRANSCRIPT, request_id=rid, alternatives=[data]))
@@ -184,8 +240,5 @@ class SpeechStream(stt.RecognizeStream):
             type=stt.SpeechEventType.RECOGNITION_USAGE, request_id=rid,
             recognition_usage=stt.RecognitionUsage(audio_duration=ev.audio_s),
         ))
-        send(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH, request_id=rid))
-        self._utt_start_s = None
-        self._request_id = utils.shortuuid("stt_")
-
-
+        self._end(uid)
+        self._advance()

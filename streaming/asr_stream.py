@@ -157,6 +157,11 @@ class StreamingASR:
         return self._utt is not None
 
     @property
+    def next_utterance_id(self) -> int:
+        """The id the next utterance gets; ids count up by one per utterance."""
+        return self._next_uid
+
+    @property
     def committed_text(self) -> str:
         return self._utt.committed_text if self._utt else ""
 

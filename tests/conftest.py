@@ -1,10 +1,13 @@
-"""Shared fixtures: real embedded models, loaded once per test session."""
+"""Shared fixtures: real embedded models, loaded once per test session; the MQTT suites' broker fixtures."""
 from __future__ import annotations
 
 import os
 import warnings
 
 import pytest
+
+# The MQTT suites' fixtures (a real Mosquitto, a recorder, bridges closed after the test).
+from mqtt_broker import agent_id, broker, make_bridge, own_broker, recorder  # noqa: F401
 
 # Quiet, deterministic CPU runs: the CI box has 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

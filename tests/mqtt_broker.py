@@ -4,6 +4,9 @@ The broker keeps its port across `kill()` / `start()` so clients that were confi
 see exactly what they would see in production: the broker vanishing and coming back at the same
 address. Persistence is off, so a restart also loses retained messages and sessions, like a
 crashed broker without a store.
+
+Also the fixtures and predicates the MQTT test modules share (`broker`, `own_broker`, `recorder`,
+`make_bridge`, registered in conftest.py) and predicates (`is_event`, `is_status`, ...).
 """
 from __future__ import annotations
 
@@ -18,15 +21,20 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-__all__ = ["Broker", "Received", "Recorder", "find_mosquitto", "free_port"]
+from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig, status_topic
+
+__all__ = ["Broker", "Handler", "Received", "Recorder", "agent_id", "broker", "events", "final", "find_mosquitto",
+           "free_port", "interim", "is_event", "is_status", "make_bridge", "own_broker", "recorder", "until"]
 
 
 def find_mosquitto() -> str | None:
@@ -221,3 +229,97 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- fixtures and helpers of the MQTT test modules (import them from there) --------------------------
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """One broker for the tests that do not disturb it; each test uses its own agent id."""
+    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
+        yield b
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker this test may kill and restart (not started yet: its port is reserved)."""
+    b = Broker(tmp_path / "mosquitto")
+    yield b
+    b.kill()
+
+
+@pytest.fixture
+def agent_id() -> str:
+    return f"agent-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def recorder(broker, agent_id):
+    with Recorder(broker.port, topics=(f"rejoinder/{agent_id}/#",)) as r:
+        yield r
+
+
+@pytest.fixture
+async def make_bridge():
+    made: list[MQTTBridge] = []
+
+    def make(url: str, agent_id: str, **kw) -> MQTTBridge:
+        b = MQTTBridge(MQTTConfig.from_url(url, agent_id=agent_id, **kw))
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        await b.close(timeout=1.0)
+
+
+def events(rec: Recorder, agent_id: str, type_: str | None = None) -> list[Received]:
+    prefix = f"rejoinder/{agent_id}/sessions/"
+    return rec.received(lambda m: m.topic.startswith(prefix) and "/events/" in m.topic
+                        and (type_ is None or m.topic.endswith(f"/events/{type_}")))
+
+
+def is_event(agent_id: str, type_: str, **fields):
+    def pred(m: Received) -> bool:
+        if not (m.topic.startswith(f"rejoinder/{agent_id}/sessions/") and m.topic.endswith(f"/events/{type_}")):
+            return False
+        body = m.json
+        return all(body.get(k) == v for k, v in fields.items())
+    return pred
+
+
+def is_status(agent_id: str, state: str, retained: bool | None = None):
+    def pred(m: Received) -> bool:
+        return (m.topic == status_topic(agent_id) and bool(m.payload) and m.json.get("state") == state
+                and (retained is None or m.retain == retained))
+    return pred
+
+
+def final(sid: str, text: str) -> dict:
+    return {"type": "transcript", "session_id": sid, "text": text, "final": True, "utterance_id": 0,
+            "at": time.monotonic()}
+
+
+def interim(sid: str, text: str) -> dict:
+    return {**final(sid, text), "final": False}
+
+
+async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Handler:
+    def __init__(self, result=None) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.result = result
+
+    async def __call__(self, command: str, args: dict) -> dict:
+        self.calls.append((command, args))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result if self.result is not None else {"ok": True, "spoken": args.get("text")}

@@ -111,6 +111,64 @@ async def test_stt_stream_emits_interim_then_final_matching_the_utterance(lk_stt
     assert any(isinstance(m, metrics.STTMetrics) and m.streamed for m in collected)
 
 
+async def test_stt_stream_brackets_each_utterance_when_the_next_starts_before_the_final(lk_stt):
+    """Two utterances 0.9 s apart, pushed faster than real time: the second begins while the first's
+    final is still decoding. Each final still gets its own START_OF_SPEECH before it and
+    END_OF_SPEECH after it, and the second's timestamps are its own, not 0."""
+    first = "Please remind me to call my sister after lunch tomorrow, and book a table for two."
+    second = "Also turn off the lights in the kitchen."
+    a, b = trim(piper_say(first)), trim(piper_say(second))
+    lead, gap = 0.5, 0.9
+    frames = rtc_frames(np.concatenate([silence(lead), a, silence(gap), b, silence(1.5)]))
+    stream = lk_stt.stream()
+    events: list[stt.SpeechEvent] = []
+
+    async def read() -> None:
+        async for ev in stream:
+            events.append(ev)
+
+    reader = asyncio.create_task(read())
+    for i, f in enumerate(frames):
+        stream.push_frame(f)
+        if i % 8 == 0:
+            await asyncio.sleep(0)  # ~0.1 s of audio per turn of the loop: far faster than speech
+    stream.end_input()
+    await asyncio.wait_for(reader, 90)
+    await stream.aclose()
+
+    T = stt.SpeechEventType
+    kinds = [e.type for e in events]
+    brackets = [k for k in kinds if k in (T.START_OF_SPEECH, T.FINAL_TRANSCRIPT, T.END_OF_SPEECH)]
+    assert brackets == [T.START_OF_SPEECH, T.FINAL_TRANSCRIPT, T.END_OF_SPEECH] * 2, kinds
+    # Every transcript lies inside its utterance's brackets and carries that utterance's request id.
+    open_rid = None
+    rids = []
+    for e in events:
+        if e.type == T.START_OF_SPEECH:
+            assert open_rid is None, kinds
+            open_rid = e.request_id
+            rids.append(open_rid)
+        elif e.type == T.END_OF_SPEECH:
+            assert e.request_id == open_rid, kinds
+            open_rid = None
+        else:
+            assert open_rid is not None and e.request_id == open_rid, (e.type, kinds)
+    assert len(set(rids)) == 2
+    f1, f2 = [e.alternatives[0] for e in events if e.type == T.FINAL_TRANSCRIPT]
+    assert word_error_rate(first, f1.text) <= WER_BOUND, f1.text
+    assert word_error_rate(second, f2.text) <= WER_BOUND, f2.text
+    # Real timestamps: each utterance's own speech start in the stream (VAD pre-roll and onset
+    # detection move it by a few tenths of a second at most).
+    t2 = lead + a.size / RATE + gap
+    assert f1.start_time == pytest.approx(lead, abs=0.35), (f1.start_time, f1.end_time)
+    assert f2.start_time == pytest.approx(t2, abs=0.35), (f2.start_time, t2)
+    assert f1.end_time == pytest.approx(lead + a.size / RATE, abs=0.7)
+    assert f1.end_time <= f2.start_time + 0.2 and f2.end_time > f2.start_time + 0.8 * b.size / RATE
+    for e in events:
+        if e.type == T.INTERIM_TRANSCRIPT:
+            assert e.alternatives[0].start_time in (f1.start_time, f2.start_time)
+
+
 async def test_stt_recognize_one_shot(lk_stt):
     ref = "The library closes early on the weekend, so we should hurry."
     frames = rtc_frames(piper_say(ref), rate=22_050, frame_ms=20)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mqtt_broker import Broker, Received, Recorder, find_mosquitto
+from mqtt_broker import Broker, Handler, Recorder, events, final, find_mosquitto, interim, is_event, is_status, until
 
 from rejoinder.agent.config import MQTTSettings
 from rejoinder.agent.control import CommandRefused as ControlError
@@ -31,7 +31,7 @@ from rejoinder.agent.events import (
     UserSpeech,
     UserTranscript,
 )
-from rejoinder.agent.mqtt import MQTTBridge, MQTTConfig, control_topic, events_topic, status_topic
+from rejoinder.agent.mqtt import MQTTConfig, control_topic, events_topic, status_topic
 
 
 def parse_control(payload):
@@ -41,88 +41,6 @@ pytestmark = [
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (CI installs it: .ci/run)"),
     pytest.mark.timeout(60),
 ]
-
-
-# --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """One broker for the tests that do not disturb it; each test uses its own agent id."""
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker this test may kill and restart (not started yet: its port is reserved)."""
-    b = Broker(tmp_path / "mosquitto")
-    yield b
-    b.kill()
-
-
-@pytest.fixture
-def agent_id() -> str:
-    return f"agent-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def recorder(broker, agent_id):
-    with Recorder(broker.port, topics=(f"rejoinder/{agent_id}/#",)) as r:
-        yield r
-
-
-@pytest.fixture
-async def make_bridge():
-    made: list[MQTTBridge] = []
-
-    def make(url: str, agent_id: str, **kw) -> MQTTBridge:
-        b = MQTTBridge(MQTTConfig.from_url(url, agent_id=agent_id, **kw))
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        await b.close(timeout=1.0)
-
-
-def events(rec: Recorder, agent_id: str, type_: str | None = None) -> list[Received]:
-    prefix = f"rejoinder/{agent_id}/sessions/"
-    return rec.received(lambda m: m.topic.startswith(prefix) and "/events/" in m.topic
-                        and (type_ is None or m.topic.endswith(f"/events/{type_}")))
-
-
-def is_event(agent_id: str, type_: str, **fields):
-    def pred(m: Received) -> bool:
-        if not (m.topic.startswith(f"rejoinder/{agent_id}/sessions/") and m.topic.endswith(f"/events/{type_}")):
-            return False
-        body = m.json
-        return all(body.get(k) == v for k, v in fields.items())
-    return pred
-
-
-def is_status(agent_id: str, state: str, retained: bool | None = None):
-    def pred(m: Received) -> bool:
-        return (m.topic == status_topic(agent_id) and bool(m.payload) and m.json.get("state") == state
-                and (retained is None or m.retain == retained))
-    return pred
-
-
-def final(sid: str, text: str) -> dict:
-    return {"type": "transcript", "session_id": sid, "text": text, "final": True, "utterance_id": 0,
-            "at": time.monotonic()}
-
-
-def interim(sid: str, text: str) -> dict:
-    return {**final(sid, text), "final": False}
-
-
-async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # --- configuration and schema (no broker needed) ----------------------------------------------------
@@ -339,18 +257,6 @@ async def test_publish_event_is_sync_thread_safe_and_never_raises(broker, record
 
 
 # --- control in -------------------------------------------------------------------------------------
-
-
-class Handler:
-    def __init__(self, result=None) -> None:
-        self.calls: list[tuple[str, dict]] = []
-        self.result = result
-
-    async def __call__(self, command: str, args: dict) -> dict:
-        self.calls.append((command, args))
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result if self.result is not None else {"ok": True, "spoken": args.get("text")}
 
 
 async def test_valid_say_reaches_the_handler_and_is_acknowledged(broker, recorder, agent_id, make_bridge):
@@ -745,6 +651,12 @@ def test_monitor_state_tracks_sessions_and_renders():
                      "barge-ins 2: interruption 118 ms", "ended: hangup"):
         assert expected in screen, (expected, screen)
     assert st.apply("rejoinder/desk-1/status", b"") == "desk-1 status cleared" and "desk-1" not in st.agents
+    # Anyone who may publish there can send these; the monitor reports them and carries on.
+    assert "unreadable" in st.apply("rejoinder/desk-1/sessions/c1/events/state", b"[" * 5000)
+    assert st.apply("rejoinder/desk-9/status", b"[" * 5000) is None
+    for junk in (b"[1]", b"null", b'{"sessions": 5}'):
+        assert "unreadable" in st.apply("rejoinder/desk-9/status", junk), junk
+    assert "unreadable" in st.apply("rejoinder/desk-1/sessions/c9/events/metrics", b'{"turn": "x"}')
 
 
 async def test_monitor_command_shows_a_live_conversation(broker, agent_id, make_bridge):

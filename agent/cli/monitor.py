@@ -97,7 +97,18 @@ class MonitorState:
         self.stopped = False
 
     def apply(self, topic: str, payload: bytes) -> str | None:
-        """Take one message; returns a one-line description for --plain (None: nothing worth a line)."""
+        """Take one message; returns a one-line description for --plain (None: nothing worth a line).
+
+        Never raises for what is in the message: anyone allowed to publish under rejoinder/ could
+        send anything, and a retained status the monitor choked on would fail every reconnect.
+        """
+        try:
+            return self._apply(topic, payload)
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            log.debug("unreadable message on %s: %s", topic, exc)
+            return f"unreadable message on {topic}"
+
+    def _apply(self, topic: str, payload: bytes) -> str | None:
         parts = topic.split("/")
         if len(parts) < 3 or parts[0] != "rejoinder":
             return None
@@ -108,7 +119,7 @@ class MonitorState:
         if len(parts) == 6 and parts[2] == "sessions" and parts[4] == "events":
             try:
                 body = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the decoder goes
                 return f"{agent}/{parts[3]} unreadable {parts[5]} event"
             if not isinstance(body, dict):
                 return None
@@ -121,7 +132,7 @@ class MonitorState:
             return f"{agent} status cleared"
         try:
             body = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         a = self.agents.setdefault(agent, AgentView(agent))
         a.state = str(body.get("state", "unknown"))
