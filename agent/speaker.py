@@ -352,11 +352,7 @@ class Speaker:
             s.recorder.add_agent(frame, now)
         if self.holding is not None:
             # Hold audio: to the caller (and the echo guard's reference), nothing else.
-            self._add_reference(frame, now)
-            try:
-                await s.transport.send_audio(self._to_transport_rate(frame))
-            except TransportClosed:
-                await s.end("transport closed")
+            await self._out(frame, now)
             return
         answer = self.answer
         if answer is not None and answer.first_sent_at is None:
@@ -364,22 +360,26 @@ class Speaker:
             s.emit(AgentSpeech(s.session_id, turn=answer.turn, started=True))
         if s.state in (SessionState.THINKING, SessionState.LISTENING) and s.barge_in.candidate is None:
             s.set_state(SessionState.SPEAKING, "audio out")
-        self._add_reference(frame, now)
-        try:
-            await s.transport.send_audio(self._to_transport_rate(frame))
-        except TransportClosed:
-            await s.end("transport closed")
+        if not await self._out(frame, now):
             return
         started = self.playout.started_text()
         if answer is not None and started != self._played_text_sent:
             self._played_text_sent = started
             s.emit(AgentText(s.session_id, turn=answer.turn, text=started, final=False))
 
-    def _add_reference(self, frame: AudioFrame, now: float) -> None:
-        """What the caller's loudspeaker plays, for the echo guard and the canceller."""
-        self.s.echo_guard.add_reference(frame, now)
-        if self.s.aec is not None:
-            self.s.aec.add_reference(frame, now)
+    async def _out(self, frame: AudioFrame, now: float) -> bool:
+        """To the caller, and as what their loudspeaker plays to the echo guard and the canceller;
+        False when the transport has closed (the session then ends)."""
+        s = self.s
+        s.echo_guard.add_reference(frame, now)
+        if s.aec is not None:
+            s.aec.add_reference(frame, now)
+        try:
+            await s.transport.send_audio(self._to_transport_rate(frame))
+        except TransportClosed:
+            await s.end("transport closed")
+            return False
+        return True
 
     def _to_transport_rate(self, frame: AudioFrame) -> AudioFrame:
         rate = self.s.transport.output_sample_rate

@@ -20,12 +20,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.signalling import serve
 
-    from ..mcp_tools import MCPTools
     from ..metrics import AgentMetrics
     from ..models import Models
-    from ..mqtt import start_bridge
+    from ..services import running_services
     from ..serving import agent_session_factory, metrics_route
-    from ..tracing import start_tracing
 
     cfg = config.from_args(args)
     scfg = cfg.serve
@@ -41,22 +39,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = AgentMetrics()
 
     async def main() -> None:
-        bridge = await start_bridge(cfg.mqtt)  # None unless --mqtt / REJOINDER_MQTT_URL
-        tracer = start_tracing(cfg.telemetry.otlp_endpoint)
-        listeners = [metrics.listener, *([tracer.listener] if tracer else [])]
-        mcp = MCPTools.from_settings(cfg.call)  # the MCP servers' tools, shared by every session
-        try:
-            await mcp.ready()
-            if mcp:
-                print(f"MCP servers: {mcp.summary()}", file=sys.stderr)
-            factory = agent_session_factory(models, cfg, mqtt=bridge, listeners=listeners, mcp=mcp)
+        async with running_services(cfg, metrics.listener) as svc:
+            factory = agent_session_factory(models, cfg, mqtt=svc.bridge, listeners=svc.listeners, mcp=svc.mcp)
             await serve(scfg, factory, ready=ready, routes=[metrics_route(metrics)], on_refused=metrics.on_refused)
-        finally:
-            await mcp.aclose()
-            if bridge is not None:
-                await bridge.close()
-            if tracer is not None:
-                await asyncio.to_thread(tracer.close)  # flushes the last traces
 
     try:
         asyncio.run(main())

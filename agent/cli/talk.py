@@ -66,29 +66,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0.25 <= args.speed <= 8:
         raise BadInputError("--speed must be within 0.25-8")
     print(f"loading models… ({len(samples) / rate:.1f} s of input, played in real time)", file=sys.stderr)
-    from ..mcp_tools import MCPTools
     from ..models import Models  # imported only now: torch alone takes seconds to import
-    from ..mqtt import start_bridge
-    from ..tracing import start_tracing
+    from ..services import running_services
 
     models = Models(cfg)
 
     async def main() -> tuple[Session, np.ndarray, InProcessTransport]:
-        bridge = await start_bridge(cfg.mqtt)
-        tracer = start_tracing(cfg.telemetry.otlp_endpoint)
-        mcp = MCPTools.from_settings(cfg.call)
-        try:
-            await mcp.ready()
-            if mcp:
-                print(f"MCP servers: {mcp.summary()}", file=sys.stderr)
+        async with running_services(cfg) as svc:
             return await talk(models, cfg, samples, rate, speed=args.speed, greeting=args.greeting or "",
-                              bridge=bridge, listeners=[tracer.listener] if tracer else [], mcp=mcp)
-        finally:
-            await mcp.aclose()
-            if bridge is not None:
-                await bridge.close()
-            if tracer is not None:
-                await asyncio.to_thread(tracer.close)  # flushes the last traces
+                              bridge=svc.bridge, listeners=svc.listeners, mcp=svc.mcp)
 
     try:
         session, agent, _ = asyncio.run(main())
