@@ -10,7 +10,9 @@ over the microphone's noise floor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,3 +127,26 @@ async def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
 
 def frames_sent_between(transport: InProcessTransport, t0: float, t1: float) -> int:
     return sum(t0 <= s.sent_at < t1 for s in transport.sent_audio)
+
+
+@contextlib.asynccontextmanager
+async def live_session(models, cfg, *, echo_gain: float = 0.0, room: Room | None = None,
+                       setup: Callable | None = None, **session_kw):
+    """A real Session on the in-process transport, running, with a Mic speaking into it:
+    (session, transport, mic); on exit the mic stops and the session must end within 30 s.
+    `setup(session)` runs before the session starts (e.g. attaching MCP tools)."""
+    from rejoinder.agent.session import Session
+
+    session_kw.setdefault("greeting", "")
+    transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
+    mic = Mic(transport, echo_gain=echo_gain, room=room)
+    session = Session(models, cfg, transport, **session_kw)
+    if setup is not None:
+        setup(session)
+    task = asyncio.create_task(session.run())
+    mic.start()
+    try:
+        yield session, transport, mic
+    finally:
+        await mic.stop()
+        await asyncio.wait_for(task, 30)

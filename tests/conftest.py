@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def models():
+    """The agent's embedded models (Models), loaded once for every suite that runs real sessions."""
+    from webrtc_server import shared_agent
+
+    return shared_agent()[0]
+
+
+@pytest.fixture(scope="session")
 def llm_path():
     from rejoinder.streaming.assets import resolve
 

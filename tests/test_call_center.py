@@ -16,44 +16,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from agent_harness import Mic, wait_for
+from agent_harness import live_session, wait_for
 from speech import espeak_say, have_espeak, shared_whisper, silence
 
 from rejoinder.agent.config import AgentConfig, CallSettings
 from rejoinder.agent.control import run_command
 from rejoinder.agent.events import SessionState
-from rejoinder.agent.models import Models
 from rejoinder.agent.recording import prune
-from rejoinder.agent.session import Session
 from rejoinder.agent.tools import Tool
 from rejoinder.streaming.audio import write_wav
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
-from rejoinder.streaming.transport import InProcessTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")]
-
-
-@pytest.fixture(scope="module")
-def models():
-    m = Models(AgentConfig.from_env())
-    yield m
-    m.close()
 
 
 @contextlib.asynccontextmanager
 async def call(models, *, tools=(), **call_settings):
     cfg = AgentConfig.from_env(max_new_tokens=40)
     cfg = cfg.replace(call=dataclasses.replace(cfg.call, **call_settings))
-    transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    mic = Mic(transport)
-    session = Session(models, cfg, transport, greeting="", tools=tools)
-    task = asyncio.create_task(session.run())
-    mic.start()
-    try:
-        yield session, transport, mic
-    finally:
-        await mic.stop()
-        await asyncio.wait_for(task, 30)
+    async with live_session(models, cfg, tools=tools) as running:
+        yield running
 
 
 def finals(transport, role="agent_text"):

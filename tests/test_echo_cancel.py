@@ -11,7 +11,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from agent_harness import Mic, wait_for
+from agent_harness import live_session, wait_for
 from barge_in_chain import Scene, Variant, run_scene
 from echo_scenes import NOISES, RATE, Room, room_ir
 from speech import SENTENCES, espeak_say, have_espeak, piper_say, piper_voice, shared_whisper, trim
@@ -22,7 +22,6 @@ from rejoinder.errors import ConfigError
 from rejoinder.streaming.aec import AECConfig, EchoCanceller
 from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
-from rejoinder.streaming.transport import InProcessTransport
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 
@@ -168,30 +167,11 @@ async def test_noises_do_not_barge_in(noise):
 # --- the real Session, real clock ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def models():
-    from rejoinder.agent.models import Models
-
-    m = Models(AgentConfig.from_env())
-    yield m
-    m.close()
-
-
 @contextlib.asynccontextmanager
 async def session_in_a_room(models, room: Room, greeting: str):
-    from rejoinder.agent.session import Session
-
-    cfg = AgentConfig.from_env(max_new_tokens=30)
-    transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    mic = Mic(transport, room=room)
-    session = Session(models, cfg, transport, greeting=greeting)
-    task = asyncio.create_task(session.run())
-    mic.start()
-    try:
+    async with live_session(models, AgentConfig.from_env(max_new_tokens=30), room=room,
+                            greeting=greeting) as (session, _, mic):
         yield session, mic
-    finally:
-        await mic.stop()
-        await asyncio.wait_for(task, 30)
 
 
 @pytest.mark.slow

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_harness import Mic, wait_for
+from agent_harness import live_session, wait_for
 from speech import have_espeak
 
 from rejoinder.agent.config import AgentConfig, env_for
 from rejoinder.agent.control import run_command
 from rejoinder.agent.events import SessionState
 from rejoinder.agent.mcp_tools import CLOSE_TIMEOUT_S, MCPTools
-from rejoinder.agent.models import Models
 from rejoinder.agent.session import Session
 from rejoinder.agent.tools import ToolCall, ToolError, ToolRegistry
 from rejoinder.errors import ConfigError
@@ -86,13 +85,6 @@ def server_script(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def models():
-    m = Models(AgentConfig.from_env())
-    yield m
-    m.close()
-
-
 def pids(pid_file: Path) -> list[int]:
     return [int(x) for x in pid_file.read_text().split()] if pid_file.exists() else []
 
@@ -142,17 +134,8 @@ def call_config(**call) -> AgentConfig:
 async def call_with_mcp(models, cfg: AgentConfig):
     """A live session with the MCP tools of `cfg`, as `rejoinder serve`/`talk` give them."""
     async with MCPTools.from_settings(cfg.call) as mcp:
-        transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-        mic = Mic(transport)
-        session = Session(models, cfg, transport, greeting="", tools=mcp.tools())
-        mcp.attach(session)
-        task = asyncio.create_task(session.run())
-        mic.start()
-        try:
+        async with live_session(models, cfg, tools=mcp.tools(), setup=mcp.attach) as (session, transport, _):
             yield session, transport, mcp
-        finally:
-            await mic.stop()
-            await asyncio.wait_for(task, 30)
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("rejoinder-mcp")], "a runner outlived close"
 
 

@@ -14,18 +14,17 @@ import time
 
 import numpy as np
 import pytest
-from agent_harness import Mic, frames_sent_between, wait_for
+from agent_harness import frames_sent_between, wait_for
+from agent_harness import live_session as harness_session
 from speech import espeak_say, have_espeak, shared_whisper
 
 from rejoinder.agent.config import AgentConfig
 from rejoinder.agent.control import run_command
 from rejoinder.agent.events import SessionState
-from rejoinder.agent.models import Models
 from rejoinder.agent.session import Session
 from rejoinder.agent.tools import Tool
 from rejoinder.streaming.audio import resample
 from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
-from rejoinder.streaming.transport import InProcessTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")]
 
@@ -33,26 +32,11 @@ LONG_QUESTION = "Tell me a long story about a brave knight and a dragon."
 BARGE_BOUND_S = 0.6  # onset -> audio stopped; the target (p95 0.25 s) is measured by bench/agent_latency.py
 
 
-@pytest.fixture(scope="module")
-def models():
-    m = Models(AgentConfig.from_env())
-    yield m
-    m.close()
-
-
 @contextlib.asynccontextmanager
 async def live_session(models, *, echo_gain: float = 0.0, max_new_tokens: int = 60, **kw):
-    cfg = AgentConfig.from_env(max_new_tokens=max_new_tokens)
-    transport = InProcessTransport(output_sample_rate=models.tts.sample_rate)
-    mic = Mic(transport, echo_gain=echo_gain)
-    session = Session(models, cfg, transport, greeting=kw.pop("greeting", ""), **kw)
-    task = asyncio.create_task(session.run())
-    mic.start()
-    try:
-        yield session, transport, mic
-    finally:
-        await mic.stop()
-        await asyncio.wait_for(task, 30)
+    async with harness_session(models, AgentConfig.from_env(max_new_tokens=max_new_tokens), echo_gain=echo_gain,
+                               **kw) as running:
+        yield running
 
 
 def speaking(session: Session) -> bool:
