@@ -52,9 +52,9 @@ class TurnTakingConfig:
     """When a user turn ends and what speech during the agent's speech means (agent.turns, agent.barge_in)."""
 
     # VAD: speech must last min_speech_s to count (and to barge in); silence of hangover_s ends it.
-    # 0.15 s with echo cancellation on (the default); without it (--no-aec) 0.2 s keeps the agent's
-    # own voice and noises from barging in (bench/echo_barge_in.py).
-    min_speech_s: float = 0.15
+    # 0.2 s keeps the agent's own voice and noises from barging in on the echo guard alone; with
+    # echo cancellation on (--aec) 0.15 s is as safe (bench/echo_barge_in.py).
+    min_speech_s: float = 0.2
     hangover_s: float = 0.3
     vad_threshold: float = 0.5
     # Semantic end of turn.

@@ -51,7 +51,11 @@ def _m(help: str, **meta: object) -> dict[str, object]:
 class AECConfig:
     """Echo cancellation settings; `agent.config` generates the --aec* flags and REJOINDER_AEC* variables."""
 
-    enabled: bool = field(default=True, metadata=_m(
+    # Off by default: a browser already runs AEC3 on its own microphone, and where there is no echo
+    # (a headset, the browser's canceller before us) AEC3's double-talk suppression mangles a caller
+    # talking over the agent (tests/test_talk.py's interruption was lost with it on). On for callers
+    # whose audio reaches us with the agent's echo in it (phones, LiveKit rooms of speakerphones).
+    enabled: bool = field(default=False, metadata=_m(
         "cancel the agent's own voice and suppress noise in the input (WebRTC AEC3 + NS) before the VAD",
         flag="--aec", env="REJOINDER_AEC"))
     # Chosen by bench/echo_barge_in.py: both builds leave no false barge-in on the echo/noise set;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -169,8 +170,10 @@ async def test_noises_do_not_barge_in(noise):
 
 @contextlib.asynccontextmanager
 async def session_in_a_room(models, room: Room, greeting: str):
-    async with live_session(models, AgentConfig.from_env(max_new_tokens=30), room=room,
-                            greeting=greeting) as (session, _, mic):
+    cfg = AgentConfig.from_env(max_new_tokens=30)  # the canceller on, at the lower min speech it allows
+    cfg = cfg.replace(aec=dataclasses.replace(cfg.aec, enabled=True),
+                      turns=dataclasses.replace(cfg.turns, min_speech_s=0.15))
+    async with live_session(models, cfg, room=room, greeting=greeting) as (session, _, mic):
         yield session, mic
 
 

@@ -173,16 +173,18 @@ async def test_interruption_storms_always_return_to_listening_and_never_play_sta
                     silent_since = None
 
         dog = asyncio.create_task(watchdog())
-        # Barge-in during thinking: speak again as soon as the turn is over.
+        # Barge-in during thinking (or, when the answer was held ready at the pause, during its first
+        # words): speak again as soon as the turn is over.
         await mic.speak(espeak_say("What is the tallest mountain?"))
-        assert await wait_for(lambda: session.state == SessionState.THINKING, 10)
+        assert await wait_for(lambda: session.state in (SessionState.THINKING, SessionState.SPEAKING), 10)
         await mic.speak(espeak_say("in Europe, I mean."))
         # Barge-in during the first clause.
         assert await wait_for(lambda: speaking(session), 20)
         await mic.speak(espeak_say("No wait. Tell me about rivers."))
         # Rapid repeated barge-ins during synthesis.
         for phrase in ("Actually, stop.", "Tell me about lakes.", "No, about oceans."):
-            assert await wait_for(lambda: speaking(session), 20)
+            assert await wait_for(lambda: speaking(session), 20), [
+                (b.turn, b.outcome, b.text) for b in session.barge_ins]
             await asyncio.sleep(0.4)
             await mic.speak(espeak_say(phrase))
         assert await session.wait_idle(timeout=40)
@@ -193,7 +195,8 @@ async def test_interruption_storms_always_return_to_listening_and_never_play_sta
     # back to an older turn once a newer one has ended.
     turns_spoken = [e["turn"] for e in transport.events_of("agent_text") if not e["final"]]
     assert turns_spoken == sorted(turns_spoken)
-    assert len({b.turn for b in session.barge_ins if b.outcome == "interruption"}) >= 2
+    assert len({b.turn for b in session.barge_ins if b.outcome == "interruption"}) >= 2, \
+        [(b.turn, b.outcome, b.text) for b in session.barge_ins]
     assert session.turns[-1].user_text and not session.turns[-1].interrupted
 
 
@@ -300,6 +303,8 @@ async def test_a_complete_question_is_handed_over_before_the_hang_over_ends(mode
     async with live_session(models, turn_taking=turn_taking) as (session, transport, mic):
         await mic.speak(espeak_say("What is the capital of France?"))
         assert await wait_for(lambda: len(session.turns) == 1 and session.state == SessionState.LISTENING, 40)
+        # The VAD's own end of speech comes 5 s into the silence, whenever the answer is over.
+        assert await wait_for(lambda: any(not e["started"] for e in transport.events_of("user_speech")), 20)
     sp = session.turn_taker.speculation
     assert sp.started >= 1 and sp.used == 1, sp
     turn = session.turns[0]
