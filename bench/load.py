@@ -264,6 +264,30 @@ def slope_mib_per_hour(samples: list[dict], after_s: float) -> float | None:
     return float(np.polyfit(t, y, 1)[0] * 3600)
 
 
+def soak_summary(rows: list[dict], samples: list[dict], *, minutes: float, call: str, warm: float,
+                 trim: dict) -> dict[str, Any]:
+    """The slope is fitted from the end of the warm-up to the end of the last call (the malloc_trim
+    after it is reported apart)."""
+    last = max((r["t_end"] for r in rows), default=0.0)
+    during = [s for s in samples if s["t"] <= last + 1.0]
+    slope = slope_mib_per_hour(during, warm)
+    ends = [r["t_end"] for r in rows if r["t_end"] >= warm and not r.get("error")]
+    per_call = None
+    if len(ends) >= 2 and slope is not None:
+        per_call = slope / 3600 * (ends[-1] - ends[0]) / (len(ends) - 1)
+    errors = [r["error"] for r in rows if r.get("error")] + \
+        [t["error"] for r in rows for t in r.get("turns", []) + r.get("barge_ins", []) if t.get("error")]
+    return {"minutes": minutes, "call": call, "calls": len(rows), "warmup_s": warm,
+            "rss_start_mib": during[0]["rss_mib"] if during else None,
+            "rss_end_mib": during[-1]["rss_mib"] if during else None,
+            "rss_max_mib": max((s["rss_mib"] for s in during), default=None),
+            "slope_mib_per_hour": slope, "mib_per_call_after_warmup": per_call,
+            "threads_start_end": [during[0]["threads"], during[-1]["threads"]] if during else None,
+            "fds_start_end": [during[0]["fds"], during[-1]["fds"]] if during else None,
+            "http_503": sum(r.get("status") == 503 for r in rows), "errors": len(errors),
+            "error_kinds": sorted(set(errors)), "malloc_trim": trim}
+
+
 def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     out = results / "load_work_soak"
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +297,7 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     launcher = None
     if args.trace:
         launcher = [sys.executable, str(ROOT / "bench" / "serve_traced.py"), str(out / "memory.jsonl"),
-                    "--every", "30", "--"]
+                    "--every", "45", "--"]
     minutes = args.soak
     print(f"soak: {minutes:g} min of {args.call} calls, one caller; server loading models…", flush=True)
     extra = ["--max-new-tokens", str(args.max_new_tokens)]
@@ -283,7 +307,15 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         until = t0 + minutes * 60
         procs = start_callers(url, 1, until, out, args.call)
-        wait_callers(procs, until, out, watch, "soak", t0)
+        tracing = None
+        if args.trace:  # tracemalloc from the end of the warm-up: growth after it is what matters
+            tracing = threading.Timer(args.warmup * 60, os.kill, (watch.pid, signal.SIGUSR1))
+            tracing.start()
+        try:
+            wait_callers(procs, until, out, watch, "soak", t0)
+        finally:
+            if tracing is not None:
+                tracing.cancel()
         time.sleep(5)  # the last session's cleanup
         if args.trace:
             os.kill(watch.pid, signal.SIGUSR2)  # malloc_trim(0): what comes back was free heap, not a leak
@@ -293,22 +325,9 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
         watch.stop()
     samples = [{**s, "t": s["at"] - t0} for s in watch.samples if s["at"] >= t0]
     rows = read_rows(out)
-    warm = args.warmup * 60
-    slope = slope_mib_per_hour(samples, warm)
-    ends = [r["ended_at"] - t0 for r in rows if r["ended_at"] - t0 >= warm and not r.get("error")]
-    per_call = None
-    if len(ends) >= 2 and slope is not None:
-        per_call = slope / 3600 * (ends[-1] - ends[0]) / (len(ends) - 1)
-    errors = [r["error"] for r in rows if r.get("error")] + \
-        [t["error"] for r in rows for t in r.get("turns", []) + r.get("barge_ins", []) if t.get("error")]
-    summary = {"minutes": minutes, "call": args.call, "calls": len(rows), "warmup_s": warm,
-               "rss_start_mib": samples[0]["rss_mib"] if samples else None,
-               "rss_end_mib": samples[-1]["rss_mib"] if samples else None,
-               "slope_mib_per_hour": slope, "mib_per_call_after_warmup": per_call,
-               "threads_start_end": [samples[0]["threads"], samples[-1]["threads"]] if samples else None,
-               "fds_start_end": [samples[0]["fds"], samples[-1]["fds"]] if samples else None,
-               "http_503": sum(r.get("status") == 503 for r in rows), "errors": len(errors),
-               "error_kinds": sorted(set(errors)), "malloc_trim": trim}
+    for r in rows:
+        r["t_end"] = r["ended_at"] - t0
+    summary = soak_summary(rows, samples, minutes=minutes, call=args.call, warm=args.warmup * 60, trim=trim)
     doc = {"summary": summary, "calls": rows, "server_samples": samples}
     if args.trace:
         doc["memory_trace"] = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
@@ -370,7 +389,8 @@ def plot_soak(doc: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     t = np.array([p["t"] for p in s]) / 60
     ax[0].plot(t, [p["rss_mib"] for p in s], label="server RSS")
-    pts = [(p["t"], p["rss_mib"]) for p in s if p["t"] >= su["warmup_s"]]
+    last = max((r["t_end"] for r in doc["calls"]), default=0.0)
+    pts = [(p["t"], p["rss_mib"]) for p in s if su["warmup_s"] <= p["t"] <= last + 1.0]
     if len(pts) >= 10:
         tt, yy = np.array(pts).T
         k, b = np.polyfit(tt, yy, 1)
@@ -409,6 +429,7 @@ def main() -> int:
     ap.add_argument("--soak", type=float, default=None, metavar="MINUTES")
     ap.add_argument("--warmup", type=float, default=2.0, help="soak minutes left out of the slope fit")
     ap.add_argument("--trace", action="store_true", help="soak: tracemalloc + heap statistics in the server")
+    ap.add_argument("--from-json", action="store_true", help="soak: measure nothing, re-summarise and re-plot --json")
     ap.add_argument("--caller", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--until", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
@@ -422,8 +443,17 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     (ROOT / "artifacts").mkdir(exist_ok=True)
     meta = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
-    if args.soak:
+    if args.soak and args.from_json:
+        doc = json.loads(path.read_text())
+        s0 = doc["summary"]
+        t0 = doc["server_samples"][0]["at"] - doc["server_samples"][0]["t"]
+        for r in doc["calls"]:
+            r["t_end"] = r["ended_at"] - t0
+        doc["summary"] = soak_summary(doc["calls"], doc["server_samples"], minutes=s0["minutes"], call=s0["call"],
+                                      warm=args.warmup * 60, trim=s0["malloc_trim"])
+    elif args.soak:
         doc = {**meta, **run_soak(args, ROOT / "artifacts")}
+    if args.soak:
         path.write_text(json.dumps(doc, indent=1, default=float))
         plot_soak(doc, path.with_suffix(".png"))
         s = doc["summary"]

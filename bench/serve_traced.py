@@ -1,6 +1,6 @@
 """`rejoinder serve` with its memory watched: where does a long-running server's memory go?
 
-    python bench/serve_traced.py OUT.jsonl [--every 20] [--frames 6] [--no-tracemalloc] -- serve <flags>
+    python bench/serve_traced.py OUT.jsonl [--every 60] [--frames 6] -- serve <flags>
 
 Runs the CLI in this process (`rejoinder.agent.cli.main`) and, from a sampler thread, appends one
 JSON line to OUT every `--every` seconds:
@@ -12,6 +12,8 @@ JSON line to OUT every `--every` seconds:
                             lines whose allocations grew most since the first sample (with a short
                             traceback for the first few)
   types                     live gc-tracked objects of each type that grew most since the first sample
+tracemalloc starts on SIGUSR1 (send it after the warm-up: tracing model loading and imports would
+slow them several-fold and only shows memory that stays anyway); the growth baselines are reset then.
 On SIGUSR2 it calls glibc's malloc_trim(0) and writes a line with the RSS before and after: memory that
 comes back then was free heap the allocator kept (fragmentation), not a leak. bench/load.py --soak
 --trace launches the server through this file.
@@ -68,8 +70,8 @@ def type_counts() -> collections.Counter:
 
 
 class Sampler:
-    def __init__(self, out: Path, every: float, trace: bool) -> None:
-        self.out, self.every, self.trace = out, every, trace
+    def __init__(self, out: Path, every: float, frames: int) -> None:
+        self.out, self.every, self.frames = out, every, frames
         self.stop = threading.Event()
         self.first: tracemalloc.Snapshot | None = None
         self.first_types: collections.Counter | None = None
@@ -89,7 +91,7 @@ class Sampler:
         grew = {k: types[k] - self.first_types.get(k, 0) for k in types}
         row["types"] = dict(sorted(((k, v) for k, v in grew.items() if v > 0), key=lambda kv: -kv[1])[:15])
         row["objects"] = sum(types.values())
-        if self.trace and tracemalloc.is_tracing():
+        if tracemalloc.is_tracing():
             snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
             row["traced_mib"] = tracemalloc.get_traced_memory()[0] / MIB
             if self.first is None:
@@ -99,6 +101,13 @@ class Sampler:
                            "where": d.traceback.format()[-8:] if i < 4 else str(d.traceback[0])}
                           for i, d in enumerate(diff[:12])]
         self.write(row)
+
+    def start_tracing(self) -> None:
+        """From now on: Python allocations traced, and growth measured against the next sample."""
+        with self.lock:
+            self.first, self.first_types = None, None
+        tracemalloc.start(self.frames)
+        self.write({"tracing": True})
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
@@ -115,14 +124,11 @@ def main() -> int:
     cut = argv.index("--")
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--every", type=float, default=20.0)
+    ap.add_argument("--every", type=float, default=60.0)
     ap.add_argument("--frames", type=int, default=6)
-    ap.add_argument("--no-tracemalloc", action="store_true")
     args = ap.parse_args(argv[:cut])
-    trace = not args.no_tracemalloc
-    if trace:
-        tracemalloc.start(args.frames)
-    sampler = Sampler(Path(args.out), args.every, trace)
+    sampler = Sampler(Path(args.out), args.every, args.frames)
+    signal.signal(signal.SIGUSR1, lambda *_: sampler.start_tracing())
     signal.signal(signal.SIGUSR2, lambda *_: sampler.write({"trim": malloc_trim()}))
     thread = threading.Thread(target=sampler.run, name="rejoinder-bench-memory-sampler", daemon=True)
     thread.start()
