@@ -242,10 +242,12 @@ async def _interrupt(client: RTCClient, text: str, audio: np.ndarray, long: str,
 
 async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, interruptions: Sequence[str] = (),
                          caller_jitter_packets: int | None = 0, honour_mute: bool = True,
-                         timeout_s: float = 900.0, log: Any = print, keep_audio: bool = False) -> dict[str, Any]:
+                         timeout_s: float = 900.0, log: Any = print, keep_audio: bool = False,
+                         source_address: str | None = None) -> dict[str, Any]:
     """Speak `questions` and `interruptions` to the server at `url` as one WebRTC caller; what it heard.
 
-    `keep_audio`: each turn row also holds `answer_audio`, the answer as heard (48 kHz int16 array).
+    `keep_audio`: each turn row also holds `answer_audio`, the answer as heard (48 kHz int16 array);
+    `source_address`: signal from this local address (another caller, e.g. 127.0.0.2).
 
     Returns {"turns": [...], "barge_ins": [...], "summary": {...}, "server": transport stats,
     "caller_stages": {...}}. Bounded: every wait has a timeout and the whole run stops at `timeout_s`.
@@ -254,7 +256,8 @@ async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, inte
     cuts = [(q, trim(espeak_say(q))) for q in interruptions]
     long = long_text(70)
     deadline = time.monotonic() + timeout_s
-    client = RTCClient(url, jitter_packets=caller_jitter_packets, honour_mute=honour_mute)
+    client = RTCClient(url, jitter_packets=caller_jitter_packets, honour_mute=honour_mute,
+                       source_address=source_address)
     turns: list[dict] = []
     barges: list[dict] = []
     await client.connect()
