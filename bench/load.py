@@ -13,12 +13,15 @@ the greeting, questions and one interruption synthesised by espeak-ng, what it h
   the server's RSS, threads and open fds, sampled every second (psutil, else /proc)
 
     python bench/load.py [--callers 1,2,4] [--duration 75] [--json bench/results/load.json]
-    python bench/load.py --soak 10 [--call greeting|full] [--warmup 2] [--trace]
+    python bench/load.py --soak 10 [--call greeting|full] [--warmup 2] [--heap | --trace]
+    python bench/load.py --soak 10 --from-json --json FILE      # re-summarise and re-plot a soak
 
 `--soak MINUTES`: one caller, calls back to back against one server; the RSS slope after `--warmup`
-minutes (least squares, MiB/hour; DESIGN target < 5) and MiB per call, errors. `--trace` runs the
-server through bench/serve_traced.py (tracemalloc, glibc heap statistics, object counts by type; a
-malloc_trim at the end tells fragmentation from a leak). Writes JSON + PNG (load_soak.* for a soak).
+minutes (least squares up to the last call's end, MiB/hour; DESIGN target < 5) and MiB per call,
+errors. `--heap` runs the server through bench/serve_traced.py (glibc heap statistics, object counts
+by type; a malloc_trim at the end tells fragmentation from a leak); `--trace` adds tracemalloc from
+the end of the warm-up (which lines hold the growth; slows the server). Writes JSON + PNG
+(bench/results/load_soak.* for a soak).
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ from webrtc_latency import INTERRUPTIONS, QUESTIONS, measure_webrtc, pct, serve_
 MIB = 1024 * 1024
 CALL_BOUND_S = 150.0  # no single call runs longer, whatever happens
 BUSY_RETRY_S = 1.0
+TRANSPORT_COUNTERS = ("speech_runs", "late_frames", "clock_jumps", "max_in_queue", "max_out_queue", "packets_lost",
+                      "frames_out_speech")
+SPOKEN_PER_CALL = 5  # greeting, two answers, the long `say` that is interrupted, the answer to the interruption
 
 
 # --- one caller (its own process) -------------------------------------------------------------------
@@ -91,7 +97,10 @@ async def run_caller(url: str, until: float, index: int, out: Path, mode: str) -
                         path = out / f"answer_c{index}_{k}_{j}.npy"
                         np.save(path, pcm)
                         t["answer_audio_file"] = path.name
-                rec.update(turns=doc["turns"], barge_ins=doc["barge_ins"])
+                # The server's counters of this call's outgoing audio: a speech run per spoken item
+                # (greeting, 3 answers, the long `say`) when pacing holds up; more when speech broke up.
+                rec.update(turns=doc["turns"], barge_ins=doc["barge_ins"],
+                           transport={k: doc["server"].get(k) for k in TRANSPORT_COUNTERS})
         except SignallingError as exc:
             rec["status"] = exc.status
             rec["error"] = None if exc.status == 503 else str(exc)
@@ -215,7 +224,13 @@ def summarise_level(rows: list[dict], samples: list[dict], duration: float) -> d
     errors = [r["error"] for r in rows if r.get("error")] + [t["error"] for t in turns if t.get("error")] + \
         [b["error"] for b in barges if b.get("error")]
     rss = [s["rss_mib"] for s in samples]
+    tr = [r["transport"] for r in rows if r.get("transport")]
+    runs = [t["speech_runs"] / SPOKEN_PER_CALL for t in tr if t.get("speech_runs") is not None]
     return {
+        "speech_runs_per_spoken_item": float(np.mean(runs)) if runs else None,
+        "late_frames": sum(t.get("late_frames") or 0 for t in tr),
+        "clock_jumps": sum(t.get("clock_jumps") or 0 for t in tr),
+        "max_in_queue": max((t.get("max_in_queue") or 0 for t in tr), default=None),
         "calls": sum(1 for r in rows if "status" not in r and not r.get("error")), "attempts": len(rows),
         "asked": len(turns), "answered_heard": len(v2v), "barge_ins": len(bi),
         "heard_v2v_p50_s": pct(v2v, 50), "heard_v2v_p95_s": pct(v2v, 95),
@@ -297,7 +312,7 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
         p.unlink()
     watch = Watch(2.0)
     launcher = None
-    if args.trace:
+    if args.trace or args.heap:
         launcher = [sys.executable, str(ROOT / "bench" / "serve_traced.py"), str(out / "memory.jsonl"),
                     "--every", "45", "--"]
     minutes = args.soak
@@ -319,7 +334,7 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
             if tracing is not None:
                 tracing.cancel()
         time.sleep(5)  # the last session's cleanup
-        if args.trace:
+        if args.trace or args.heap:
             os.kill(watch.pid, signal.SIGUSR2)  # malloc_trim(0): what comes back was free heap, not a leak
             time.sleep(3)
             lines = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
@@ -331,7 +346,7 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
         r["t_end"] = r["ended_at"] - t0
     summary = soak_summary(rows, samples, minutes=minutes, call=args.call, warm=args.warmup * 60, trim=trim)
     doc = {"summary": summary, "calls": rows, "server_samples": samples}
-    if args.trace:
+    if args.trace or args.heap:
         doc["memory_trace"] = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
     return doc
 
@@ -371,6 +386,10 @@ def plot_levels(doc: dict, path: Path) -> None:
         ax[2].plot([p["t"] for p in s], [p["rss_mib"] for p in s], label=f"N={lv['n']}")
         ax[3].plot([p["t"] for p in s], [p["threads"] for p in s], label=f"threads N={lv['n']}")
         ax[3].plot([p["t"] for p in s], [p["fds"] for p in s], ls=":", label=f"fds N={lv['n']}")
+    ax[2].set_xlim(left=-2)  # from the callers' start: model loading is not the point here
+    low = min((p["rss_mib"] for lv in levels for p in lv["server_samples"] if p["t"] >= 0), default=0)
+    ax[2].set_ylim(bottom=low - 50)
+    ax[3].set_xlim(left=-2)
     ax[2].set_xlabel("s since the callers started")
     ax[2].set_ylabel("server RSS (MiB)")
     ax[2].legend(fontsize=8)
@@ -431,7 +450,8 @@ def main() -> int:
     ap.add_argument("--soak", type=float, default=None, metavar="MINUTES")
     ap.add_argument("--warmup", type=float, default=2.0, help="soak minutes left out of the slope fit")
     ap.add_argument("--trace", action="store_true", help="soak: tracemalloc + heap statistics in the server")
-    ap.add_argument("--from-json", action="store_true", help="soak: measure nothing, re-summarise and re-plot --json")
+    ap.add_argument("--heap", action="store_true", help="soak: heap statistics and object counts, no tracemalloc")
+    ap.add_argument("--from-json", action="store_true", help="measure nothing: re-summarise (soak) and re-plot --json")
     ap.add_argument("--caller", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--until", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
@@ -466,12 +486,16 @@ def main() -> int:
               f"fds {s['fds_start_end']}; 503s {s['http_503']} errors {s['errors']} {s['error_kinds']}; "
               f"malloc_trim {s['malloc_trim']}")
     else:
-        levels = [run_level(int(n), args, ROOT / "artifacts") for n in args.callers.split(",")]
-        doc = {**meta, "duration_s": args.duration, "levels": levels}
+        if args.from_json:
+            doc = json.loads(path.read_text())
+            levels = doc["levels"]
+        else:
+            levels = [run_level(int(n), args, ROOT / "artifacts") for n in args.callers.split(",")]
+            doc = {**meta, "duration_s": args.duration, "levels": levels}
         path.write_text(json.dumps(doc, indent=1, default=float))
         plot_levels(doc, path.with_suffix(".png"))
         print("\n  N  calls  asked  v2v p50/p95 (s)  server v2v p50  barge-in p50/p95 (s)  WER mean  "
-              "intelligible  503s  errors  RSS idle->max MiB  threads  fds")
+              "intelligible  503s  errors  RSS idle->max MiB  threads  fds  runs/item  clock jumps")
 
         def f(v: float | None) -> str:
             return "  -  " if v is None else f"{v:.2f}"
@@ -483,7 +507,7 @@ def main() -> int:
                   f"{f(s['barge_in_heard_p95_s'])}        {f(s['answer_wer_mean'])}     "
                   f"{s['answers_intelligible']}/{s['answers_transcribed']}       {s['http_503']:3d}  {s['errors']:5d}"
                   f"   {s['rss_idle_mib'] or 0:.0f} -> {s['rss_max_mib'] or 0:.0f}   {s['threads_max']}  "
-                  f"{s['fds_max']}")
+                  f"{s['fds_max']}  {f(s.get('speech_runs_per_spoken_item'))}  {s.get('clock_jumps')}")
             for e in s["error_kinds"]:
                 print(f"     error: {e}")
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -155,8 +155,16 @@ async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float
                            "server_voice_to_voice_s": metrics.get("voice_to_voice_s"),
                            "server_stages_s": {k: v for k, v in metrics.items()
                                                if k.endswith("_s") and k != "voice_to_voice_s"}}
+    if run is not None and run["first_handed_at"] - first_sent > 0.25:
+        # The server logs its last 64 speech runs; an answer that broke up into more has lost its first.
+        run = None
+        row["runs_lost"] = True
     if got is None or run is None:
-        row["error"] = "no server stamps for the last word" if got is None else "no answer audio found"
+        row["error"] = "no server stamps for the last word" if got is None else \
+            "the answer's first speech run is not in the server's log" if row.get("runs_lost") else \
+            "no answer audio found"
+        if keep_audio:
+            row["answer_audio"] = client.received_audio(since=speech_end, heard=True)
         return row
     first = client.frame_at(run["start_ts"])
     if first is None:
@@ -187,8 +195,8 @@ async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float
         detail["caller_decode_queue"] = first.at - first.released_at
     row.update({"heard_voice_to_voice_s": (audible.at - speech_end) if audible is not None else None,
                 "first_frame_voice_to_voice_s": first.at - speech_end, "stages_s": stages, "detail_s": detail})
-    if keep_audio:  # the answer as the caller heard it (48 kHz int16), from its first frame on
-        row["answer_audio"] = client.received_audio(since=first.at, heard=True)
+    if keep_audio:  # the answer as the caller heard it (48 kHz int16): everything after the question
+        row["answer_audio"] = client.received_audio(since=speech_end, heard=True)
     return row
 
 
