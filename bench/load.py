@@ -425,10 +425,12 @@ def plot_soak(doc: dict, path: Path) -> None:
     if doc.get("memory_trace"):
         m = [x for x in doc["memory_trace"] if "rss_mib" in x]
         tm = [x["t"] / 60 for x in m]
-        ax[1].plot(tm, [x["heap"].get("in_use_mib", 0) for x in m], label="glibc heap in use")
+        h0 = m[0]["heap"].get("in_use_mib", 0) if m else 0
+        ax[1].plot(tm, [x["heap"].get("in_use_mib", 0) - h0 for x in m], label="glibc heap in use (growth)")
         ax[1].plot(tm, [x["heap"].get("free_mib", 0) for x in m], label="glibc heap free (kept)")
-        ax[1].plot(tm, [x.get("traced_mib", 0) for x in m], label="tracemalloc (Python)")
+        ax[1].plot(tm, [x.get("traced_mib", 0) for x in m], label="tracemalloc (Python, after warm-up)")
         ax[1].set_xlabel("minutes since the server started")
+        ax[1].set_ylabel("MiB")
         ax[1].legend(fontsize=8)
     else:
         ax[1].plot(t, [p["threads"] for p in s], label="threads")
