@@ -1,7 +1,8 @@
 """Which models does the agent run on? The embedded (or configured) models, loaded once per process.
 
 Every live session of a process shares one `Models`: one engine (its KV cache and worker thread),
-one Whisper, one Piper voice. Sessions make their own VAD (Silero carries stream state).
+one Whisper, one Piper voice, one Silero network (each session keeps its own VAD state on it:
+`SileroVAD.new_stream`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Models:
                               context_pad_s=None if cfg.asr_full_window else DEFAULT_CONTEXT_PAD_S)
         self.tts = PiperTTS(resolve("tts", cfg.tts_model or None), threads=cfg.tts_threads or None)
         self.vad_path = resolve("vad", cfg.vad_model or None)
-        self.vad = SileroVAD(self.vad_path)  # for one-shot checks; sessions make their own
+        self.vad = SileroVAD(self.vad_path)  # the loaded network; each session streams on it (new_stream)
         self.load_s = time.perf_counter() - t0
 
     def close(self) -> None:

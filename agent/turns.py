@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from rejoinder.streaming.asr_stream import ASREvent, StreamingASRConfig, without_tail
 from rejoinder.streaming.listener import Listener
 from rejoinder.streaming.text_metrics import normalize_text
-from rejoinder.streaming.vad import SileroVAD, VADConfig
+from rejoinder.streaming.vad import VADConfig
 
 from .barge_in import is_backchannel, words
 from .config import TurnTakingConfig
@@ -102,7 +102,7 @@ def listener_for(models: Models, cfg: TurnTakingConfig) -> Listener:
     vad = VADConfig(threshold=cfg.vad_threshold, min_speech_s=cfg.min_speech_s, hangover_s=cfg.hangover_s)
     margin = 0.05 if cfg.speculative else 0.08
     pause_pass_s = cfg.pause_pass_s if cfg.speculative else margin + 0.05
-    return Listener(models.asr, vad=SileroVAD(models.vad_path), vad_config=vad,
+    return Listener(models.asr, vad=models.vad.new_stream(), vad_config=vad,
                     asr_config=StreamingASRConfig(final_reuse_margin_s=margin), pause_pass_s=pause_pass_s)
 
 

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +90,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_process(*, receive_jitter_packets: int = 0, extra: Sequence[str] = (), ready_timeout_s: float = 300.0,
-                  log_path: Path | None = None) -> Iterator[str]:
-    """`rejoinder serve` in a subprocess on a free loopback port; yields its base URL once healthy."""
+                  log_path: Path | None = None, max_sessions: int = 1, launcher: Sequence[str] | None = None,
+                  started: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
+    """`rejoinder serve` in a subprocess on a free loopback port; yields its base URL once healthy.
+
+    `launcher` replaces `python -m rejoinder.agent.cli` (a wrapper that instruments the server);
+    `started` is told the process as soon as it exists (to sample its memory)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "rejoinder.agent.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--ice-host", "127.0.0.1", "--max-sessions", "1", "--receive-jitter-packets", str(receive_jitter_packets),
-           *extra]
+    cmd = [*(launcher or (sys.executable, "-m", "rejoinder.agent.cli")), "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--ice-host", "127.0.0.1", "--max-sessions", str(max_sessions),
+           "--receive-jitter-packets", str(receive_jitter_packets), *extra]
     log = open(log_path, "w") if log_path else tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if started is not None:
+        started(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout_s
@@ -132,7 +138,8 @@ def _first_run_after(runs: list[dict], t: float) -> dict | None:
     return None
 
 
-async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float) -> dict[str, Any]:
+async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float,
+               keep_audio: bool = False) -> dict[str, Any]:
     mark = time.monotonic()
     said = await client.say(np.concatenate([audio, silence(TAIL_S)]), 16_000)
     speech_end = said.start + audio.size / 16_000
@@ -148,8 +155,16 @@ async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float
                            "server_voice_to_voice_s": metrics.get("voice_to_voice_s"),
                            "server_stages_s": {k: v for k, v in metrics.items()
                                                if k.endswith("_s") and k != "voice_to_voice_s"}}
+    if run is not None and run["first_handed_at"] - first_sent > 0.25:
+        # The server logs its last 64 speech runs; an answer that broke up into more has lost its first.
+        run = None
+        row["runs_lost"] = True
     if got is None or run is None:
-        row["error"] = "no server stamps for the last word" if got is None else "no answer audio found"
+        row["error"] = "no server stamps for the last word" if got is None else \
+            "the answer's first speech run is not in the server's log" if row.get("runs_lost") else \
+            "no answer audio found"
+        if keep_audio:
+            row["answer_audio"] = client.received_audio(since=speech_end, heard=True)
         return row
     first = client.frame_at(run["start_ts"])
     if first is None:
@@ -180,6 +195,8 @@ async def _ask(client: RTCClient, text: str, audio: np.ndarray, timeout_s: float
         detail["caller_decode_queue"] = first.at - first.released_at
     row.update({"heard_voice_to_voice_s": (audible.at - speech_end) if audible is not None else None,
                 "first_frame_voice_to_voice_s": first.at - speech_end, "stages_s": stages, "detail_s": detail})
+    if keep_audio:  # the answer as the caller heard it (48 kHz int16): everything after the question
+        row["answer_audio"] = client.received_audio(since=speech_end, heard=True)
     return row
 
 
@@ -233,8 +250,12 @@ async def _interrupt(client: RTCClient, text: str, audio: np.ndarray, long: str,
 
 async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, interruptions: Sequence[str] = (),
                          caller_jitter_packets: int | None = 0, honour_mute: bool = True,
-                         timeout_s: float = 900.0, log: Any = print) -> dict[str, Any]:
+                         timeout_s: float = 900.0, log: Any = print, keep_audio: bool = False,
+                         source_address: str | None = None) -> dict[str, Any]:
     """Speak `questions` and `interruptions` to the server at `url` as one WebRTC caller; what it heard.
+
+    `keep_audio`: each turn row also holds `answer_audio`, the answer as heard (48 kHz int16 array);
+    `source_address`: signal from this local address (another caller, e.g. 127.0.0.2).
 
     Returns {"turns": [...], "barge_ins": [...], "summary": {...}, "server": transport stats,
     "caller_stages": {...}}. Bounded: every wait has a timeout and the whole run stops at `timeout_s`.
@@ -243,7 +264,8 @@ async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, inte
     cuts = [(q, trim(espeak_say(q))) for q in interruptions]
     long = long_text(70)
     deadline = time.monotonic() + timeout_s
-    client = RTCClient(url, jitter_packets=caller_jitter_packets, honour_mute=honour_mute)
+    client = RTCClient(url, jitter_packets=caller_jitter_packets, honour_mute=honour_mute,
+                       source_address=source_address)
     turns: list[dict] = []
     barges: list[dict] = []
     await client.connect()
@@ -254,7 +276,7 @@ async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, inte
             if time.monotonic() > deadline:
                 break
             try:
-                row = await _ask(client, q, audio, min(90.0, max(1.0, deadline - time.monotonic())))
+                row = await _ask(client, q, audio, min(90.0, max(1.0, deadline - time.monotonic())), keep_audio)
             except asyncio.TimeoutError:
                 row = {"question": q, "error": "no answer in time"}
             turns.append(row)

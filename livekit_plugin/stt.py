@@ -71,6 +71,7 @@ class STT(stt.STT):
         self._asr = asr if asr is not None else WhisperASR(resolve("asr", model_dir), language=language or None)
         self._language = language
         self._vad_model = vad_model
+        self._vad_network: SileroVAD | None = None  # loaded on first use; streams share it
         self._vad_config = vad_config
         self._asr_config = asr_config
 
@@ -87,8 +88,10 @@ class STT(stt.STT):
         return self._asr
 
     def _new_vad(self) -> SileroVAD:
-        # Silero keeps recurrent state: every stream needs its own.
-        return SileroVAD(resolve("vad", self._vad_model))
+        # Silero keeps recurrent state: every stream needs its own, on the one loaded network.
+        if self._vad_network is None:
+            self._vad_network = SileroVAD(resolve("vad", self._vad_model))
+        return self._vad_network.new_stream()
 
     async def _recognize_impl(
         self,

@@ -31,6 +31,7 @@ class VAD(vad.VAD):
         super().__init__(capabilities=vad.VADCapabilities(update_interval=0.032))
         self._model_path = model_path
         self._config = config or VADConfig()
+        self._model: SileroVAD | None = None  # the network, loaded once; each stream keeps its own state
 
     @property
     def model(self) -> str:
@@ -41,7 +42,9 @@ class VAD(vad.VAD):
         return PROVIDER
 
     def stream(self) -> VADStream:
-        return VADStream(self, SileroVAD(resolve("vad", self._model_path)), self._config)
+        if self._model is None:
+            self._model = SileroVAD(resolve("vad", self._model_path))
+        return VADStream(self, self._model.new_stream(), self._config)
 
 
 class VADStream(vad.VADStream):

@@ -163,7 +163,7 @@ class WebRTCStats:
         self.stages[name].add(seconds)
 
     def snapshot(self, frames_in: list[int] | tuple[int, ...] = (), frames_out: list[int] | tuple[int, ...] = (),
-                 runs: int = 16) -> dict[str, Any]:
+                 runs: int = 64) -> dict[str, Any]:
         """JSON-ready: counters, each stage's summary, the stamps of the frames asked for, recent speech runs."""
         counters = {k: v for k, v in self.__dict__.items() if isinstance(v, (int, float)) or v is None}
 

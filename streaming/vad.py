@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,26 +50,39 @@ class SileroVAD:
     """Silero VAD v6 (ONNX), 512-sample (32 ms) windows at 16 kHz.
 
     The model is stateful: a (2, 1, 128) LSTM state plus the last 64 input samples as context.
-    One instance serves one stream at a time.
+    One instance serves one stream at a time; `new_stream()` gives another stream on the same
+    loaded model (the state lives here, not in the ONNX session, which is stateless and safe to
+    run from several threads), so a process loads the network once however many calls it serves.
     """
 
     sample_rate = VAD_RATE
     window_samples = 512
     _CONTEXT = 64
 
-    def __init__(self, model_path: str | os.PathLike | None = None, *, threads: int = 1) -> None:
-        import onnxruntime as ort  # local: importing vad.py must not pay onnxruntime's import cost
+    def __init__(self, model_path: str | os.PathLike | None = None, *, threads: int = 1,
+                 session: Any = None) -> None:
+        if session is None:
+            import onnxruntime as ort  # local: importing vad.py must not pay onnxruntime's import cost
 
-        path = os.fspath(model_path or resolve("vad"))
-        opts = ort.SessionOptions()
-        # One thread: a window takes well under a millisecond; more threads only add contention
-        # with the ASR decode running beside it.
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self._session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+            path = os.fspath(model_path or resolve("vad"))
+            opts = ort.SessionOptions()
+            # One thread: a window takes well under a millisecond; more threads only add contention
+            # with the ASR decode running beside it.
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self._session = session
         self._sr = np.array(self.sample_rate, dtype=np.int64)
         self.reset()
+
+    def new_stream(self) -> SileroVAD:
+        """Another stream on this loaded model: its own state (fresh), the same ONNX session.
+
+        A session costs ~11 MiB of native memory and tens of ms to build; one per call (as the
+        server once did) held that much per ended call until Python's next full garbage collection
+        (bench/load.py --soak: +3 MiB/call for the first ~80 calls of a fresh server)."""
+        return SileroVAD(session=self._session)
 
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)

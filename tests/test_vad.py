@@ -106,3 +106,44 @@ def test_chunk_size_does_not_change_decisions(silero, two_utterances):
     assert [k for k, _ in ref] == ["speech_start", "speech_end", "speech_start", "speech_end"]
     assert run(320) == ref
     assert run(777) == ref
+
+
+def _heap_in_use_mib() -> float:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2")
+    libc.mallinfo2.restype = MallInfo2
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+
+
+def test_streams_share_the_network_but_not_the_state(silero, two_utterances):
+    """Interleaved streams on one network answer exactly as separate instances do; and a stream
+    costs its state, not another ~11 MiB ONNX session (bench/load.py --soak found one per call)."""
+    audio = two_utterances.audio
+    a_in = audio[: 512 * 40].astype(np.float32)
+    b_in = audio[512 * 40 : 512 * 80].astype(np.float32)
+    solo_a, solo_b = SileroVAD(), SileroVAD()
+    want_a = [solo_a.speech_prob(a_in[i : i + 512]) for i in range(0, a_in.size, 512)]
+    want_b = [solo_b.speech_prob(b_in[i : i + 512]) for i in range(0, b_in.size, 512)]
+    a, b = silero.new_stream(), silero.new_stream()
+    got_a, got_b = [], []
+    for i in range(0, a_in.size, 512):
+        got_a.append(a.speech_prob(a_in[i : i + 512]))
+        got_b.append(b.speech_prob(b_in[i : i + 512]))
+    np.testing.assert_allclose(got_a, want_a, atol=1e-5)
+    np.testing.assert_allclose(got_b, want_b, atol=1e-5)
+    assert max(want_a + want_b) > 0.5 > min(want_a + want_b)  # both speech and silence were scored
+
+    before = _heap_in_use_mib()
+    streams = [silero.new_stream() for _ in range(20)]
+    for s in streams:
+        s.speech_prob(a_in[:512])
+    grew = _heap_in_use_mib() - before
+    assert grew < 5.0, f"20 streams took {grew:.1f} MiB (a separate SileroVAD takes ~11 MiB each)"
