@@ -37,7 +37,7 @@ from .config import ModelConfig
 from .decoder import Decoder, EagerDecoder
 from .errors import ContextOverflow, ModelFileError
 from .generation import Generation, GenerationSink, GenerationStats, TokenEvent
-from .kv_slots import Slot, SlotKey
+from .kv_slots import Slot, SlotKey, common_prefix
 from .model import Transformer
 from .sampling import SamplingParams
 from .scheduler import ANY_TIME, Scheduler
@@ -74,12 +74,7 @@ class EngineOptions:
         return dtypes[self.dtype]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+PREFIX_COPY_MIN = 4  # tokens another slot must hold beyond ours before its K/V are copied over
 
 
 BACKENDS = ("auto", "native", "triton", "eager")
@@ -232,7 +227,12 @@ class Engine:
             raise BadInputError("empty prompt")
         if len(ids) >= self.max_seq_len:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit a context of {self.max_seq_len}")
-        common = _common_prefix(slot.ids, ids)
+        common = common_prefix(slot.ids, ids)
+        donor, shared = self._scheduler.slots.longest_prefix(ids, exclude=slot)
+        if donor is not None and shared > common + PREFIX_COPY_MIN:
+            self.model.copy_cache_prefix(donor.index, slot.index, shared)  # a memcpy, not a prefill
+            slot.ids[:] = donor.ids[:shared]
+            common = shared
         if common == len(ids):
             common -= 1  # we need logits, so at least the last token is run again
         del slot.ids[common:]  # anything past the divergence is stale

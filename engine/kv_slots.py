@@ -5,7 +5,9 @@ per layer), each the cache of one token sequence. A caller names its slot by a k
 id; `None` is the default slot shared by every caller that names none -- so a follow-up turn finds
 its own prefix and prefills only its new tokens, whatever other sessions ran in between. With more
 keys than slots, the least recently used idle slot is handed over (its owner's next turn prefills
-from scratch); a slot a sequence is decoding in is never taken.
+from scratch); a slot a sequence is decoding in is never taken. A slot that holds less of a prompt
+than another slot does starts from a copy of that one's K/V (`longest_prefix`): a new session's
+persona and tool list are prefilled once per engine, not once per session.
 
 Memory: a slot holds K and V for `max_seq` positions of every layer, 2 * layers * kv_heads *
 head_dim * max_seq * dtype bytes (SmolLM2-135M, fp32, 2048 positions: 90 MiB; Llama-3.2-1B, bf16,
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from rejoinder.errors import EngineError
 
 SlotKey = str | None  # a session id; None: the default slot
-__all__ = ["KVSlots", "Slot", "SlotKey"]
+__all__ = ["KVSlots", "Slot", "SlotKey", "common_prefix"]
 
 
 @dataclass(eq=False)
@@ -84,9 +86,29 @@ class KVSlots:
             if not slot.busy:
                 slot.ids = []
 
+    def longest_prefix(self, ids: list[int], exclude: Slot) -> tuple[Slot | None, int]:
+        """The other slot sharing the longest prefix with `ids` (the same persona and tools, say), and
+        how many tokens; a slot decoding is fine (decoding only writes past what it holds)."""
+        best, n = None, 0
+        for slot in self._slots.values():
+            if slot is not exclude:
+                k = common_prefix(slot.ids, ids)
+                if k > n:
+                    best, n = slot, k
+        return best, n
+
     def keys(self) -> list[SlotKey]:
         """Keys holding a slot, least recently used first."""
         return list(self._slots)
 
 
 _NONE = object()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -161,6 +161,13 @@ class Transformer(nn.Module):
             layer.attn.cache = KVCache(slots, self.cfg.n_kv_heads, max_seq, self.cfg.head_dim, p.dtype, p.device)
         self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_seq, p.device)
 
+    def copy_cache_prefix(self, src: int, dst: int, n: int) -> None:
+        """Cache slot `dst` gets the K/V of positions 0..n-1 of slot `src` (the same tokens there)."""
+        for layer in self.layers:
+            cache = layer.attn.cache
+            cache.k[dst, :, :n] = cache.k[src, :, :n]
+            cache.v[dst, :, :n] = cache.v[src, :, :n]
+
     def forward(self, tokens: Tensor, start: int = 0, last_only: bool = False, slot: int = 0) -> Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, 1, V]); with a
         cache, row b reads and writes cache slot `slot + b`."""

@@ -198,10 +198,30 @@ def test_a_follow_up_prefills_only_its_new_tokens_whatever_ran_between(engine):
     follow_up = engine.chat_ids(histories["A"])  # A's second turn, after B's first
     list(engine.generate(follow_up, params, slot="A"))
     assert engine.last_stats.prefill_tokens < 16 < engine.last_stats.reused_tokens
-    list(engine.generate(engine.chat_ids(histories["B"]), params))  # the default slot has neither
-    assert engine.last_stats.reused_tokens < 8
     for key in "AB":
         engine.release_slot(key)
+
+
+def test_a_new_slot_starts_from_the_prefix_another_slot_holds(engine):
+    """A new session's prompt shares the persona with sessions before it: its slot starts from a copy
+    of their K/V, and what it computes is what a prefill from scratch computes."""
+    persona = [{"role": "system", "content": "You are a patient assistant for a bicycle shop. Keep answers short."}]
+    first = engine.chat_ids(persona + [{"role": "user", "content": "Do you repair brakes?"}])
+    second = engine.chat_ids(persona + [{"role": "user", "content": "When do you open on Sunday?"}])
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 16
+    engine.reset()
+    engine.next_token_probs(first, slot="donor")
+    seeded = engine.next_token_probs(second, slot="new")
+    assert engine.last_stats.reused_tokens >= shared - 1, engine.last_stats
+    engine.release_slot("new")
+    engine.reset()  # nothing cached anywhere: the same prompt from scratch
+    engine.release_slot("donor")
+    scratch = engine.next_token_probs(second, slot="scratch")
+    assert engine.last_stats.reused_tokens == 0
+    assert torch.allclose(seeded, scratch, atol=1e-5), (seeded - scratch).abs().max()
+    assert int(seeded.argmax()) == int(scratch.argmax())
+    engine.release_slot("scratch")
 
 
 async def test_a_follow_up_runs_while_another_session_generates(engine):
