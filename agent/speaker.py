@@ -25,7 +25,7 @@ from rejoinder.engine import SamplingParams
 from rejoinder.errors import ControlError
 from rejoinder.streaming.frames import AudioFrame
 from rejoinder.streaming.hold_audio import hold_chunk
-from rejoinder.streaming.playout import PlayoutBuffer
+from rejoinder.streaming.playout import PlayoutBuffer, PlayoutConfig
 from rejoinder.streaming.resample import StreamResampler
 from rejoinder.streaming.streamed_tts import SpeechChunk
 from rejoinder.streaming.transport import TransportClosed
@@ -55,7 +55,9 @@ TOOL_RETRY_TEXT = "Sorry, I could not do that."
 class Speaker:
     def __init__(self, session: Session, sample_rate: int) -> None:
         self.s = session
-        self.playout = PlayoutBuffer(self._send_frame, sample_rate=sample_rate)
+        # Speech goes to the transport as far ahead as it wants a reserve; a pause takes it back.
+        self.playout = PlayoutBuffer(self._send_frame, sample_rate=sample_rate, recall=self._recall,
+                                     config=PlayoutConfig(lead_s=session.transport.audio_lead_s))
         self.answer: Answer | None = None  # the answer the playout is (or will be) playing
         self.last_frame_at = 0.0
         self.forced_tool: str | None = None  # the next answer must begin with a call of this tool
@@ -271,8 +273,7 @@ class Speaker:
         answer = self.answer
         if answer is None:
             return
-        played = self.playout.played_text()
-        self.playout.flush()
+        played = self.playout.flush().played_text  # after the transport's unsent reserve was taken back
         answer.cancel()
         self.finish(answer, interrupted=True, played=played)
 
@@ -380,6 +381,11 @@ class Speaker:
             await s.end("transport closed")
             return False
         return True
+
+    def _recall(self) -> float:
+        """Speech the transport holds unsent, dropped (the playout re-queues it); its seconds."""
+        self._out_resampler = None  # its filter holds the tail of what was taken back
+        return self.s.transport.recall_audio()
 
     def _to_transport_rate(self, frame: AudioFrame) -> AudioFrame:
         rate = self.s.transport.output_sample_rate

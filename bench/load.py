@@ -48,8 +48,8 @@ from webrtc_latency import INTERRUPTIONS, QUESTIONS, measure_webrtc, pct, serve_
 MIB = 1024 * 1024
 CALL_BOUND_S = 150.0  # no single call runs longer, whatever happens
 BUSY_RETRY_S = 1.0
-TRANSPORT_COUNTERS = ("speech_runs", "late_frames", "clock_jumps", "max_in_queue", "max_out_queue", "packets_lost",
-                      "frames_out_speech")
+TRANSPORT_COUNTERS = ("speech_runs", "speech_holes", "late_frames", "clock_jumps", "dropped_out_frames", "max_in_queue",
+                      "max_out_queue", "packets_lost", "frames_out_speech")
 SPOKEN_PER_CALL = 5  # greeting, two answers, the long `say` that is interrupted, the answer to the interruption
 
 
@@ -228,7 +228,9 @@ def summarise_level(rows: list[dict], samples: list[dict], duration: float) -> d
     runs = [t["speech_runs"] / SPOKEN_PER_CALL for t in tr if t.get("speech_runs") is not None]
     return {
         "speech_runs_per_spoken_item": float(np.mean(runs)) if runs else None,
+        "speech_holes": sum(t.get("speech_holes") or 0 for t in tr),
         "late_frames": sum(t.get("late_frames") or 0 for t in tr),
+        "dropped_out_frames": sum(t.get("dropped_out_frames") or 0 for t in tr),
         "clock_jumps": sum(t.get("clock_jumps") or 0 for t in tr),
         "max_in_queue": max((t.get("max_in_queue") or 0 for t in tr), default=None),
         "calls": sum(1 for r in rows if "status" not in r and not r.get("error")), "attempts": len(rows),

@@ -114,6 +114,7 @@ class LiveKitTransport:
         input_queue_frames: int = 500,
     ) -> None:
         self.output_sample_rate = source.sample_rate
+        self.audio_lead_s = 0.0  # the source paces what it is given (its own queue is the reserve)
         self._source = source
         self._audio = audio
         self._link = link
@@ -211,6 +212,13 @@ class LiveKitTransport:
             return
         await self._source.capture_frame(out)
         self.frames_out += 1
+
+    def recall_audio(self) -> float:
+        """Drop what the source still queues (a barge-in under review stops at once); its seconds."""
+        seconds = float(self._source.queued_duration)
+        self._source.clear_queue()
+        self._resampler = None
+        return seconds
 
     def _to_output(self, frame: AudioFrame) -> rtc.AudioFrame | None:
         rate = self.output_sample_rate

@@ -10,6 +10,13 @@ than "sleep 20 ms after each frame", which would accumulate the event loop's sch
 the loop stalls for longer than `max_lateness_s` the anchor is reset instead of sending a burst of
 catch-up frames.
 
+A transport that paces frames out by its own clock (WebRTC's encoder pulls a frame every 20 ms)
+starves the moment a frame reaches it late, and a starved slot is a hole mid-word. `lead_s` hands
+speech over that far ahead of its slot: a reserve that rides out stalls of a loaded CPU. What the
+reserve holds is not heard yet, so pausing or flushing takes it back (`recall`, the transport's
+`recall_audio`) and rewinds the played position by as much: a barge-in stops the audio as fast as
+without a reserve, and a resumed answer goes on from the first frame not sent.
+
 "Played" means handed to the sink at its due time (a frame sent cannot be recalled, so the listener
 will hear it). Because each chunk carries the exact text it speaks, the played sample count maps to
 the words played: `played_text()` is what the agent keeps in history after a barge-in. Within a chunk,
@@ -47,6 +54,12 @@ class PlayoutConfig:
     silence_when_idle: bool = False
     # A frame later than this (event loop stall) restarts the pacing clock instead of bursting.
     max_lateness_s: float = 0.1
+    # Speech handed to the sink this far ahead of its real-time slot (the transport's send reserve).
+    lead_s: float = 0.0
+
+    @property
+    def lead_frames(self) -> int:
+        return max(0, round(self.lead_s * 1000 / self.frame_ms))
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class PlayoutMetrics:
     silence_frames: int = 0
     underruns: int = 0  # the queue ran dry while the answer was still streaming in
     reanchors: int = 0
+    recalled_frames: int = 0  # handed over, taken back unsent (pause/flush with a lead) and re-queued
     max_lateness_s: float = 0.0
     flushes: int = 0
     sink_errors: int = 0
@@ -126,10 +140,14 @@ class PlayoutBuffer:
         sample_rate: int | None = None,
         config: PlayoutConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        recall: Callable[[], float] | None = None,
     ) -> None:
         self.config = config or PlayoutConfig()
         self.metrics = PlayoutMetrics()
         self._sink = sink
+        self._recall = recall  # takes back what the sink holds unsent; returns its seconds
+        # The last frames handed over (real samples only), so that recalled ones can be re-queued.
+        self._history: deque[np.ndarray] = deque(maxlen=self.config.lead_frames + 16)
         self._clock = clock
         self._rate: int | None = sample_rate
         self._entries: list[_Entry] = []  # every chunk of the answer still accounted (played or queued)
@@ -199,6 +217,8 @@ class PlayoutBuffer:
 
     def flush(self) -> FlushResult:
         """Drop everything not yet sent, at once; the next frame the pacing task sends is silence or nothing."""
+        self._take_back()
+        self._history.clear()
         dropped = self._queued
         dropped_text = self._text_after(self._played)
         self._queue.clear()
@@ -223,7 +243,27 @@ class PlayoutBuffer:
         `resume()` continues exactly where playback stopped; `flush()` drops what was held.
         """
         self._paused = True
+        self._take_back()
         self._wake.set()
+
+    def _take_back(self) -> None:
+        """Frames handed to the sink but not sent yet return to the queue, and the played position with them."""
+        if self._recall is None or not self._history:
+            return
+        frame_s = self.config.frame_ms / 1000
+        n = min(len(self._history), round(self._recall() / frame_s))
+        if n <= 0:
+            return
+        if self._queue_pos:
+            self._queue[0] = self._queue[0][self._queue_pos :]
+            self._queue_pos = 0
+        for _ in range(n):
+            audio = self._history.pop()
+            self._queue.appendleft(audio)
+            self._queued += audio.shape[0]
+            self._played -= audio.shape[0]
+        self.metrics.recalled_frames += n
+        self._idle.clear()
 
     def resume(self) -> None:
         self._paused = False
@@ -236,6 +276,7 @@ class PlayoutBuffer:
         self._queue_pos = self._queued = 0
         self._idle.set()
         self._entries.clear()
+        self._history.clear()
         self._pushed = self._played = 0
         self._answer_done = False
 
@@ -302,6 +343,7 @@ class PlayoutBuffer:
     async def run(self) -> None:
         """The pacing loop; runs until cancelled."""
         frame_s = self.config.frame_ms / 1000.0
+        lead = self.config.lead_frames
         anchor: float | None = None  # due time of frame 0 of the current run of frames
         n = 0
         speaking = False  # the last frame sent carried speech
@@ -325,7 +367,7 @@ class PlayoutBuffer:
             now = self._clock()
             if anchor is None:
                 anchor, n = now, 0
-            due = anchor + n * frame_s
+            due = anchor + max(0, n - lead) * frame_s  # the first `lead` frames go at once: the reserve
             if due > now:
                 await asyncio.sleep(due - now)
                 continue  # re-check: a flush or push may have happened while sleeping
@@ -341,6 +383,8 @@ class PlayoutBuffer:
             speaking = real > 0
             if real:
                 self._played += real
+                if self._recall is not None:
+                    self._history.append(frame[:real])
                 self.metrics.frames_out += 1
                 if self.metrics.first_frame_at is None:
                     self.metrics.first_frame_at = now

@@ -140,6 +140,7 @@ class WebRTCStats:
     frames_out_silence: int = 0
     late_frames: int = 0  # speech frames that arrived after their slot but within the grace
     speech_runs: int = 0  # silence -> speech transitions: one per answer when pacing holds up
+    speech_holes: int = 0  # speech resumed within 0.2 s of a silence slot: a hole mid-answer (starved sender)
     dropped_out_frames: int = 0  # send_audio found the track not being consumed
     events_sent: int = 0
     events_dropped: int = 0

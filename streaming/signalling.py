@@ -138,6 +138,10 @@ class ServeConfig:
     # (80-100 ms later), for comparison or a network that truly reorders packets.
     receive_jitter_packets: int = field(default=0, metadata=_m(
         "received audio packets held before decoding (0: none; 4: aiortc's default)"))
+    # Agent speech handed to the sender ahead of its 20 ms slot, so a loaded CPU's stalls do not
+    # leave holes mid-word (taken back at a barge-in: no cost to the reaction time).
+    send_reserve_ms: int = field(default=60, metadata=_m(
+        "agent audio queued ahead of the sender's clock, riding out CPU stalls (0: none; at most 200)"))
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -150,6 +154,8 @@ class ServeConfig:
             raise ConfigError("--receive-jitter-packets must be between 0 and 15")
         if self.max_pending_per_client < 1:
             raise ConfigError("--max-pending-per-client must be at least 1")
+        if not 0 <= self.send_reserve_ms <= 200:
+            raise ConfigError("--send-reserve-ms must be within 0-200")
         if not 0 < self.connect_timeout_s <= 300:
             raise ConfigError("--connect-timeout must be within 0-300 s")
         for origin in self.allow_origins:
@@ -191,7 +197,8 @@ class Server:
         self.on_refused: Callable[[str], None] | None = None  # told the code of every refused request
         self.rtc_options = WebRTCOptions(
             media_timeout_s=cfg.media_timeout_s, first_media_timeout_s=cfg.connect_timeout_s + 5.0,
-            receive_jitter_packets=cfg.receive_jitter_packets,
+            receive_jitter_packets=cfg.receive_jitter_packets, send_reserve_s=cfg.send_reserve_ms / 1000,
+            max_queued_frames=max(WebRTCOptions.max_queued_frames, cfg.send_reserve_ms // 20 + 3),
         )
 
     # --- admission ---------------------------------------------------------------------------------

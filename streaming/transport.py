@@ -83,6 +83,9 @@ class Transport(Protocol):
 
     #: Sample rate the transport wants outgoing audio in (the session resamples TTS output to it).
     output_sample_rate: int
+    #: Seconds of speech to hand over ahead of real time: the reserve of a transport whose sender
+    #: pulls frames on its own clock (WebRTC); 0 for one that sends what it gets when it gets it.
+    audio_lead_s: float
 
     def audio_in(self) -> AsyncIterator[AudioFrame]:
         """Incoming audio frames, any size and rate; the iterator ends when the party leaves."""
@@ -94,6 +97,10 @@ class Transport(Protocol):
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
         """Forward one session event (a JSON-serialisable dict with a "type" key)."""
+        ...
+
+    def recall_audio(self) -> float:
+        """Drop speech handed over but not sent yet (a barge-in); returns how many seconds were dropped."""
         ...
 
     async def close(self) -> None:
@@ -119,6 +126,7 @@ class InProcessTransport:
     """
 
     output_sample_rate: int = 22_050
+    audio_lead_s: float = 0.0  # every frame is "sent" when it is handed over
     on_audio_out: Callable[[AudioFrame], Awaitable[None] | None] | None = None
     sent_audio: list[SentFrame] = field(default_factory=list)
     sent_events: list[dict[str, Any]] = field(default_factory=list)
@@ -227,6 +235,9 @@ class InProcessTransport:
             result = self.on_audio_out(frame)
             if asyncio.iscoroutine(result):
                 await result
+
+    def recall_audio(self) -> float:
+        return 0.0  # nothing is held: every frame reached the far end when it was sent
 
     async def send_event(self, event: Mapping[str, Any]) -> None:
         ev = dict(event)

@@ -66,8 +66,15 @@ class WebRTCOptions:
     media_timeout_s: float = 20.0
     # How long audio_in() waits for the first inbound frame (ICE + DTLS + first RTP).
     first_media_timeout_s: float = 30.0
-    # Speech frames held in the outgoing track; send_audio waits for room beyond that.
-    max_queued_frames: int = 3
+    # Speech the session hands to the outgoing track ahead of its slot (the playout's lead): the
+    # encoder pulls a frame every 20 ms, and one not there in time is a hole mid-word. On a loaded
+    # 2-core box the playout's wake-ups run 20-60 ms late now and then (bench/cpu_pressure.py); the
+    # reserve rides that out. It is taken back unsent at a barge-in (recall_audio), so it costs no
+    # reaction time, and adds its length to the first audio of an answer at most.
+    send_reserve_s: float = 0.06
+    # Speech frames held in the outgoing track (the reserve and room for a catch-up burst);
+    # send_audio waits for room beyond that.
+    max_queued_frames: int = 6
     # While speaking, how long past its slot a frame may arrive before silence is sent instead.
     # A full frame: the playout's wake-ups on a busy 2-core box run late by more than 12 ms about
     # once every 8 s (an audible gap each time); at 20 ms none were seen.
@@ -81,6 +88,11 @@ class WebRTCOptions:
     # Received packets held back before decoding: 0 releases each in-order packet at once (a VAD
     # needs no smoothed timeline); None keeps aiortc's own buffer (4 packets, 80-100 ms).
     receive_jitter_packets: int | None = 0
+
+    def __post_init__(self) -> None:
+        reserve = round(self.send_reserve_s * 1000 / FRAME_MS)
+        if not 0 <= self.send_reserve_s <= 0.2 or self.max_queued_frames < reserve + 1:
+            raise ValueError("need 0 <= send_reserve_s <= 0.2 s and max_queued_frames above the reserve's frames")
 
 
 class AgentAudioTrack(MediaStreamTrack):
@@ -100,6 +112,7 @@ class AgentAudioTrack(MediaStreamTrack):
         self._t0 = 0.0  # monotonic time of pts 0
         self._prev_pts: int | None = None
         self._speaking = False
+        self._run_end: float | None = None  # slot time of the silence that ended the last speech run
         self._pts = 0
         self._last_pull: float | None = None  # the encoder's last recv(); None: not started yet
         self._last_out: OutboundFrame | None = None  # the frame the encoder is working on
@@ -111,7 +124,7 @@ class AgentAudioTrack(MediaStreamTrack):
         return len(self._queue)
 
     def clear(self) -> int:
-        """Drop queued speech (hang-up); returns how many frames were dropped."""
+        """Drop queued speech (hang-up, a barge-in's recall); returns how many frames were dropped."""
         n = len(self._queue)
         self._queue.clear()
         self._has_room.set()
@@ -187,6 +200,8 @@ class AgentAudioTrack(MediaStreamTrack):
             # the playout's frames (paced on the same monotonic clock) land in phase.
             self._due = now
             self.stats.speech_runs += 1
+            if self._run_end is not None and now - self._run_end < 0.2:
+                self.stats.speech_holes += 1
             started = True
         elif self._due > now:
             await asyncio.sleep(self._due - now)
@@ -207,6 +222,8 @@ class AgentAudioTrack(MediaStreamTrack):
             last = self._last_out
             if self._speaking and stats.runs and last is not None and last.speech:
                 stats.runs[-1].end_ts, stats.runs[-1].last_handed_at = last.ts, last.handed_at
+            if self._speaking:
+                self._run_end = self._due
             self._speaking = False
             stats.frames_out_silence += 1
             pcm, queued_at = self._silence, None
@@ -455,6 +472,18 @@ class WebRTCTransport:
             return task.result()
         task.cancel()
         return None
+
+    @property
+    def audio_lead_s(self) -> float:
+        """The send reserve: how far ahead of its slot the session hands speech over."""
+        return self.options.send_reserve_s
+
+    def recall_audio(self) -> float:
+        """Take back the speech queued and not sent yet (the reserve); returns its seconds."""
+        seconds = self.output_track.clear() * FRAME_MS / 1000 + self._out_buf.size / RTC_RATE
+        self._out_buf = np.zeros(0, dtype=np.float32)
+        self._resampler = None  # its filter holds the tail of what was taken back
+        return seconds
 
     async def send_audio(self, frame: AudioFrame) -> None:
         if self.closed:

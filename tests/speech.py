@@ -146,3 +146,20 @@ def shared_whisper():
     from rejoinder.streaming.asr import WhisperASR
 
     return WhisperASR()
+
+
+def words_heard(said: str, heard: str) -> float:
+    """Share of the words of `said` that are in `heard` (as a bag: order and extra words aside).
+
+    For checking that synthesised speech came through, where WER is too strict for this voice: Piper
+    says "France is" much like "Francis" (Whisper writes that for 2 of 5 clean syntheses of "The
+    capital of France is Paris.", 2 errors in 6 words) and Whisper sometimes adds a word after the
+    end of the audio ("... Paris. Congress."); through Opus "Paris" is now and then "Peris". Audio
+    that broke up loses words, and fails this (the sender's own count of holes is asserted apart).
+    """
+    from collections import Counter
+
+    from rejoinder.streaming.text_metrics import normalized_words
+
+    want, got = Counter(normalized_words(said)), Counter(normalized_words(heard))
+    return sum((want & got).values()) / max(1, sum(want.values()))

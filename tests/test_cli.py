@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from speech import espeak_say, have_espeak, piper_say, shared_whisper
+from speech import espeak_say, have_espeak, piper_say, shared_whisper, words_heard
 
 from rejoinder.streaming.audio import read_wav, resample
 from rejoinder.streaming.text_metrics import word_error_rate
@@ -64,7 +64,7 @@ def test_reply_round_trip_json(question_wav, tmp_path):
     assert rate == 22_050 and len(samples) > rate // 2
     heard = shared_whisper().transcribe(resample(samples, rate, 16_000)).text
     assert heard.strip()
-    assert word_error_rate(result["answer"], heard) <= 0.35, (result["answer"], heard)
+    assert words_heard(result["answer"], heard) >= 0.5, (result["answer"], heard)
 
 
 def test_reply_human_readable_output(tmp_path):

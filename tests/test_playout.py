@@ -224,3 +224,86 @@ async def test_streamed_answer_truncated_on_barge_in(tts: PiperTTS) -> None:
     assert heard.startswith("Hello there.") and len(heard) < len(answer)
     assert pb.metrics.first_frame_at is not None and stream.metrics.first_audio_at is not None
     assert pb.metrics.first_frame_at >= stream.metrics.first_audio_at
+
+
+class ReserveSink:
+    """A transport with a send reserve: frames wait in a queue until its own clock takes them."""
+
+    def __init__(self) -> None:
+        self.queue: list[AudioFrame] = []
+        self.sent: list[AudioFrame] = []
+        self.arrivals: list[float] = []
+
+    def __call__(self, frame: AudioFrame) -> None:
+        self.queue.append(frame)
+        self.arrivals.append(time.monotonic())
+
+    def send_one(self) -> None:
+        if self.queue:
+            self.sent.append(self.queue.pop(0))
+
+    def recall(self) -> float:
+        n, self.queue = len(self.queue), []
+        return n * 0.02
+
+
+async def test_lead_hands_the_reserve_over_at_once_then_paces() -> None:
+    sink = ReserveSink()
+    async with PlayoutBuffer(sink, config=PlayoutConfig(lead_s=0.06), recall=sink.recall) as pb:
+        pb.push(tone_chunk(samples=20 * FRAME))
+        pb.finish_answer()
+        await asyncio.wait_for(pb.wait_idle(), 3.0)
+    assert len(sink.arrivals) == 20
+    gaps = np.diff(sink.arrivals)
+    assert gaps[:2].max() < 0.015  # frames 0-2 (the reserve) together
+    # the rest at real-time pace: 17 frame periods after the reserve (loose: a busy box)
+    assert 0.25 < sink.arrivals[-1] - sink.arrivals[2] < 0.6
+    stamps = np.array([f.timestamp for f in sink.queue])
+    assert np.all(np.diff(stamps[3:]) == pytest.approx(0.02, abs=1e-9))
+
+
+async def test_pause_takes_the_reserve_back_and_resume_sends_it_again() -> None:
+    sink = ReserveSink()
+    audio = tone_chunk(samples=30 * FRAME).audio.copy()
+    audio += np.arange(audio.size, dtype=np.int16) % 7  # every frame different
+    chunk = SpeechChunk(audio=audio, sample_rate=RATE, text="one two three", text_start=0, text_end=13,
+                        segment_index=0)
+    async with PlayoutBuffer(sink, config=PlayoutConfig(lead_s=0.06), recall=sink.recall) as pb:
+        pb.push(chunk)
+        pb.finish_answer()
+        for _ in range(8):  # the transport's clock sends eight frames
+            await asyncio.sleep(0.02)
+            sink.send_one()
+        queued_before = len(sink.queue)
+        pb.pause()
+        # what was queued unsent is no longer counted as played: the position is the sent audio's
+        assert queued_before >= 2 and sink.queue == []
+        assert pb.played_samples == len(sink.sent) * FRAME
+        assert pb.metrics.recalled_frames == queued_before
+        await asyncio.sleep(0.1)
+        assert sink.queue == []  # paused: nothing new handed over
+        pb.resume()
+        while not pb.paused and (pb.is_playing or sink.queue):
+            await asyncio.sleep(0.02)
+            sink.send_one()
+        await asyncio.wait_for(pb.wait_idle(), 3.0)
+        sink.sent.extend(sink.queue)
+    # the caller heard every sample once, in order, nothing doubled or lost at the pause
+    heard = np.concatenate([f.samples for f in sink.sent])
+    np.testing.assert_array_equal(heard[: audio.size], audio)
+    assert heard.size == audio.size and pb.played_samples == audio.size
+
+
+async def test_flush_with_a_reserve_drops_it_and_counts_only_what_was_sent() -> None:
+    sink = ReserveSink()
+    async with PlayoutBuffer(sink, config=PlayoutConfig(lead_s=0.06), recall=sink.recall) as pb:
+        pb.push(tone_chunk(samples=30 * FRAME, text="one two three four five six"))
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            sink.send_one()
+        result = pb.flush()
+        assert sink.queue == []
+        assert pb.played_samples == len(sink.sent) * FRAME
+        assert result.dropped_samples == 30 * FRAME - len(sink.sent) * FRAME
+        await asyncio.sleep(0.06)
+        assert sink.queue == []

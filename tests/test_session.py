@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from agent_harness import frames_sent_between, wait_for
 from agent_harness import live_session as harness_session
-from speech import espeak_say, have_espeak, shared_whisper
+from speech import espeak_say, have_espeak, shared_whisper, words_heard
 
 from rejoinder.agent.config import AgentConfig
 from rejoinder.agent.control import run_command
@@ -24,7 +24,7 @@ from rejoinder.agent.events import SessionState
 from rejoinder.agent.session import Session
 from rejoinder.agent.tools import Tool
 from rejoinder.streaming.audio import resample
-from rejoinder.streaming.text_metrics import normalized_words, word_error_rate
+from rejoinder.streaming.text_metrics import normalized_words
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")]
 
@@ -67,7 +67,7 @@ async def test_question_gets_a_spoken_answer_with_voice_to_voice_latency(models)
     # What went out is the answer: Whisper hears it.
     audio = transport.output_audio()
     heard = shared_whisper().transcribe(resample(audio.astype(np.float32) / 32768, models.tts.sample_rate, 16_000)).text
-    assert word_error_rate(turn.agent_text, heard) <= 0.35, (turn.agent_text, heard)
+    assert words_heard(turn.agent_text, heard) >= 0.5, (turn.agent_text, heard)
     # History holds the exchange; events went to the transport in order.
     roles = [m["role"] for m in session.conversation.turns]
     assert roles == ["user", "assistant"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from speech import long_text, piper_say, shared_whisper, trim
+from speech import long_text, piper_say, shared_whisper, trim, words_heard
 from webrtc_client import RTCClient, wait_until
 from webrtc_server import EchoSession, ServerThread, shared_agent
 
@@ -272,8 +272,8 @@ async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
         answer_audio = client.received_audio(since=first_heard - 0.1)
         heard = await asyncio.to_thread(transcribe48, answer_audio)
         assert heard, "the answer audio is not speech"
-        # What arrived is what the agent says it said.
-        assert word_error_rate(done["text"], heard) <= 0.35, (done["text"], heard)
+        # What arrived is what the agent says it said (words_heard: why not WER, for this voice).
+        assert words_heard(done["text"], heard) >= 0.5, (done["text"], heard)
         assert not done["interrupted"]
 
         ARTIFACTS.mkdir(exist_ok=True)
@@ -285,6 +285,49 @@ async def test_agent_answers_a_spoken_question_over_webrtc(agent_server):
         }
         (ARTIFACTS / "webrtc_turn.json").write_text(json.dumps(record, indent=2))
         write_wav(ARTIFACTS / "webrtc_answer.wav", answer_audio, 48_000)
+    finally:
+        await client.close()
+
+
+BURN = "import time\nend = time.monotonic() + 90\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@pytest.mark.slow
+async def test_agent_audio_stays_whole_with_every_core_busy(agent_server):
+    """Other work saturating the CPU may delay the agent, never break its words (issue 15, defect 11):
+    the sender finds a speech frame in every slot of a long answer (its reserve rides out the stalls),
+    and the caller hears the words. bench/cpu_pressure.py measures it with and without the reserve."""
+    text = ("The weather is lovely today and the park is full of people. "
+            "Please remind me to call my sister after lunch tomorrow.")
+    client = RTCClient(agent_server.url)
+    burners = []
+    try:
+        await client.connect()
+        await wait_greeting(client)
+        burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(os.cpu_count() or 2)]
+        await asyncio.sleep(1.0)
+        before = await client.server_stats()
+        mark = time.monotonic()
+        assert (await client.control("say", {"text": text}))["ok"] is True
+        done = await client.wait_event(lambda e: e["type"] == "agent_text" and e["final"], 60, after=mark)
+        await asyncio.sleep(0.5)
+        after = await client.server_stats()
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait(5)
+    try:
+        assert not done["interrupted"]
+        frames = after["frames_out_speech"] - before["frames_out_speech"]
+        assert frames > 200, after  # ~6 s of speech went out
+        # Not one hole mid-answer, nothing dropped; a frame now and then past its slot at most
+        # (without the reserve ~30% of them are: bench/cpu_pressure.py).
+        assert after["speech_holes"] == before["speech_holes"], (before, after)
+        assert after["dropped_out_frames"] == before["dropped_out_frames"]
+        assert after["late_frames"] - before["late_frames"] < 0.1 * frames, (before, after)
+        assert after["speech_runs"] - before["speech_runs"] <= 2  # one run per clause at most
+        heard = await asyncio.to_thread(transcribe48, client.received_audio(since=mark))
+        assert word_error_rate(text, heard) <= 0.25, heard
     finally:
         await client.close()
 

@@ -48,7 +48,7 @@ async def test_track_paces_in_real_time_and_fills_gaps_with_silence():
 
 
 async def test_track_queue_is_bounded_and_keeps_order():
-    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=3))
+    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=3, send_reserve_s=0.0))
     for k in range(3):
         await track.put(tone(k))
     # A fourth frame must wait for the encoder to take one: the queue never grows past 3 frames,
@@ -68,7 +68,7 @@ async def test_track_queue_is_bounded_and_keeps_order():
 
 async def test_track_drops_oldest_when_nobody_pulls():
     # Before ICE connects nothing pulls frames; send_audio must not hang the session's playout.
-    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=2))
+    track = AgentAudioTrack(WebRTCOptions(max_queued_frames=2, send_reserve_s=0.0))
     t0 = time.monotonic()
     for k in range(6):
         await track.put(tone(k))

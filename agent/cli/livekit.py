@@ -155,7 +155,9 @@ def prewarm(proc: Any) -> None:
     """Load the models into a job process before it is given a room."""
     from ..models import Models
 
-    proc.userdata["models"] = Models(config.load())
+    models = Models(config.load())
+    models.freeze_heap()  # the process serves job after job: as `serve` does (agent.models)
+    proc.userdata["models"] = models
 
 
 def _log_event(event: Any) -> None:

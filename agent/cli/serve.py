@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 from typing import Any
 
@@ -30,15 +29,7 @@ def run(args: argparse.Namespace) -> int:
     scfg = cfg.serve
     print("loading the models…", file=sys.stderr)
     models = Models(cfg)
-    # The models and imports are hundreds of thousands of objects that live as long as the process.
-    # Frozen, the collector stops walking them, and its full passes come after a few calls' worth of
-    # new objects instead of ~100 calls' (a full pass waits until the objects added since the last
-    # one reach a quarter of those it kept; the collect after the freeze makes that count start from
-    # the unfrozen few): an ended call's reference cycles (a session and its roles point at each
-    # other) are freed soon, and each pass is short. bench/load.py --soak --heap shows the heap.
-    gc.collect()
-    gc.freeze()
-    gc.collect()
+    models.freeze_heap()  # calls' garbage is collected soon, in short passes
 
     def ready(url: str) -> None:
         print(f"Rejoinder is listening: open {url} in a browser (Ctrl-C stops)", file=sys.stderr)
