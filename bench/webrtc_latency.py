@@ -299,6 +299,9 @@ async def measure_webrtc(url: str, *, questions: Sequence[str] = QUESTIONS, inte
             await asyncio.sleep(1.0)
         server = await client.server_stats()
     finally:
+        if client.resource:  # hang up as a WHIP client does: the server frees the slot now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.hang_up(), 5.0)
         await client.close()
     return {"turns": turns, "barge_ins": barges, "summary": summarise(turns, barges),
             "server": {k: server[k] for k in server if k not in ("frames_in", "frames_out", "runs", "id", "type")},
