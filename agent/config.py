@@ -73,6 +73,10 @@ class TurnTakingConfig:
     # sequential hand-over (wait for the VAD hang-over and the final transcript, then answer).
     speculative: bool = True
     pause_pass_s: float = 0.1  # silence after which the pause transcript is decoded
+    # While the user speaks, the words already committed by the recogniser are prefilled into the
+    # session's KV slot, so that at the pause the end-of-turn score and the answer's prompt run only
+    # the last words (bench/agent_latency.py measures it against the same session without).
+    prefill_while_speaking: bool = True
     fast_hangover_s: float = 0.15  # silence that hands over a turn that reads complete
 
     def __post_init__(self) -> None:

@@ -11,6 +11,9 @@ no utterance still being transcribed), the turn may be over:
   any new speech cancels it (`epoch` tells stale decisions apart).
 - With `preemptive` on, two equal interim transcripts in a row start the answer while the user is
   still talking; it is held, and used when the turn ends with the same words (else discarded).
+- With `prefill_while_speaking` on, every other interim prefills the words the recogniser has
+  committed into the session's KV slot, so the score at the pause (and the answer's prompt, which
+  extends the same tokens) runs only the last few words.
 - With `speculative` on (the default), the moment speech pauses the listener decodes the pause
   (`ASREvent.at_pause`): the words are scored, the answer's first words are generated and
   synthesised, and the audio is held. The turn is handed over, before the VAD hang-over and the
@@ -123,6 +126,7 @@ class TurnTaker:
         self._timer: asyncio.TimerHandle | None = None
         self._pause: _Pause | None = None  # the speculative answer's pause, while it is held
         self._handed_over: dict[int, str] = {}  # utterance -> words handed over before its final
+        self._warming: asyncio.Task | None = None  # the prefill of the words heard so far, in flight
         self.speculation = SpeculationStats()
 
     # --- turns ---------------------------------------------------------------------------------
@@ -190,6 +194,8 @@ class TurnTaker:
             elif (ready and self.config.preemptive and prev is not None and prev == self._last_interim[uid]
                     and prev):
                 await self._maybe_preempt(ev.text, ev.unsure_tail)
+            elif ready and self.config.prefill_while_speaking and self.config.semantic:
+                self._warm(ev.committed_text)
             return
         self._last_interim.pop(uid, None)
         self.open_utterances.discard(uid)
@@ -270,6 +276,21 @@ class TurnTaker:
         else:
             self.cancel_timer()
             self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired, turn, epoch)
+
+    def _warm(self, committed: str) -> None:
+        """Prefill the turn's words so far (the recogniser's committed text: it will not change) into
+        the session's slot, one prefill at a time; scoring the pause then runs only the words after."""
+        turn = self.current
+        if turn is None or (self._warming is not None and not self._warming.done()) or self._spec is not None:
+            return  # one at a time; a held answer is generating in the slot already
+        text = " ".join(p for p in (turn.text, committed.strip()) if p)
+        self._warming = self.s.spawn(self._prefill(text), "prefill")
+
+    async def _prefill(self, text: str) -> None:
+        try:
+            await self.s.eot.awarm(self.s.conversation.messages(), text, self.s.session_id)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: the score will prefill what is missing
+            log.debug("[%s] prefill while speaking failed: %r", self.s.session_id, exc)
 
     async def _end_of_turn_prob(self, text: str, unsure_tail: str) -> float:
         """P(the user has finished) after `text`. When its last word(s) are a guess of Whisper's,
@@ -458,5 +479,7 @@ class TurnTaker:
         """Shutdown: no timer fires and no held answer keeps generating."""
         self.cancel_timer()
         self._pause = None
+        if self._warming is not None:
+            self._warming.cancel()
         if self._spec is not None:
             self._spec.cancel()

@@ -5,6 +5,8 @@ Measured in one run, on the same audio (espeak-ng voice, synthesised here) and t
 - speculative: the session as it ships. When speech pauses, the pause is transcribed, scored for
   end of turn, and the answer's first words generated and synthesised at once, held, and handed
   over as soon as the silence is long enough for how complete the words read.
+- speculative, cold: the same without prefilling the user's words while they speak
+  (`--no-prefill-while-speaking`): the end-of-turn score at the pause prefills the whole user turn.
 - sequential: the same session with `--no-speculative` (REJOINDER_SPECULATIVE=0): wait for the VAD
   hang-over and the final transcript, score, then generate and synthesise.
 - batch cascade (the peer; what `rejoinder reply` and most voice bots start as): wait for 0.5 s of
@@ -147,7 +149,8 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["speculative", "sequential", "batch_cascade"] + (["webrtc_as_heard"] if "webrtc_as_heard" in doc else [])
+    order = ("speculative", "speculative_cold", "sequential", "batch_cascade", "webrtc_as_heard")
+    names = [n for n in order if n in doc]
     data = [doc[n]["voice_to_voice_s"] for n in names]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     ax[0].boxplot(data)
@@ -155,13 +158,14 @@ def plot(doc: dict, path: Path) -> None:
     ax[0].axhline(TARGET_P50, color="r", ls="--", label=f"target p50 {TARGET_P50} s")
     ax[0].legend()
     ax[0].set_ylabel("voice-to-voice latency (s)")
-    ax[0].set_title(f"p50: sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
-                    f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x", fontsize=9)
-    width = 0.38
+    ax[0].set_title(f"p50: cold/speculative {doc['ratio_p50_cold_over_speculative']:.2f}x, "
+                    f"sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
+                    f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x", fontsize=8)
+    width = 0.27
     x = np.arange(len(STAGES))
-    for i, n in enumerate(("speculative", "sequential")):
+    for i, n in enumerate(("speculative", "speculative_cold", "sequential")):
         vals = [doc[n]["stage_p50_s"][s] or 0 for s in STAGES]
-        ax[1].bar(x + (i - 0.5) * width, vals, width, label=n)
+        ax[1].bar(x + (i - 1) * width, vals, width, label=n)
     ax[1].set_xticks(x, [s.replace("_s", "").replace("_", "\n") for s in STAGES], fontsize=7)
     ax[1].set_ylabel("median s after end of speech")
     ax[1].legend()
@@ -186,7 +190,9 @@ def main() -> int:
     ap.add_argument("--webrtc", action="store_true", help="also measure over real WebRTC, as a caller hears it")
     args = ap.parse_args()
     base = AgentConfig.from_env(max_new_tokens=60)
+    cold = dataclasses.replace(base.turns, prefill_while_speaking=False)
     modes = [Mode("speculative", base),
+             Mode("speculative_cold", base.replace(turns=cold)),
              Mode("sequential", base.replace(turns=dataclasses.replace(base.turns, speculative=False)))]
     print("loading models…", flush=True)
     models = Models(base)
@@ -199,6 +205,7 @@ def main() -> int:
     doc["batch_cascade"] = {"voice_to_voice_s": peer, "p50": pct(peer, 50), "p95": pct(peer, 95)}
     spec, seq = doc["speculative"], doc["sequential"]
     doc["ratio_p50_sequential_over_speculative"] = seq["p50"] / spec["p50"]
+    doc["ratio_p50_cold_over_speculative"] = doc["speculative_cold"]["p50"] / spec["p50"]
     doc["ratio_p50_batch_over_speculative"] = doc["batch_cascade"]["p50"] / spec["p50"]
     doc["targets"] = {"p50_s": TARGET_P50, "p95_s": TARGET_P95}
     if args.webrtc:
@@ -210,12 +217,13 @@ def main() -> int:
     path.write_text(json.dumps(doc, indent=2))
     plot(doc, path.with_suffix(".png"))
     b = doc["batch_cascade"]
-    for name in ("speculative", "sequential"):
+    for name in ("speculative", "speculative_cold", "sequential"):
         m = doc[name]
-        print(f"{name:11s} voice-to-voice p50 {m['p50']:.3f} s p95 {m['p95']:.3f} s | barge-in reaction "
+        print(f"{name:16s} voice-to-voice p50 {m['p50']:.3f} s p95 {m['p95']:.3f} s | barge-in reaction "
               f"p50 {m['barge_in_p50'] or float('nan'):.3f} s p95 {m['barge_in_p95'] or float('nan'):.3f} s")
-    print(f"{'batch':11s} voice-to-voice p50 {b['p50']:.3f} s p95 {b['p95']:.3f} s")
-    print(f"ratios (p50): sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
+    print(f"{'batch':16s} voice-to-voice p50 {b['p50']:.3f} s p95 {b['p95']:.3f} s")
+    print(f"ratios (p50): cold/speculative {doc['ratio_p50_cold_over_speculative']:.2f}x, "
+          f"sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
           f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x")
     s = spec["speculation"]
     print(f"speculation: {s.get('started', 0)} prepared, {s.get('used', 0)} handed over (hit rate "
@@ -223,9 +231,9 @@ def main() -> int:
           f"discarded: {s.get('wasted_tokens', 0)} tokens, {s.get('wasted_audio_s', 0):.2f} s of audio thrown away; "
           f"final differed {s.get('final_differed', 0)}")
     print("stage medians (s after end of speech):  " + "  ".join(s.replace("_s", "") for s in STAGES))
-    for name in ("speculative", "sequential"):
+    for name in ("speculative", "speculative_cold", "sequential"):
         st = doc[name]["stage_p50_s"]
-        print(f"  {name:11s} " + "  ".join(f"{(st[s] or float('nan')):.3f}" for s in STAGES))
+        print(f"  {name:16s} " + "  ".join(f"{(st[s] or float('nan')):.3f}" for s in STAGES))
     if "webrtc_as_heard" in doc:
         w = doc["webrtc_as_heard"]
         print(f"over WebRTC, as heard: voice-to-voice p50 {w['p50']:.3f} s p95 {w['p95']:.3f} s; barge-in as heard "

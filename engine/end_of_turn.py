@@ -177,6 +177,14 @@ class EndOfTurnScorer:
         p_text, p_sure, p_tail = self.unsure_tail_parts(history, user_text, sure_text, slot)
         return min(p_text, p_sure) if p_tail is None else unsure_tail_prob(p_text, p_sure, p_tail)
 
+    def warm(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> None:
+        """Prefill `slot` with the chat up to `user_text` (words the user is still saying), so that
+        scoring the finished turn, and the answer's prompt after it, run only what comes after them."""
+        self.engine.prefill(self.prompt_ids(history, user_text), slot=slot)
+
+    async def awarm(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> None:
+        await self.engine.run_async(self.warm, list(history), user_text, slot, slot=slot)
+
     async def ascore(self, history: Sequence[Message], user_text: str, slot: SlotKey = None) -> float:
         """`score` on the engine thread, after the work queued before it for the same slot and between
         the decode steps of other sessions."""

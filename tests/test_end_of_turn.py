@@ -61,3 +61,19 @@ def test_a_likely_unsure_last_word_keeps_a_complete_turn_complete(scorer):
     assert scorer.score(HISTORY, guessed) >= cfg.complete_prob  # the whole text alone would answer
     assert scorer.score_unsure_tail(HISTORY, guessed, without_tail(guessed, "it.")) < cfg.complete_prob
     assert scorer.score_unsure_tail(HISTORY, text, text) == pytest.approx(scorer.score(HISTORY, text), rel=1e-4)
+
+
+def test_prefill_while_speaking_leaves_only_the_last_words_to_score(scorer):
+    """The words heard so far are prefilled into the slot while the user speaks (agent.turns): the
+    score at the pause then runs only the tokens after them, and gives what a cold score gives."""
+    history = [{"role": "system", "content": DEFAULT_PERSONA}]
+    engine = scorer.engine
+    cold = scorer.score(history, "Can you tell me the way to the train station?", slot="cold")
+    cold_run = engine.last_stats.prefill_tokens
+    engine.release_slot("cold")  # not a donor for the warm slot's prefix (engine/kv_slots.py)
+    scorer.warm(history, "Can you tell me the way", slot="warm")
+    warm = scorer.score(history, "Can you tell me the way to the train station?", slot="warm")
+    warm_run = engine.last_stats.prefill_tokens
+    assert warm == pytest.approx(cold, rel=1e-3, abs=1e-6)
+    assert warm_run <= 6 < cold_run, (warm_run, cold_run)  # "to the train station?" only
+    engine.release_slot("warm")
