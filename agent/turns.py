@@ -11,7 +11,7 @@ no utterance still being transcribed), the turn may be over:
   any new speech cancels it (`epoch` tells stale decisions apart).
 - With `preemptive` on, two equal interim transcripts in a row start the answer while the user is
   still talking; it is held, and used when the turn ends with the same words (else discarded).
-- With `prefill_while_speaking` on, every other interim prefills the words the recogniser has
+- With `prefill_while_speaking` on, each other interim (one that starts nothing) prefills the words the recogniser has
   committed into the session's KV slot, so the score at the pause (and the answer's prompt, which
   extends the same tokens) runs only the last few words.
 - With `speculative` on (the default), the moment speech pauses the listener decodes the pause
