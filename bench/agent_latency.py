@@ -166,7 +166,7 @@ def plot(doc: dict, path: Path) -> None:
     for i, n in enumerate(("speculative", "speculative_cold", "sequential")):
         vals = [doc[n]["stage_p50_s"][s] or 0 for s in STAGES]
         ax[1].bar(x + (i - 1) * width, vals, width, label=n)
-    ax[1].set_xticks(x, [s.replace("_s", "").replace("_", "\n") for s in STAGES], fontsize=7)
+    ax[1].set_xticks(x, [s.removesuffix("_s").replace("_", "\n") for s in STAGES], fontsize=7)
     ax[1].set_ylabel("median s after end of speech")
     ax[1].legend()
     ax[1].set_title("stage by stage")
@@ -230,7 +230,7 @@ def main() -> int:
           f"{s['hit_rate'] if s.get('hit_rate') is not None else float('nan'):.0%}), {s.get('discarded', 0)} "
           f"discarded: {s.get('wasted_tokens', 0)} tokens, {s.get('wasted_audio_s', 0):.2f} s of audio thrown away; "
           f"final differed {s.get('final_differed', 0)}")
-    print("stage medians (s after end of speech):  " + "  ".join(s.replace("_s", "") for s in STAGES))
+    print("stage medians (s after end of speech):  " + "  ".join(s.removesuffix("_s") for s in STAGES))
     for name in ("speculative", "speculative_cold", "sequential"):
         st = doc[name]["stage_p50_s"]
         print(f"  {name:16s} " + "  ".join(f"{(st[s] or float('nan')):.3f}" for s in STAGES))
