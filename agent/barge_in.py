@@ -80,8 +80,18 @@ class BargeInHandler:
             return False
         t0 = max(onset - 0.05, now - 0.6)
         score = s.echo_guard.score(t0, now)
-        removed = s.aec.removed_db(t0, now) if s.aec is not None else 0.0
-        if score < s.echo_guard.threshold and (s.aec is None or removed < s.aec.config.echo_removed_db):
+        aec = s.aec
+        removed = 0.0
+        if aec is not None and not aec.engaged and aec.echo_path != "absent":
+            # auto, the echo path not known yet or the canceller still catching up on it: the raw
+            # input judged by the echo path's lower threshold (a hit is the path found).
+            if not aec.check(t0, now):
+                return False
+        elif aec is not None and aec.engaged:
+            removed = aec.removed_db(t0, now)
+            if score < s.echo_guard.threshold and removed < aec.config.echo_removed_db:
+                return False
+        elif score < s.echo_guard.threshold:
             return False
         log.debug("[%s] speech while speaking is echo (corr %.2f, %.0f dB cancelled)", s.session_id, score, removed)
         turn_no = speaker.answer.turn if speaker.answer is not None else s.turn_taker.count

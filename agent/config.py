@@ -53,7 +53,8 @@ class TurnTakingConfig:
 
     # VAD: speech must last min_speech_s to count (and to barge in); silence of hangover_s ends it.
     # 0.2 s keeps the agent's own voice and noises from barging in on the echo guard alone; with
-    # echo cancellation on (--aec) 0.15 s is as safe (bench/echo_barge_in.py).
+    # the echo canceller engaged (--aec auto finds the echo, or --aec on) 0.15 s is as safe
+    # (bench/echo_barge_in.py).
     min_speech_s: float = 0.2
     hangover_s: float = 0.3
     vad_threshold: float = 0.5
@@ -222,6 +223,8 @@ class AgentConfig:
                           choices=("auto", "native", "triton", "eager"))
     tts_threads: int = _f(0, "onnxruntime threads for Piper (0: half the cores, at most 4)")
     kv_slots: int = _f(4, "sessions whose KV cache the engine keeps at once (LRU; each slot also decodes in one batch)")
+    heap_trim_s: float = _f(30.0, "give the allocator's free memory back to the system after each call and "
+                            "every this many seconds (0: never; agent.heap)", "serve")
     max_input_seconds: float = _f(120.0, "longest input audio accepted by `reply`")
     # conversation and generation
     persona: str = _f(DEFAULT_PERSONA, "system prompt", "generation")
@@ -242,6 +245,10 @@ class AgentConfig:
     livekit: LiveKitSettings = field(default_factory=LiveKitSettings, metadata={"group": "livekit"})
     call: CallSettings = field(default_factory=CallSettings, metadata={"group": "call"})
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings, metadata={"group": "telemetry"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heap_trim_s < math.inf:
+            raise ConfigError("--heap-trim-s (REJOINDER_HEAP_TRIM_S) must be >= 0 seconds (0: never trim)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:

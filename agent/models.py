@@ -6,7 +6,6 @@ one Whisper, one Piper voice, one Silero network (each session keeps its own VAD
 """
 from __future__ import annotations
 
-import gc
 import time
 
 from rejoinder.engine import Engine, EngineOptions
@@ -34,21 +33,6 @@ class Models:
         self.vad_path = resolve("vad", cfg.vad_model or None)
         self.vad = SileroVAD(self.vad_path)  # the loaded network; each session streams on it (new_stream)
         self.load_s = time.perf_counter() - t0
-
-    @staticmethod
-    def freeze_heap() -> None:
-        """After loading, in a process that serves call after call (`serve`, a LiveKit job process).
-
-        The models and imports are hundreds of thousands of objects that live as long as the process.
-        Frozen, the collector stops walking them, and its full passes come after a few calls' worth of
-        new objects instead of ~100 calls' (a full pass waits until the objects added since the last
-        one reach a quarter of those it kept; the collect after the freeze makes that count start from
-        the unfrozen few): an ended call's reference cycles (a session and its roles point at each
-        other) are freed soon, and each pass is short. bench/load.py --soak --heap shows the heap.
-        """
-        gc.collect()
-        gc.freeze()
-        gc.collect()
 
     def close(self) -> None:
         self.engine.close()

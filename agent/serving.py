@@ -15,7 +15,7 @@ module puts the agent behind them:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rejoinder.streaming.signalling import SERVER_KEY, PeerSession, Route, SessionFactory
@@ -48,9 +48,11 @@ async def answer_control(session: Session, msg: Mapping[str, Any] | bytes | str,
 class AgentPeer:
     """The agent's session behind one WebRTC peer (a `streaming.signalling.PeerSession`)."""
 
-    def __init__(self, session: Session, mqtt: MQTTBridge | None = None) -> None:
+    def __init__(self, session: Session, mqtt: MQTTBridge | None = None,
+                 on_ended: Callable[[], None] | None = None) -> None:
         self.session = session
         self.mqtt = mqtt
+        self.on_ended = on_ended  # after the session has run (the server's heap trimmer)
 
     @property
     def session_id(self) -> str:
@@ -63,6 +65,8 @@ class AgentPeer:
         finally:
             if detach is not None:
                 detach()
+            if self.on_ended is not None:
+                self.on_ended()
 
     async def end(self, reason: str) -> None:
         await self.session.end(reason)
@@ -85,14 +89,16 @@ def metrics_route(metrics: AgentMetrics) -> Route:
 
 
 def agent_session_factory(models: Models, cfg: AgentConfig, *, mqtt: MQTTBridge | None = None,
-                          listeners: Sequence[EventListener] = (), mcp: MCPTools | None = None) -> SessionFactory:
+                          listeners: Sequence[EventListener] = (), mcp: MCPTools | None = None,
+                          on_call_ended: Callable[[], None] | None = None) -> SessionFactory:
     """Sessions of the real agent, all sharing one loaded `Models`; published on `mqtt` if given, their
-    events to `listeners` (metrics), and with the tools of the process's MCP servers (`mcp`) if any."""
+    events to `listeners` (metrics), with the tools of the process's MCP servers (`mcp`) if any, and
+    `on_call_ended()` called after each has run (`agent.heap.HeapTrimmer.call_ended`)."""
 
     def make(transport: Transport, peer_id: str) -> PeerSession:
         session = Session(models, cfg, transport, listeners=listeners, tools=mcp.tools() if mcp else None)
         if mcp:
             mcp.attach(session)
-        return AgentPeer(session, mqtt)
+        return AgentPeer(session, mqtt, on_call_ended)
 
     return make

@@ -112,8 +112,9 @@ class Session:
         self.eot = EndOfTurnScorer.shared(self.engine)
         turn_cfg = turn_taking or cfg.turns
         self.listener = listener_for(models, turn_cfg)
-        self.aec = EchoCanceller(cfg.aec) if cfg.aec.enabled else None  # the input without the agent's voice
-        self.echo_guard = EchoGuard(echo or cfg.echo, cleaned=self.aec is not None)
+        # The input without the agent's voice: always (on), or from when its echo is found (auto).
+        self.aec = EchoCanceller(cfg.aec) if cfg.aec.mode != "off" else None
+        self.echo_guard = EchoGuard(echo or cfg.echo, cleaned=self.aec is not None and self.aec.engaged)
         self.turn_taker = TurnTaker(self, turn_cfg)
         self.barge_in = BargeInHandler(self)
         self.speaker = Speaker(self, models.tts.sample_rate)
@@ -248,6 +249,7 @@ class Session:
             if self._ended.is_set():
                 return
             for f in self._chunker.push(frame):
+                engaged = self.aec is not None and self.aec.engaged
                 if self.aec is not None:
                     f = self.aec.process(f)
                 if self.recorder is not None:
@@ -257,8 +259,19 @@ class Session:
                 self.echo_guard.add_input(f)
                 for ev in await self.listener.push(f):
                     self._on_vad(ev)
+                if self.aec is not None and self.aec.engaged and not engaged:
+                    self._canceller_engaged()
                 self.turn_taker.tick()
         log.debug("[%s] input ended", self.session_id)
+
+    def _canceller_engaged(self) -> None:
+        """The canceller found the agent's echo (auto) and cleans the input from the next frame. An
+        utterance open on that echo ends here: left open, the canceller's first residual would hold
+        the VAD in speech, and a caller who talks next would be heard as more of the echo."""
+        self.echo_guard.cleaned = True
+        if self.listener.detector.in_speech and self._utt_count in self._ignored_utts:
+            for ev in self.listener.cut():
+                self._on_vad(ev)
 
     async def _consume_listener(self) -> None:
         while True:

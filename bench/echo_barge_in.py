@@ -12,7 +12,12 @@ Silero VAD + streaming Whisper -> the session's barge-in decisions), once per va
 - after: WebRTC AEC3 + NS (streaming/aec.py, pywebrtc-audio's build) before the VAD, the echo check
   behind it (the guard on the cleaned input, and the energy the canceller removed), min speech
   lowered; and, to see what each piece is worth, the same without NS, without the echo check, and
-  with livekit's rtc build of the module when livekit-agents is installed.
+  with livekit's rtc build of the module when livekit-agents is installed;
+- auto (the default, `--aec auto`): the input passes untouched until the echo-path detector
+  (streaming/echo.py `EchoPathDetector`) finds the agent's voice in it, then as "after".
+
+Two more scenes have no echo path at all (a headset): a caller talking over the agent must barge in,
+and the auto canceller must never engage there (`aec_engaged_without_echo`).
 
 A false barge-in is any pause of the agent's audio in an echo or noise scene (even one that
 resumes when the transcript has no words); a missed one is a second-talker scene where the agent
@@ -20,6 +25,7 @@ never paused. Also: echo energy removed (ERLE), the interrupter's words as recog
 pause reaction (pause - true onset), and the canceller's cost per 20 ms frame, timed alone.
 
     python bench/echo_barge_in.py [--json bench/results/echo_barge_in.json] [--quick] [--seed-offset N]
+                                  [--variants 'guard only,auto,AEC + NS + echo']
 Writes a PNG next to the JSON.
 """
 from __future__ import annotations
@@ -34,10 +40,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from barge_in_chain import BEFORE, Scene, SceneResult, Variant, run_scene, scene_set  # noqa: E402
+from barge_in_chain import BEFORE, NO_ECHO_DB, Scene, SceneResult, Variant, run_scene, scene_set  # noqa: E402
 from echo_scenes import RATE, Room  # noqa: E402
 from speech import espeak_say, piper_say, piper_voice, shared_whisper  # noqa: E402
 
+from rejoinder.agent.config import TurnTakingConfig  # noqa: E402
 from rejoinder.streaming.aec import AECConfig, EchoCanceller  # noqa: E402
 from rejoinder.streaming.frames import AudioFrame  # noqa: E402
 from rejoinder.streaming.text_metrics import word_error_rate  # noqa: E402
@@ -47,6 +54,10 @@ def variants(min_speech: list[float]) -> list[Variant]:
     last = min_speech[-1]
     out = [BEFORE]
     out += [Variant(f"AEC + NS + echo check, {m:.2f} s", aec=True, guard=True, min_speech_s=m) for m in min_speech]
+    default_min = TurnTakingConfig().min_speech_s  # the product's defaults: auto, this minimum speech
+    for m in sorted({default_min, last}, reverse=True):
+        out.append(Variant(f"auto: AEC + NS once the echo is found, {m:.2f} s", aec=True, guard=True,
+                           min_speech_s=m, aec_mode="auto"))
     out += [
         Variant(f"AEC (no NS) + echo check, {last:.2f} s", aec=True, guard=True, min_speech_s=last,
                 noise_suppression=False),
@@ -76,6 +87,8 @@ def summarise(results: list[SceneResult], scenes: list[Scene]) -> dict:
             reactions.append(mine[0].paused_s - sc.near_at_s)
             wers.append(word_error_rate(sc.near_text, mine[0].text))
     erles = [r.erle_db for r in echo if r.erle_db is not None]
+    has_echo = [r for r in results if by[r.scene].room.gain_db > NO_ECHO_DB]
+    engaged = [r.aec_engaged_s for r in has_echo if r.aec_engaged_s is not None]
     ms = [r.aec_ms_per_block for r in results if r.aec_ms_per_block is not None]
     return {
         "false_barge_ins_echo": sum(r.false_barge_in for r in echo), "echo_scenes": len(echo),
@@ -94,6 +107,12 @@ def summarise(results: list[SceneResult], scenes: list[Scene]) -> dict:
         "erle_db_median": float(np.median(erles)) if erles else None,
         "erle_db_min": float(np.min(erles)) if erles else None,
         "aec_ms_per_10ms_in_chain": float(np.median(ms)) if ms else None,
+        # auto: in how many scenes with an echo the canceller engaged, how soon; and where there was none
+        "aec_engaged_with_echo": len(engaged), "scenes_with_echo": len(has_echo),
+        "aec_engaged_s_median": float(np.median(engaged)) if engaged else None,
+        "aec_engaged_s_max": float(np.max(engaged)) if engaged else None,
+        "aec_engaged_without_echo": sum(r.aec_engaged_s is not None for r in results
+                                        if by[r.scene].room.gain_db <= NO_ECHO_DB),
     }
 
 
@@ -110,7 +129,7 @@ def time_canceller(backend: str, seconds: float = 6.0) -> float:
     refs = [far[k * step : (k + 1) * step] for k in range(n)]
     best = float("inf")
     for _ in range(3):
-        aec = EchoCanceller(AECConfig(backend=backend))
+        aec = EchoCanceller(AECConfig(mode="on", backend=backend))
         t0 = time.perf_counter()
         for k in range(n):
             t = k * 0.02
@@ -143,7 +162,7 @@ def plot(report: dict, png: Path) -> None:
                  f"{s[0]['reverberant_scenes']} stress, {s[0]['user_scenes']} talker scenes)", fontsize=9)
     ax.legend(fontsize=8)
     ax = axes[1]
-    after = names[1]  # the first "AEC + echo check" variant
+    after = next((n for n in names if "AEC + NS + echo check" in n), names[-1])
     grid = {}
     for r in report["results"][after]:
         if r["kind"] == "echo" and r["erle_db"] is not None:
@@ -163,7 +182,7 @@ def plot(report: dict, png: Path) -> None:
     fig.colorbar(im, ax=ax, label="ERLE (dB)")
     ax.set_title(f"echo removed, {after}")
     ax = axes[2]
-    probe = next(n for n in names if "no echo check" in n)  # every start recorded, none acted on
+    probe = next((n for n in names if "no echo check" in n), after)  # every start recorded, none acted on
     for label, kinds, color in (("the agent's echo (VAD fired on what AEC left)", ("echo", "noise"), "#c44"),
                                 ("second talker", ("user",), "#48c")):
         pts = [(st["guard"], st["local_erle_db"]) for r in report["results"][probe] if r["kind"] in kinds
@@ -186,6 +205,8 @@ async def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a third of the scenes")
     ap.add_argument("--min-speech", default="0.12,0.15", help="the lowered minimum speech values (s), comma-separated")
     ap.add_argument("--seed-offset", type=int, default=0, help="another draw of rooms and noises (held-out check)")
+    ap.add_argument("--variants", default="", help="only the variants whose name holds one of these comma-separated "
+                    "words (e.g. 'guard only,auto,AEC + NS + echo'); default: all")
     args = ap.parse_args()
     tts_rate = piper_voice().config.sample_rate
     scenes = scene_set(lambda t: piper_say(t, rate=tts_rate), espeak_say, tts_rate, quick=args.quick,
@@ -193,6 +214,9 @@ async def main() -> None:
     asr = shared_whisper()
     min_speech = [float(v) for v in args.min_speech.split(",")]
     vs = variants(min_speech)
+    if args.variants:
+        keep = [w.strip() for w in args.variants.split(",") if w.strip()]
+        vs = [v for v in vs if any(w in v.name for w in keep)]
     results: dict[str, list[SceneResult]] = {v.name: [] for v in vs}
     t_start = time.perf_counter()
     for sc in scenes:
@@ -216,7 +240,8 @@ async def main() -> None:
     print()
     cols = ("false_barge_ins_echo", "false_barge_ins_noise", "false_barge_ins_reverberant", "false_turns",
             "missed_barge_ins",
-            "confirmed_barge_ins", "reaction_s_median", "interrupter_wer_median", "erle_db_median")
+            "confirmed_barge_ins", "reaction_s_median", "interrupter_wer_median", "erle_db_median",
+            "aec_engaged_with_echo", "aec_engaged_without_echo", "aec_engaged_s_median")
     print(f"{'variant':38s} " + " ".join(f"{c[:14]:>14s}" for c in cols))
     for name, s in report["summary"].items():
         cells = [s[c] if not isinstance(s[c], float) else round(s[c], 2) for c in cols]

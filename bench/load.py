@@ -320,6 +320,8 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     minutes = args.soak
     print(f"soak: {minutes:g} min of {args.call} calls, one caller; server loading models…", flush=True)
     extra = ["--max-new-tokens", str(args.max_new_tokens)]
+    if args.heap_trim_s is not None:  # 0: the server never trims (how it ran before agent.heap)
+        extra += ["--heap-trim-s", str(args.heap_trim_s)]
     trim: dict[str, Any] = {}
     with serve_process(extra=extra, max_sessions=1, log_path=out / "serve.log", started=watch.started,
                        launcher=launcher) as url:
@@ -347,6 +349,7 @@ def run_soak(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     for r in rows:
         r["t_end"] = r["ended_at"] - t0
     summary = soak_summary(rows, samples, minutes=minutes, call=args.call, warm=args.warmup * 60, trim=trim)
+    summary["server_heap_trim_s"] = args.heap_trim_s  # None: the server's default
     doc = {"summary": summary, "calls": rows, "server_samples": samples}
     if args.trace or args.heap:
         doc["memory_trace"] = [json.loads(x) for x in (out / "memory.jsonl").read_text().splitlines()]
@@ -449,6 +452,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=75.0, help="seconds of calls per level")
     ap.add_argument("--json", default=None, help="default bench/results/load.json (load_soak.json for --soak)")
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--heap-trim-s", type=float, default=None,
+                    help="soak: the server's --heap-trim-s (default: its own default; 0: never trim)")
     ap.add_argument("--call", choices=("full", "greeting"), default="full",
                     help="full: greeting, 2 questions, an interruption; greeting: hear the greeting, hang up")
     ap.add_argument("--soak", type=float, default=None, metavar="MINUTES")

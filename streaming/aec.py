@@ -32,7 +32,7 @@ import numpy as np
 
 from rejoinder.errors import ConfigError
 
-from .echo import to_16k_linear
+from .echo import EchoPathDetector, to_16k_linear
 from .frames import AudioFrame, to_pcm16
 
 log = logging.getLogger("rejoinder.streaming.aec")
@@ -51,13 +51,15 @@ def _m(help: str, **meta: object) -> dict[str, object]:
 class AECConfig:
     """Echo cancellation settings; `agent.config` generates the --aec* flags and REJOINDER_AEC* variables."""
 
-    # Off by default: a browser already runs AEC3 on its own microphone, and where there is no echo
-    # (a headset, the browser's canceller before us) AEC3's double-talk suppression mangles a caller
-    # talking over the agent (tests/test_talk.py's interruption was lost with it on). On for callers
-    # whose audio reaches us with the agent's echo in it (phones, LiveKit rooms of speakerphones).
-    enabled: bool = field(default=False, metadata=_m(
-        "cancel the agent's own voice and suppress noise in the input (WebRTC AEC3 + NS) before the VAD",
-        flag="--aec", env="REJOINDER_AEC"))
+    # auto (the default): the canceller engages only once the agent's voice is found coming back
+    # in the raw input (`echo.EchoPathDetector`); until then the input passes untouched. Where there
+    # is no echo (a headset, a browser that already ran AEC3 on its microphone) AEC3's double-talk
+    # suppression would only mangle a caller talking over the agent (tests/test_talk.py's
+    # interruption was lost with it always on). on: always; off: never (the echo guard alone).
+    mode: str = field(default="auto", metadata=_m(
+        "cancel the agent's own voice and suppress noise in the input (WebRTC AEC3 + NS) before the VAD: "
+        "auto (once an echo of the agent is found in the input), on, off", flag="--aec", env="REJOINDER_AEC",
+        choices=("auto", "on", "off")))
     # Chosen by bench/echo_barge_in.py: both builds leave no false barge-in on the echo/noise set;
     # pywebrtc-audio's hears a caller talking over the agent sooner (median 0.31 s vs 0.44 s) at
     # 0.79 ms per 10 ms block against 1.09, and needs no LiveKit install.
@@ -74,12 +76,20 @@ class AECConfig:
     reference_lag_ms: int = field(default=20, metadata=_m(
         "the reference is paired with input captured this much later (covers late reference frames)"))
     history_s: float = field(default=2.0, metadata=_m("seconds of reference kept"))
+    # A second of raw input against the reference: 0.3-0.8 with an echo path, <= 0.23 without one
+    # (streaming/echo.py, EchoPathDetector).
+    path_threshold: float = field(default=0.3, metadata=_m(
+        "auto: correlation of the raw input with the agent's voice that means its echo comes back"))
     # Speech the canceller took this much energy out of, around its onset, is what it left of the
     # agent's voice (see `EchoCanceller.removed_db`), not the caller.
     echo_removed_db: float = field(default=15.0, metadata=_m(
         "speech whose onset the canceller removed this many dB from is leftover echo, never a barge-in"))
 
     def __post_init__(self) -> None:
+        if self.mode not in ("auto", "on", "off"):
+            raise ConfigError(f"aec mode must be auto, on or off, got {self.mode!r}")
+        if not 0.0 < self.path_threshold <= 1.0:
+            raise ConfigError(f"aec path_threshold must be in (0, 1], got {self.path_threshold}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"aec backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 <= self.reference_lag_ms <= 500:
@@ -198,20 +208,53 @@ BACKENDS = {"livekit": WebRTCModule, "pywebrtc": PyWebRTCModule}
 
 
 class EchoCanceller:
-    """One caller's input cleaned against the agent's output. Not thread-safe; one per session."""
+    """One caller's input cleaned against the agent's output. Not thread-safe; one per session.
+
+    `mode="on"`: `engaged` from the first frame. `mode="auto"`: while `echo_path` is "unknown" the
+    module runs in the shadow (it adapts to the room, its output unused) and `process` hands the
+    input back untouched; once the path is "present" (`echo.EchoPathDetector` on the raw input, or
+    `check` at a speech start) the cleaned output is used for the rest of the call, from a module
+    that has seen the agent's first words. While the path is "absent" the module does not run (no
+    CPU for callers without echo); should the echo appear later, it starts again and engages.
+    """
 
     def __init__(self, config: AECConfig | None = None, module: BlockProcessor | None = None) -> None:
         self.config = config or AECConfig()
+        if self.config.mode == "off":
+            raise ValueError("EchoCanceller with mode 'off': make none instead")
         self.stats = AECStats()
-        self._module = module or BACKENDS[self.config.backend](noise_suppression=self.config.noise_suppression)
+        self._module: BlockProcessor | None = module
         self._ref = _Reference(self.config.history_s)
         self._lag = int(round(self.config.reference_lag_ms * RATE / 1000))
         # (capture time, input energy, cleaned energy) of recent frames: what the canceller removed.
         self._energy: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=int(self.config.history_s * 100))
+        self._path = EchoPathDetector(self.config.path_threshold) if self.config.mode == "auto" else None
+        self.engaged = self._path is None
+        self.engaged_at: float | None = None  # auto: capture time of the first input it cleaned
+
+    @property
+    def echo_path(self) -> str:
+        """"present" ("on", or found), "unknown" (auto, not decided yet) or "absent" (auto, none so far)."""
+        return "present" if self._path is None else self._path.state
+
+    @property
+    def path_scores(self) -> list[float]:
+        """auto: the echo-path correlations scored so far."""
+        return list(self._path.scores) if self._path is not None else []
+
+    def check(self, t0: float, t1: float) -> bool:
+        """auto, not engaged: is the raw input in [t0, t1) the agent's echo (the path threshold)? A hit
+        is the echo path found: the next frame is cleaned. Engaged (or "on"): False, the cleaned
+        input has its own checks (the echo guard's cleaned threshold, `removed_db`)."""
+        if self.engaged or self._path is None:
+            return False
+        return self._path.check(t0, t1)
 
     def add_reference(self, frame: AudioFrame, sent_at: float) -> None:
         """Agent audio handed to the transport at `sent_at` (any rate; mono or not)."""
+        if self._path is not None and not self.engaged:
+            self._path.add_reference(frame, sent_at)
         late = self._ref.write(sent_at, to_16k_linear(frame.to_float_mono(), frame.sample_rate))
         self.stats.reference_frames += 1
         if late:
@@ -224,18 +267,36 @@ class EchoCanceller:
         x = frame.to_float_mono()
         if x.size % BLOCK:
             raise ValueError(f"EchoCanceller.process takes multiples of {BLOCK} samples, got {x.size}")
-        start = self._ref.index(frame.timestamp) - self._lag
-        pcm = to_pcm16(x)
-        out = np.empty(x.size, np.int16)
+        if not self.engaged:
+            assert self._path is not None
+            if self._path.state != "present":
+                self._path.add_input(frame)
+            if self._path.state == "present":  # found by this frame or by a check since the last one
+                self.engaged, self.engaged_at = True, frame.timestamp
+                log.info("the agent's echo is in the input: echo cancellation engaged")
+            else:
+                if self._path.state == "unknown":
+                    self._run(frame.timestamp, to_pcm16(x))  # in the shadow: adapting to the room
+                e = float(np.dot(x, x))
+                self._energy.append((frame.timestamp, e, e))  # nothing removed
+                return frame
+        y = self._run(frame.timestamp, to_pcm16(x)).astype(np.float32) / 32768.0
+        self._energy.append((frame.timestamp, float(np.dot(x, x)), float(np.dot(y, y))))
+        return AudioFrame(y, RATE, 1, frame.timestamp)
+
+    def _run(self, captured_at: float, pcm: np.ndarray) -> np.ndarray:
+        """The module on input captured at `captured_at`, each 10 ms block after its reference."""
+        if self._module is None:
+            self._module = BACKENDS[self.config.backend](noise_suppression=self.config.noise_suppression)
+        start = self._ref.index(captured_at) - self._lag
+        out = np.empty(pcm.size, np.int16)
         t0 = time.perf_counter()
-        for k in range(0, x.size, BLOCK):
+        for k in range(0, pcm.size, BLOCK):
             far = to_pcm16(self._ref.read(start + k, BLOCK))
             out[k : k + BLOCK] = self._module.process(pcm[k : k + BLOCK], far)
         self.stats.seconds += time.perf_counter() - t0
-        self.stats.blocks += x.size // BLOCK
-        y = out.astype(np.float32) / 32768.0
-        self._energy.append((frame.timestamp, float(np.dot(x, x)), float(np.dot(y, y))))
-        return AudioFrame(y, RATE, 1, frame.timestamp)
+        self.stats.blocks += pcm.size // BLOCK
+        return out
 
     def removed_db(self, t0: float, t1: float) -> float:
         """How much of the input captured in [t0, t1) the canceller took out, in dB (0.0: nothing known).

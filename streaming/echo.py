@@ -13,6 +13,13 @@ a burst of residual echo (while it converges, or a reverberant tail it under-est
 VAD takes for speech. The residual is still the agent's voice, but filtered and suppressed band by
 band, so it correlates less (0.34-0.45 on bench/echo_barge_in.py's room, where the second talker's
 cleaned speech scores 0.10-0.28): such input is judged against `cleaned_threshold`.
+
+`EchoPathDetector` asks the question once per call, on the input as it arrives: does the agent's
+voice come back at all? While the agent speaks it scores each second of input against the
+reference; an echo path, however reverberant or quiet, scores 0.3-0.8 there (bench/echo_barge_in.py's
+rooms: -20 to 0 dB, 20-250 ms, RT60 0.2-0.4 s, diffuse), a caller talking over the agent without
+one (a headset, a browser that cancelled its own echo) or noise at most 0.23. The echo canceller
+engages when it finds one (streaming/aec.py, `mode="auto"`).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from rejoinder.errors import ConfigError
 
 from .frames import AudioFrame
 
-__all__ = ["EchoGuard", "EchoGuardConfig", "to_16k_linear"]
+__all__ = ["EchoGuard", "EchoGuardConfig", "EchoPathDetector", "to_16k_linear"]
 
 RATE = 16_000
 
@@ -93,10 +100,21 @@ class EchoGuard:
     def __init__(self, config: EchoGuardConfig | None = None, *, cleaned: bool = False) -> None:
         """`cleaned`: the input it is given has been through the echo canceller."""
         self.config = config or EchoGuardConfig()
-        self.threshold = self.config.cleaned_threshold if cleaned else self.config.threshold
+        self.threshold = self.config.threshold
+        self.cleaned = cleaned
         self._ref = _Timeline(self.config.history_s)
         self._inp = _Timeline(self.config.history_s)
         self._ref_next: float | None = None  # where the next reference block would start if contiguous
+
+    @property
+    def cleaned(self) -> bool:
+        """Whether the input comes through the echo canceller (it may engage mid-call: `mode="auto"`)."""
+        return self._cleaned
+
+    @cleaned.setter
+    def cleaned(self, value: bool) -> None:
+        self._cleaned = bool(value)
+        self.threshold = self.config.cleaned_threshold if value else self.config.threshold
 
     def add_reference(self, frame: AudioFrame, sent_at: float) -> None:
         """Agent audio handed to the transport at `sent_at` (any rate)."""
@@ -120,13 +138,95 @@ class EchoGuard:
         x = self._inp.span(t0, t1)
         if x.size < RATE // 20:
             return 0.0
-        r = self._ref.span(t0 - self.config.max_delay_s, t1)
-        if float(np.sqrt(np.mean(r * r))) < self.config.min_reference_rms:
+        if not self.reference_active(t0, t1):
             return 0.0
-        return _max_ncc(x, r)
+        return _max_ncc(x, self._ref.span(t0 - self.config.max_delay_s, t1))
+
+    def reference_active(self, t0: float, t1: float) -> bool:
+        """Whether the agent said something that could come back as input in [t0, t1)."""
+        r = self._ref.span(t0 - self.config.max_delay_s, t1)
+        return bool(r.size) and float(np.sqrt(np.mean(r * r))) >= self.config.min_reference_rms
 
     def is_echo(self, t0: float, t1: float) -> bool:
         return self.score(t0, t1) >= self.threshold
+
+
+class EchoPathDetector:
+    """Does this caller's input carry the agent's echo? "unknown", then "present" (for good) or "absent".
+
+    Fed the raw input and the reference (an `EchoGuard` of its own). While the agent speaks it
+    scores the input every `EVERY_S` against what was sent, over the last `WINDOW_S` (less at first:
+    from `FIRST_S` after the agent's first frame): `HITS` windows at or above `threshold` and the
+    path is present; `MISSES` below it with fewer hits, absent (silence while the agent talks is a
+    miss: no echo came back). Absent is not final: scoring goes on, and a caller who switches to a
+    loudspeaker is found. `check(t0, t1)` scores a stretch at once (a speech start while the path is
+    unknown): a hit there makes it present. Cost: one correlation (about 3 ms) per quarter second of
+    agent speech, none once present.
+    """
+
+    FIRST_S = 0.5
+    WINDOW_S = 1.0
+    EVERY_S = 0.25
+    HITS = 2
+    MISSES = 4
+
+    def __init__(self, threshold: float = 0.3, config: EchoGuardConfig | None = None) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"echo path threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self._guard = EchoGuard(config)
+        self.hits = self.misses = 0
+        self.scores: list[float] = []  # every window scored (diagnostics)
+        self.found_at: float | None = None  # input time the path was found
+        self._first: float | None = None  # the agent's first frame
+        self._next: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.found_at is not None:
+            return "present"
+        return "absent" if self.misses >= self.MISSES else "unknown"
+
+    def add_reference(self, frame: AudioFrame, sent_at: float) -> None:
+        self._guard.add_reference(frame, sent_at)
+        if self._first is None:
+            self._first, self._next = sent_at, sent_at + self.FIRST_S
+
+    def add_input(self, frame: AudioFrame) -> bool:
+        """Raw microphone audio (16 kHz, capture-stamped); True when this frame found the echo path."""
+        self._guard.add_input(frame)
+        if self.found_at is not None:
+            return False
+        now = frame.timestamp + frame.samples.shape[0] / frame.sample_rate
+        if self._next is None or now < self._next:
+            return False
+        self._next = now + self.EVERY_S
+        t0 = max(now - self.WINDOW_S, self._first or now)
+        if not self._guard.reference_active(t0, now):
+            return False  # the agent said nothing that could come back in this window: no evidence
+        return self._score(t0, now, now)
+
+    def check(self, t0: float, t1: float) -> bool:
+        """Whether the input in [t0, t1) is the agent's echo, by the path threshold; a hit finds the path."""
+        if not self._guard.reference_active(t0, t1):
+            return False
+        if self.found_at is not None:
+            return self._guard.score(t0, t1) >= self.threshold
+        self._score(t0, t1, t1, hits=self.HITS)
+        return self.found_at is not None
+
+    def _score(self, t0: float, t1: float, now: float, hits: int = 1) -> bool:
+        """Score a window; True when it found the path."""
+        score = self._guard.score(t0, t1)
+        self.scores.append(round(score, 3))
+        if score < self.threshold:
+            self.misses += 1
+            return False
+        self.hits += hits
+        if self.hits >= self.HITS:
+            self.found_at = now
+            return True
+        return False
 
 
 def _max_ncc(x: np.ndarray, r: np.ndarray) -> float:

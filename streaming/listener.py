@@ -92,11 +92,7 @@ class Listener:
                     if pos + chunk.size > self._utt_start:
                         await self.asr.feed(chunk[max(0, self._utt_start - pos) :])
             elif ev.kind == "speech_end" and self._in_speech:
-                self._in_speech = False
-                end_s = ev.audio_time_s - self._utt_start / ASR_RATE
-                task = asyncio.get_running_loop().create_task(self.asr.finish(speech_end_s=end_s))
-                self._finishing.add(task)
-                task.add_done_callback(self._finished)
+                self._finish_utterance(ev)
         # In speech (the hang-over included: the final can then reuse a pass that saw the end).
         if self._in_speech and not any(e.kind == "speech_start" for e in events):
             await self.asr.feed(samples)
@@ -108,6 +104,23 @@ class Listener:
             elif not self._pause_pass_done and silence >= self.pause_pass_s:
                 self._pause_pass_done = True
                 self.asr.request_pass()
+        return events
+
+    def _finish_utterance(self, ev: VADEvent) -> None:
+        self._in_speech = False
+        end_s = ev.audio_time_s - self._utt_start / ASR_RATE
+        task = asyncio.get_running_loop().create_task(self.asr.finish(speech_end_s=end_s))
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+
+    def cut(self) -> list[VADEvent]:
+        """End the open utterance now (its final follows as usual) and let the detector start
+        afresh; the speech_end returned is also queued."""
+        events = self.detector.cut()
+        for ev in events:
+            self._put(ev)
+            if self._in_speech:
+                self._finish_utterance(ev)
         return events
 
     def _finished(self, task: asyncio.Task) -> None:

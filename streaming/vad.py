@@ -262,6 +262,17 @@ class SpeechDetector:
             for e in events
         ]
 
+    def cut(self) -> list[VADEvent]:
+        """End an open segment now, whatever the audio says, and start afresh (the network's state
+        too): the input changed under it (the echo canceller engaged over the agent's echo)."""
+        self.vad.reset()
+        self._run_start = None
+        self._silent_windows = 0
+        if not self.in_speech:
+            return []
+        self.in_speech = False
+        return [VADEvent("speech_end", self.audio_time_s, time.monotonic())]
+
     def flush(self) -> list[VADEvent]:
         """End of stream: close an open segment at its last speech window."""
         self._pending = np.zeros(0, dtype=np.float32)

@@ -46,6 +46,7 @@ class Variant:
     min_speech_s: float
     backend: str = "pywebrtc"  # streaming.aec.BACKENDS
     noise_suppression: bool = True
+    aec_mode: str = "on"  # with aec: "on" (from the first frame) or "auto" (once the echo is found)
 
 
 BEFORE = Variant("guard only, min speech 0.2 s", aec=False, guard=True, min_speech_s=0.2)
@@ -83,6 +84,7 @@ class SceneResult:
     erle_db: float | None = None  # echo energy removed over the agent's speech (AEC variants)
     starts: list[dict] = field(default_factory=list)  # every speech start while the agent spoke: the evidence
     aec_ms_per_block: float | None = None
+    aec_engaged_s: float | None = None  # auto: seconds after the agent began that the canceller engaged
 
     @property
     def false_barge_in(self) -> bool:
@@ -102,7 +104,8 @@ class SceneResult:
                 "candidates": [c.__dict__ for c in self.candidates], "echo_suppressed": self.echo_suppressed,
                 "false_turns": self.false_turns, "starts": self.starts, "false_barge_in": self.false_barge_in,
                 "missed": self.missed,
-                "erle_db": self.erle_db, "aec_ms_per_block": self.aec_ms_per_block}
+                "erle_db": self.erle_db, "aec_ms_per_block": self.aec_ms_per_block,
+                "aec_engaged_s": self.aec_engaged_s}
 
 
 def frames_of(audio_tts: np.ndarray, tts_rate: int) -> list[np.ndarray]:
@@ -120,11 +123,11 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
     listener = Listener(asr, vad=SileroVAD(vad_path), vad_config=vad_cfg,
                         asr_config=StreamingASRConfig(final_reuse_margin_s=0.08))
     guard_cfg = EchoGuardConfig()
-    guard = EchoGuard(guard_cfg, cleaned=variant.aec)
+    guard = EchoGuard(guard_cfg, cleaned=variant.aec and variant.aec_mode == "on")
     raw_guard = EchoGuard(guard_cfg)  # diagnostics: the guard on the input before the canceller
     energy: list[tuple[float, float]] = []  # per frame: raw and cleaned energy
-    aec = EchoCanceller(AECConfig(backend=variant.backend, noise_suppression=variant.noise_suppression)) \
-        if variant.aec else None
+    aec = EchoCanceller(AECConfig(mode=variant.aec_mode, backend=variant.backend,
+                                  noise_suppression=variant.noise_suppression)) if variant.aec else None
     result = SceneResult(scene.name, scene.kind, variant.name)
     room = scene.room
     path = room.echo_path()
@@ -172,6 +175,7 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
                 lo, hi = max(a, near_a), min(a + FRAME, near_a + n_near)
                 x[lo - a : hi - a] += scene.near[lo - near_a : hi - near_a]
             f = AudioFrame(np.clip(x, -1, 1).astype(np.float32), RATE, 1, t)
+            engaged = aec is not None and aec.engaged
             if aec is not None:
                 f = aec.process(f)
             if echo.any() and (not n_near or not (near_a - FRAME < a < near_a + n_near)):
@@ -197,9 +201,14 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
                                       "guard_raw": round(raw_guard.score(w0, now), 3),
                                       "local_erle_db": round(float(10 * np.log10(e_raw / e_clean)), 1)})
                 if variant.guard:  # the session's echo decision (BargeInHandler.is_echo)
-                    removed = aec.removed_db(w0, now) if aec is not None else 0.0
-                    if guard.score(w0, now) >= guard.threshold or (
-                            aec is not None and removed >= aec.config.echo_removed_db):
+                    if aec is not None and not aec.engaged and aec.echo_path != "absent":
+                        echo = aec.check(w0, now)
+                    else:
+                        cleaned = aec is not None and aec.engaged
+                        removed = aec.removed_db(w0, now) if cleaned else 0.0
+                        echo = guard.score(w0, now) >= guard.threshold or (
+                            cleaned and removed >= aec.config.echo_removed_db)
+                    if echo:
                         result.echo_suppressed += 1
                         ignored.add(uid)
                         continue
@@ -213,6 +222,10 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
                     playing = False
                 elif stopped and scene.kind != "user":
                     result.false_turns += 1
+            if aec is not None and aec.engaged and not engaged:  # as Session._canceller_engaged
+                guard.cleaned = True
+                if listener.detector.in_speech and uid in ignored:
+                    listener.cut()
             if candidate is not None:
                 await listener.settle()  # the candidate's transcript decides it: wait for it in lockstep
             else:
@@ -242,6 +255,8 @@ async def run_scene(scene: Scene, variant: Variant, asr, vad_path=None, *, tail_
         if raw_echo_e > 0:
             result.erle_db = round(10 * np.log10(raw_echo_e / max(clean_e, 1e-12)), 1)
         result.aec_ms_per_block = round(aec.stats.ms_per_block, 3)
+        if aec.engaged_at is not None:
+            result.aec_engaged_s = round(aec.engaged_at - T0 - AGENT_START_S, 3)
     return result
 
 
@@ -251,6 +266,7 @@ ECHO_DELAYS_S = (0.02, 0.06, 0.12, 0.25)
 ECHO_GAINS_DB = (0.0, -6.0, -12.0, -20.0)
 RT60S = (0.2, 0.3, 0.4)
 USER_LEVEL_DB = -6.0  # the second talker's level against the agent's voice as sent
+NO_ECHO_DB = -200.0  # an echo gain that leaves nothing: a caller with no echo path
 
 
 def _rms(x: np.ndarray) -> float:
@@ -300,6 +316,14 @@ def scene_set(agent_say, user_say, tts_rate: int, *, quick: bool = False, seed_o
         near = near * (level[text] * 10 ** (USER_LEVEL_DB / 20) / max(_rms(near), 1e-9))
         scenes.append(Scene(f"user over echo {int(room.delay_s * 1000)} ms {room.gain_db:+.0f} dB", "user", room,
                             text, audio[text], tts_rate, near.astype(np.float32), near_at_s=1.6, near_text=said))
+    if not quick:  # no echo path at all (a headset; a browser that cancelled its own echo)
+        for k, said in enumerate((SENTENCES[4], "Stop, what is two plus two?")):
+            text = answers[k % len(answers)]
+            near = trim(np.asarray(user_say(said), np.float32))
+            near = near * (level[text] * 10 ** (USER_LEVEL_DB / 20) / max(_rms(near), 1e-9))
+            scenes.append(Scene(f"user, no echo (headset) {k}", "user", Room(0.06, NO_ECHO_DB, 0.3, seed=90 + k),
+                                text, audio[text], tts_rate, near.astype(np.float32), near_at_s=1.6 + k,
+                                near_text=said))
     if not quick:  # short interruptions, quieter (9 dB below the agent), later into the answer
         for k, (said, d, g, at) in enumerate(SHORT_INTERRUPTIONS):
             text = answers[k % len(answers)]

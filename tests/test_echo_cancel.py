@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 from agent_harness import live_session, wait_for
-from barge_in_chain import Scene, Variant, run_scene
+from barge_in_chain import NO_ECHO_DB, Scene, Variant, run_scene
 from echo_scenes import NOISES, RATE, Room, room_ir
 from speech import SENTENCES, espeak_say, have_espeak, piper_say, piper_voice, shared_whisper, trim
 
@@ -28,9 +28,10 @@ pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not install
 
 AGENT_TEXT = " ".join(SENTENCES[0:2])
 USER_TEXT = SENTENCES[5]  # never words of the agent's answer
-# The product's defaults: canceller on, guard on the cleaned input, the lowered minimum speech.
+# The product's defaults: the canceller engaging once it finds the echo (auto), the guard behind it.
 AFTER = Variant("defaults", aec=True, guard=True, min_speech_s=TurnTakingConfig().min_speech_s,
-                noise_suppression=AECConfig().noise_suppression)
+                noise_suppression=AECConfig().noise_suppression, aec_mode=AECConfig().mode)
+ALWAYS_ON = Variant("always on, lowered minimum speech", aec=True, guard=True, min_speech_s=0.15, aec_mode="on")
 
 
 def tts_rate() -> int:
@@ -50,8 +51,12 @@ def through_room(far16: np.ndarray, room: Room, total: int) -> np.ndarray:
 
 
 def cancel(mic: np.ndarray, far22: np.ndarray | None, rate: int, config: AECConfig | None = None) -> np.ndarray:
-    """Run the canceller as the session does: the reference at its send time, the input at its capture time."""
-    aec = EchoCanceller(config)
+    """Run the canceller (always on) as the session does."""
+    return np.concatenate(cancel_with(EchoCanceller(config or AECConfig(mode="on")), mic, far22, rate))
+
+
+def cancel_with(aec: EchoCanceller, mic: np.ndarray, far22: np.ndarray | None, rate: int) -> list[np.ndarray]:
+    """The reference at its send time, the input at its capture time (20 ms frames from t = 10 s)."""
     step = rate // 50
     out = []
     for k in range(mic.size // 320):
@@ -59,7 +64,7 @@ def cancel(mic: np.ndarray, far22: np.ndarray | None, rate: int, config: AECConf
         if far22 is not None and (k + 1) * step <= far22.size:
             aec.add_reference(AudioFrame.from_float(far22[k * step : (k + 1) * step], rate, t), t)
         out.append(aec.process(AudioFrame(mic[k * 320 : (k + 1) * 320], RATE, 1, t)).to_float_mono())
-    return np.concatenate(out)
+    return out
 
 
 # --- the canceller -----------------------------------------------------------------------------------
@@ -82,6 +87,45 @@ def test_canceller_removes_the_echo_of_a_room(delay_s, gain_db, rt60):
     assert 10 * np.log10(np.sum(mic.astype(np.float64) ** 2) / np.sum(unaided.astype(np.float64) ** 2)) < 6.0
 
 
+@pytest.mark.parametrize("delay_s,gain_db,rt60,drr_db", [(0.02, 0.0, 0.2, 0.0), (0.25, -20.0, 0.4, 0.0),
+                                                          (0.12, -12.0, 0.4, -10.0)])
+def test_auto_engages_once_the_echo_is_found_and_passes_the_input_until_then(delay_s, gain_db, rt60, drr_db):
+    rate = tts_rate()
+    far22 = np.asarray(piper_say(AGENT_TEXT, rate=rate))
+    far16 = np.asarray(piper_say(AGENT_TEXT))
+    room = Room(delay_s, gain_db, rt60, seed=4, drr_db=drr_db)
+    total = (far16.size // 320) * 320
+    mic = through_room(far16, room, total) + room.mic_noise(total, np.random.default_rng(0))
+    aec = EchoCanceller(AECConfig(mode="auto"))
+    assert not aec.engaged
+    out = np.concatenate(cancel_with(aec, mic, far22, rate))
+    assert aec.engaged, aec.path_scores
+    n = int(round((aec.engaged_at - 10.0) * RATE))  # the frame that engaged it: cleaned from there
+    assert 0 < n <= 2.0 * RATE, n  # within two seconds of the agent's first words
+    assert np.array_equal(out[: n - 320], mic[: n - 320])  # untouched until then, bit for bit
+    tail = slice(n + RATE, total)  # a second to converge
+    erle = 10 * np.log10(np.sum(mic[tail].astype(np.float64) ** 2) / np.sum(out[tail].astype(np.float64) ** 2))
+    assert erle > 15.0, erle
+
+
+def test_auto_never_engages_without_an_echo():
+    """A caller who talks over the agent with no echo path (a headset): the input is never touched."""
+    rate = tts_rate()
+    far22 = np.asarray(piper_say(AGENT_TEXT, rate=rate))
+    user = trim(np.asarray(espeak_say(USER_TEXT)))
+    user = user * (0.5 * rms(trim(np.asarray(piper_say(AGENT_TEXT)))) / rms(user))
+    total = (int(far22.size * RATE / rate) // 320) * 320
+    mic = np.random.default_rng(2).standard_normal(total).astype(np.float32) * 10 ** (-65 / 20)
+    for at in (int(0.3 * RATE), int(2.5 * RATE)):  # talking over it twice
+        k = min(user.size, total - at)
+        mic[at : at + k] += user[:k]
+    aec = EchoCanceller(AECConfig(mode="auto"))
+    out = np.concatenate(cancel_with(aec, mic, far22, rate))
+    assert not aec.engaged and aec.path_scores, aec.path_scores  # scored, and found nothing
+    assert max(aec.path_scores) < AECConfig().path_threshold
+    assert np.array_equal(out, mic)
+
+
 def test_canceller_keeps_the_users_words():
     """The person's speech survives: alone, and in a barge-in (over the echo until the agent stops)."""
     rate = tts_rate()
@@ -96,7 +140,7 @@ def test_canceller_keeps_the_users_words():
     near[at : at + user.size] = user
     seg = slice(at - RATE // 10, at + user.size + RATE // 5)
     # Alone (no echo, no reference), noise suppression on: it must not eat words.
-    alone = cancel(near.copy(), None, rate, AECConfig(noise_suppression=True))
+    alone = cancel(near.copy(), None, rate, AECConfig(mode="on", noise_suppression=True))
     assert word_error_rate(USER_TEXT, asr.transcribe(alone[seg]).text) <= 0.25
     # Barge-in: the agent stops 0.25 s after the user starts; its echo fades out through the room.
     cut = at + RATE // 4
@@ -121,8 +165,13 @@ def test_canceller_refuses_frames_it_cannot_use():
     for bad in ({"reference_lag_ms": -1}, {"backend": "speex"}, {"history_s": 0.05}):
         with pytest.raises(ConfigError):
             AECConfig(**bad)
-    cfg = AgentConfig.from_env({"REJOINDER_AEC": "0", "REJOINDER_AEC_REFERENCE_LAG_MS": "40"})
-    assert cfg.aec == AECConfig(enabled=False, reference_lag_ms=40)
+    cfg = AgentConfig.from_env({"REJOINDER_AEC": "off", "REJOINDER_AEC_REFERENCE_LAG_MS": "40"})
+    assert cfg.aec == AECConfig(mode="off", reference_lag_ms=40)
+    assert AgentConfig.from_env({}).aec.mode == "auto"
+    with pytest.raises(ConfigError, match="REJOINDER_AEC"):
+        AgentConfig.from_env({"REJOINDER_AEC": "1"})
+    with pytest.raises(ValueError, match="off"):
+        EchoCanceller(AECConfig(mode="off"))
     with pytest.raises(ConfigError, match="REJOINDER_AEC_BACKEND"):
         AgentConfig.from_env({"REJOINDER_AEC_BACKEND": "speex"})
 
@@ -142,6 +191,13 @@ async def test_echo_never_barges_in(delay_s, gain_db, rt60):
     r = await run_scene(scene("echo", Room(delay_s, gain_db, rt60, seed=11)), AFTER, shared_whisper())
     assert r.candidates == [], r.to_dict()
     assert r.false_turns == 0
+    assert r.aec_engaged_s is not None and r.aec_engaged_s < 1.5, r.to_dict()  # found the echo, soon
+    assert r.erle_db is not None and r.erle_db > 5.0  # over the whole answer, its first half second raw
+
+
+async def test_echo_never_barges_in_with_the_canceller_always_on():
+    r = await run_scene(scene("echo", Room(0.12, -6.0, 0.3, seed=11)), ALWAYS_ON, shared_whisper())
+    assert r.candidates == [] and r.false_turns == 0, r.to_dict()
     assert r.erle_db is not None and r.erle_db > 15.0
 
 
@@ -152,10 +208,24 @@ async def test_user_over_the_echo_barges_in(delay_s, gain_db):
     user = (user * (0.5 * rms(far16) / rms(user))).astype(np.float32)
     r = await run_scene(scene("user", Room(delay_s, gain_db, 0.3, seed=12), user, USER_TEXT), AFTER, shared_whisper())
     assert r.candidates, r.to_dict()
+    assert r.aec_engaged_s is not None, r.to_dict()
     c = r.candidates[0]
     assert 1.5 <= c.onset_s <= 2.2 and c.paused_s - 1.6 < 0.6, c  # paused soon after the user began
     assert c.outcome == "interruption", c
     assert "autumn" in normalized_words(c.text) or "leaves" in normalized_words(c.text), c.text
+
+
+async def test_a_caller_without_echo_keeps_every_word():
+    """No echo path (a headset): auto never engages the canceller, and the interruption is heard whole
+    (AEC3 always on turns "Stop, what is two plus two?" into "up." here: bench/echo_barge_in.py)."""
+    said = "Stop, what is two plus two?"
+    user = trim(np.asarray(espeak_say(said)))
+    far16 = trim(np.asarray(piper_say(AGENT_TEXT)))
+    user = (user * (0.5 * rms(far16) / rms(user))).astype(np.float32)
+    r = await run_scene(scene("user", Room(0.06, NO_ECHO_DB, 0.3, seed=14), user, said), AFTER, shared_whisper())
+    assert r.aec_engaged_s is None, r.to_dict()
+    assert r.candidates and r.candidates[0].outcome == "interruption", r.to_dict()
+    assert word_error_rate(said, r.candidates[0].text) <= 0.35, r.candidates[0].text
 
 
 @pytest.mark.parametrize("noise", sorted(NOISES))
@@ -170,9 +240,8 @@ async def test_noises_do_not_barge_in(noise):
 
 @contextlib.asynccontextmanager
 async def session_in_a_room(models, room: Room, greeting: str):
-    cfg = AgentConfig.from_env(max_new_tokens=30)  # the canceller on, at the lower min speech it allows
-    cfg = cfg.replace(aec=dataclasses.replace(cfg.aec, enabled=True),
-                      turns=dataclasses.replace(cfg.turns, min_speech_s=0.15))
+    cfg = AgentConfig.from_env(max_new_tokens=30)  # the canceller auto (default), at the lower min speech
+    cfg = cfg.replace(turns=dataclasses.replace(cfg.turns, min_speech_s=0.15))
     async with live_session(models, cfg, room=room, greeting=greeting) as (session, _, mic):
         yield session, mic
 
@@ -185,6 +254,7 @@ async def test_session_in_a_room_ignores_its_echo_and_noise_but_not_the_user(mod
         # The greeting is the canceller's first audio: let it converge a little (a real call's
         # first seconds are the weakest: see the report of bench/echo_barge_in.py).
         assert await wait_for(lambda: session.speaker.playout.played_seconds >= 3.0, 30)
+        assert session.aec.engaged and session.echo_guard.cleaned  # it found the greeting's echo
         await mic.speak(NOISES["door_knock"](seed=1))
         await asyncio.sleep(0.8)
         await mic.speak(NOISES["cough"](seed=1))

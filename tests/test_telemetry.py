@@ -74,7 +74,9 @@ async def test_metrics_and_traces_count_a_real_call():
     metrics = AgentMetrics()
     collector = await Collector().start()
     tracer = TurnTracer(collector.url)
-    factory = agent_session_factory(models, cfg.replace(greeting=""), listeners=[metrics.listener, tracer.listener])
+    ended: list[float] = []  # the server's heap trimmer is told of each call that has run (agent.heap)
+    factory = agent_session_factory(models, cfg.replace(greeting=""), listeners=[metrics.listener, tracer.listener],
+                                    on_call_ended=lambda: ended.append(time.monotonic()))
     srv = ServerThread(ServeConfig(max_sessions=1, connect_timeout_s=10.0, media_timeout_s=5.0), factory,
                        routes=[metrics_route(metrics)], on_refused=metrics.on_refused).start()
     try:
@@ -96,6 +98,7 @@ async def test_metrics_and_traces_count_a_real_call():
             got = samples(await r.text())
     finally:
         srv.stop()
+    assert len(ended) == 1  # the call that ran; the refused one never had a session
     assert got[("rejoinder_voice_to_voice_seconds_count", ())] == 1
     assert got[("rejoinder_voice_to_voice_seconds_sum", ())] == pytest.approx(ev["voice_to_voice_s"], abs=1e-6)
     for stage in ("asr_final", "end_of_turn", "first_token", "first_audio"):

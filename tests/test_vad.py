@@ -147,3 +147,22 @@ def test_streams_share_the_network_but_not_the_state(silero, two_utterances):
         s.speech_prob(a_in[:512])
     grew = _heap_in_use_mib() - before
     assert grew < 5.0, f"20 streams took {grew:.1f} MiB (a separate SileroVAD takes ~11 MiB each)"
+
+
+def test_cut_ends_an_open_segment_and_the_detector_starts_afresh(silero):
+    """`cut()`: the session ends an utterance the echo canceller's engagement changed under it."""
+    speech = np.asarray(piper_say("Hello there, could you help me with something today, please?"), np.float32)
+    det = SpeechDetector(silero.new_stream(), VADConfig(min_speech_s=0.2, hangover_s=0.3))
+    assert det.cut() == []  # nothing open: nothing to end
+    events, k = [], 0
+    while not det.in_speech and k < speech.size:
+        events += det.process(speech[k : k + 320])
+        k += 320
+    assert [e.kind for e in events] == ["speech_start"]
+    cut = det.cut()
+    assert [e.kind for e in cut] == ["speech_end"] and not det.in_speech
+    assert cut[0].audio_time_s == pytest.approx(k / RATE, abs=0.04)  # ended now, not at the audio's end
+    # The rest of the same speech is a new segment, after min_speech_s of it.
+    rest = det.process(speech[k:])
+    assert rest and rest[0].kind == "speech_start"
+    assert rest[0].audio_time_s >= cut[0].audio_time_s - det.config.pre_roll_s

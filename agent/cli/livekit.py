@@ -153,10 +153,11 @@ def serve_metrics(host: str, port: int) -> None:
 
 def prewarm(proc: Any) -> None:
     """Load the models into a job process before it is given a room."""
+    from .. import heap
     from ..models import Models
 
     models = Models(config.load())
-    models.freeze_heap()  # the process serves job after job: as `serve` does (agent.models)
+    heap.settle()  # the process serves job after job: as `serve` does (agent.heap)
     proc.userdata["models"] = models
 
 
@@ -256,6 +257,10 @@ async def entrypoint(ctx: Any) -> None:
             await mqtt.close()
         if tracer is not None:
             await asyncio.to_thread(tracer.close)
+        if cfg.heap_trim_s > 0:  # the next job in this process starts from a trimmed heap (agent.heap)
+            from .. import heap
+
+            await asyncio.to_thread(heap.trim)
 
 
 async def _typed(session: Any, reader: Any) -> None:

@@ -20,6 +20,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rejoinder.streaming.signalling import serve
 
+    from .. import heap
     from ..metrics import AgentMetrics
     from ..models import Models
     from ..services import running_services
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     scfg = cfg.serve
     print("loading the models…", file=sys.stderr)
     models = Models(cfg)
-    models.freeze_heap()  # calls' garbage is collected soon, in short passes
+    heap.settle()  # calls' garbage is collected soon, in short passes (agent.heap)
 
     def ready(url: str) -> None:
         print(f"Rejoinder is listening: open {url} in a browser (Ctrl-C stops)", file=sys.stderr)
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = AgentMetrics()
 
     async def main() -> None:
-        async with running_services(cfg, metrics.listener) as svc:
-            factory = agent_session_factory(models, cfg, mqtt=svc.bridge, listeners=svc.listeners, mcp=svc.mcp)
+        async with running_services(cfg, metrics.listener) as svc, heap.trimmer(cfg.heap_trim_s) as trim:
+            factory = agent_session_factory(models, cfg, mqtt=svc.bridge, listeners=svc.listeners, mcp=svc.mcp,
+                                            on_call_ended=trim.call_ended)
             await serve(scfg, factory, ready=ready, routes=[metrics_route(metrics)], on_refused=metrics.on_refused)
 
     try:
