@@ -19,6 +19,8 @@ handed over at its first sample's time, a playout frame sent up to one frame lat
 shorter than it cannot be cancelled (they would come before their reference).
 
 Cost: ~0.8 ms per 10 ms block on this 2-core box (measured by the bench), so it runs inline on the event loop.
+With `mode="auto"` (the default) it runs only where the agent's echo may be or is in the input
+(`EchoCanceller`; the detector: streaming/echo.py `EchoPathDetector`).
 """
 from __future__ import annotations
 
@@ -211,11 +213,12 @@ class EchoCanceller:
     """One caller's input cleaned against the agent's output. Not thread-safe; one per session.
 
     `mode="on"`: `engaged` from the first frame. `mode="auto"`: while `echo_path` is "unknown" the
-    module runs in the shadow (it adapts to the room, its output unused) and `process` hands the
-    input back untouched; once the path is "present" (`echo.EchoPathDetector` on the raw input, or
-    `check` at a speech start) the cleaned output is used for the rest of the call, from a module
-    that has seen the agent's first words. While the path is "absent" the module does not run (no
-    CPU for callers without echo); should the echo appear later, it starts again and engages.
+    module runs in the shadow once the agent has spoken (it adapts to the room, its output unused)
+    and `process` hands the input back untouched; once the path is "present" (found on the raw
+    input by `echo.EchoPathDetector`, or by `check` at a speech start) the cleaned output is used for
+    the rest of the call, from a module that has heard the agent's first words. While the path is
+    "absent" the module does not run (no CPU for callers without echo); should the echo appear
+    later, it starts again and engages.
     """
 
     def __init__(self, config: AECConfig | None = None, module: BlockProcessor | None = None) -> None:
@@ -275,7 +278,7 @@ class EchoCanceller:
                 self.engaged, self.engaged_at = True, frame.timestamp
                 log.info("the agent's echo is in the input: echo cancellation engaged")
             else:
-                if self._path.state == "unknown":
+                if self._path.state == "unknown" and self._path.heard_agent:
                     self._run(frame.timestamp, to_pcm16(x))  # in the shadow: adapting to the room
                 e = float(np.dot(x, x))
                 self._energy.append((frame.timestamp, e, e))  # nothing removed

@@ -182,6 +182,11 @@ class EchoPathDetector:
         self._next: float | None = None
 
     @property
+    def heard_agent(self) -> bool:
+        """Whether the agent has said anything yet (before that there is nothing to look for)."""
+        return self._first is not None
+
+    @property
     def state(self) -> str:
         if self.found_at is not None:
             return "present"
