@@ -25,10 +25,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 log = logging.getLogger("rejoinder.agent.heap")
 
-__all__ = ["HeapTrimmer", "rss_bytes", "settle", "trim", "trimmer"]
+__all__ = ["HeapStats", "HeapTrimmer", "rss_bytes", "settle", "stats", "trim", "trimmer"]
 
 
 def settle() -> None:
@@ -51,6 +52,41 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
 
 
 _TRIM = _malloc_trim()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> ctypes._CFuncPtr | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+@dataclass(frozen=True)
+class HeapStats:
+    """glibc's own view of its heap, in bytes (`stats()`)."""
+
+    in_use: int  # malloc'd and not freed, every arena, mapped blocks included
+    free: int  # held by the allocator but free (fragmentation, caching): what `trim` may give back
+    mmapped: int  # large blocks mapped directly
+    arena: int  # the arenas' size
+
+
+def stats() -> HeapStats | None:
+    """The heap as glibc sees it; None on another C library."""
+    if _MALLINFO2 is None:
+        return None
+    m = _MALLINFO2()
+    return HeapStats(in_use=m.uordblks + m.hblkhd, free=m.fordblks, mmapped=m.hblkhd, arena=m.arena)
 
 
 def trim() -> bool:

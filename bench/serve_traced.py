@@ -34,12 +34,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from rejoinder.agent.heap import stats as heap_stats
+
 MIB = 1024 * 1024
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -51,12 +48,11 @@ def rss_mib() -> float:
 
 
 def heap() -> dict[str, float]:
-    if not hasattr(_libc, "mallinfo2"):  # glibc < 2.33
+    st = heap_stats()
+    if st is None:  # glibc < 2.33
         return {}
-    _libc.mallinfo2.restype = _MallInfo2
-    m = _libc.mallinfo2()
-    return {"in_use_mib": (m.uordblks + m.hblkhd) / MIB, "free_mib": m.fordblks / MIB, "mmap_mib": m.hblkhd / MIB,
-            "arena_mib": m.arena / MIB}
+    return {"in_use_mib": st.in_use / MIB, "free_mib": st.free / MIB, "mmap_mib": st.mmapped / MIB,
+            "arena_mib": st.arena / MIB}
 
 
 def malloc_trim() -> dict[str, float]:

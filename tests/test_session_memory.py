@@ -11,12 +11,12 @@ calls add no ONNX sessions and little memory.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 
 import pytest
 from agent_harness import Mic, wait_for
 
+from rejoinder.agent import heap
 from rejoinder.agent.config import AgentConfig
 from rejoinder.agent.events import SessionState
 from rejoinder.agent.models import Models
@@ -40,16 +40,8 @@ def onnx_sessions() -> int:
 
 
 def heap_in_use_mib() -> float | None:
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = MallInfo2
-    m = libc.mallinfo2()
-    return (m.uordblks + m.hblkhd) / 2**20
+    st = heap.stats()
+    return st.in_use / 2**20 if st is not None else None
 
 
 async def one_call(models: Models, cfg: AgentConfig) -> None:

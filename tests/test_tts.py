@@ -160,3 +160,34 @@ def test_corrupt_config_raises_tts_error(voice_copy: Path) -> None:
     with pytest.raises(TTSError, match="unreadable") as info:
         PiperTTS(voice_copy)
     _assert_one_line(info.value)
+
+
+def test_phonemizing_text_after_text_does_not_leak(tts: PiperTTS) -> None:
+    """espeak-ng leaks ~1.4 KiB per voice change and Piper sets the voice before every text: here it is
+    set once (streaming/tts.py `_EspeakVoiceOnce`), and phonemes are what espeak gives for the text."""
+    import gc
+
+    from piper import espeakbridge
+
+    from rejoinder.agent import heap
+
+    text = "Hi, I'm Rejoinder. How can I help?"
+    first = tts._voice.phonemize(text)
+    assert first and all(first)  # two sentences of phonemes
+    assert type(espeakbridge).__name__ == "_EspeakVoiceOnce"
+    if heap.stats() is None:
+        pytest.skip("heap statistics are glibc's")
+
+    def in_use() -> int:
+        st = heap.stats()
+        assert st is not None
+        return st.in_use
+
+    n = 2000
+    gc.collect()
+    before = in_use()
+    for _ in range(n):
+        assert tts._voice.phonemize(text) == first
+    gc.collect()
+    grown = in_use() - before
+    assert grown < n * 200, f"{grown / n:.0f} bytes per text (espeak's leak is ~1360)"

@@ -109,18 +109,12 @@ def test_chunk_size_does_not_change_decisions(silero, two_utterances):
 
 
 def _heap_in_use_mib() -> float:
-    import ctypes
+    from rejoinder.agent import heap
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
+    st = heap.stats()
+    if st is None:
         pytest.skip("glibc without mallinfo2")
-    libc.mallinfo2.restype = MallInfo2
-    m = libc.mallinfo2()
-    return (m.uordblks + m.hblkhd) / 2**20
+    return st.in_use / 2**20
 
 
 def test_streams_share_the_network_but_not_the_state(silero, two_utterances):
