@@ -5,7 +5,7 @@ The signalling (offer/answer over HTTP) lives with the server; this module takes
 makes. What WebRTC asks of us that a plain socket would not:
 
 - Outgoing audio must be a continuous, real-time stream. aiortc pulls frames from a track as fast
-  as `recv()` returns them, so `AgentAudioTrack` paces itself at 20 ms and fills the gaps between
+  as `recv()` returns them, so `AgentAudioTrack` (rtc_track.py) paces itself at 20 ms and fills the gaps between
   answers with silence. The session's playout already paces speech; the track keeps at most a few
   frames queued, so a barge-in flush in the playout is heard within ~one frame, not after a backlog.
 - A speech frame that arrives a little late must not be replaced by silence (a click mid-word):
@@ -27,13 +27,11 @@ whatever callback the server installs.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -45,210 +43,19 @@ from .frames import AudioFrame, to_pcm16
 from .rtc_audio import RTC_RATE, Resampler, av_to_audio_frame, to_int16_mono
 from .rtc_ice import restrict_ice_hosts
 from .rtc_jitter import AudioJitterBuffer, install_jitter_buffer
-from .rtc_stats import InboundFrame, OutboundFrame, SpeechRun, WebRTCStats
+from .rtc_options import FRAME_MS, FRAME_SAMPLES, WebRTCOptions
+from .rtc_stats import InboundFrame, WebRTCStats
+from .rtc_track import AgentAudioTrack
 from .transport import TransportClosed, event_json
 
 log = logging.getLogger("rejoinder.streaming.webrtc")
 
-__all__ = ["AgentAudioTrack", "WebRTCOptions", "WebRTCStats", "WebRTCTransport", "av_to_audio_frame",
-           "restrict_ice_hosts"]
+__all__ = ["FRAME_MS", "FRAME_SAMPLES", "AgentAudioTrack", "WebRTCOptions", "WebRTCStats", "WebRTCTransport",
+           "av_to_audio_frame", "restrict_ice_hosts"]
 
-FRAME_MS = 20
-FRAME_SAMPLES = RTC_RATE * FRAME_MS // 1000
 EVENTS_LABEL = "events"
 
 ControlHandler = Callable[[dict[str, Any]], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"]
-
-
-@dataclass(frozen=True)
-class WebRTCOptions:
-    # Inbound audio silent for this long (after the first frame) means the peer vanished.
-    media_timeout_s: float = 20.0
-    # How long audio_in() waits for the first inbound frame (ICE + DTLS + first RTP).
-    first_media_timeout_s: float = 30.0
-    # Speech the session hands to the outgoing track ahead of its slot (the playout's lead): the
-    # encoder pulls a frame every 20 ms, and one not there in time is a hole mid-word. On a loaded
-    # 2-core box the playout's wake-ups run 20-60 ms late now and then (bench/cpu_pressure.py); the
-    # reserve rides that out. It is taken back unsent at a barge-in (recall_audio), so it costs no
-    # reaction time, and adds its length to the first audio of an answer at most.
-    send_reserve_s: float = 0.06
-    # Speech frames held in the outgoing track (the reserve and room for a catch-up burst);
-    # send_audio waits for room beyond that.
-    max_queued_frames: int = 6
-    # While speaking, how long past its slot a frame may arrive before silence is sent instead.
-    # A full frame: the playout's wake-ups on a busy 2-core box run late by more than 12 ms about
-    # once every 8 s (an audible gap each time); at 20 ms none were seen.
-    late_frame_grace_s: float = 0.02
-    # Events kept while the data channel is not open yet (oldest dropped beyond that).
-    max_pending_events: int = 256
-    # A peer that stops reading its data channel must not make us buffer without end.
-    max_channel_buffered_bytes: int = 1 << 20
-    # Data channel messages larger than this are ignored (a control message is tiny).
-    max_message_bytes: int = 16 << 10
-    # Received packets held back before decoding: 0 releases each in-order packet at once (a VAD
-    # needs no smoothed timeline); None keeps aiortc's own buffer (4 packets, 80-100 ms).
-    receive_jitter_packets: int | None = 0
-
-    def __post_init__(self) -> None:
-        reserve = round(self.send_reserve_s * 1000 / FRAME_MS)
-        if not 0 <= self.send_reserve_s <= 0.2 or self.max_queued_frames < reserve + 1:
-            raise ValueError("need 0 <= send_reserve_s <= 0.2 s and max_queued_frames above the reserve's frames")
-
-
-class AgentAudioTrack(MediaStreamTrack):
-    """The agent's voice as an aiortc audio track: queued 20 ms 48 kHz mono frames, silence between."""
-
-    kind = "audio"
-
-    def __init__(self, options: WebRTCOptions | None = None, stats: WebRTCStats | None = None) -> None:
-        super().__init__()
-        self.options = options or WebRTCOptions()
-        self.stats = stats or WebRTCStats()
-        self._queue: deque[tuple[np.ndarray, float]] = deque()  # (pcm, queued at)
-        self._has_frame = asyncio.Event()
-        self._has_room = asyncio.Event()
-        self._has_room.set()
-        self._due: float | None = None  # monotonic time the next frame is due
-        self._t0 = 0.0  # monotonic time of pts 0
-        self._prev_pts: int | None = None
-        self._speaking = False
-        self._run_end: float | None = None  # slot time of the silence that ended the last speech run
-        self._pts = 0
-        self._last_pull: float | None = None  # the encoder's last recv(); None: not started yet
-        self._last_out: OutboundFrame | None = None  # the frame the encoder is working on
-        self._time_base = fractions.Fraction(1, RTC_RATE)
-        self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
-
-    @property
-    def queued_frames(self) -> int:
-        return len(self._queue)
-
-    def clear(self) -> int:
-        """Drop queued speech (hang-up, a barge-in's recall); returns how many frames were dropped."""
-        n = len(self._queue)
-        self._queue.clear()
-        self._has_room.set()
-        return n
-
-    async def put(self, pcm: np.ndarray) -> None:
-        """Queue one 20 ms int16 frame; waits while the queue is full and the encoder is pulling."""
-        if self.readyState != "live":
-            raise TransportClosed("outgoing audio track stopped")
-        while len(self._queue) >= self.options.max_queued_frames:
-            self._has_room.clear()
-            try:
-                # Two frame periods is plenty for a consumer that is running; past that it is not
-                # (not connected yet, or stalled), and blocking the playout would only delay the
-                # session's own clock, so the oldest frame makes room instead.
-                await asyncio.wait_for(self._has_room.wait(), 2 * FRAME_MS / 1000)
-            except asyncio.TimeoutError:
-                self._queue.popleft()
-                self.stats.dropped_out_frames += 1
-                if self.stats.dropped_out_frames in (1, 100) or self.stats.dropped_out_frames % 1000 == 0:
-                    log.info("outgoing audio not consumed; dropped %d frames so far", self.stats.dropped_out_frames)
-            if self.readyState != "live":
-                raise TransportClosed("outgoing audio track stopped")
-        self._queue.append((pcm, time.monotonic()))
-        self.stats.max_out_queue = max(self.stats.max_out_queue, len(self._queue))
-        self._has_frame.set()
-
-    def _sent(self, now: float) -> None:
-        """The encoder pulls again: the frame it had is encoded and its packet sent."""
-        out = self._last_out
-        if out is not None and out.sent_at is None:
-            out.sent_at = now
-            self.stats.stage("out_encode_send", now - out.handed_at)
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        frame_s = FRAME_MS / 1000
-        now = time.monotonic()
-        self._sent(now)
-        self._last_pull = now
-        if self._due is None:
-            self._due = self._t0 = now  # pts 0 is now: the RTP clock is the wall clock
-        elif now - self._due > (0.2 if self._speaking else frame_s):
-            # The loop stalled (in silence: by a slot or more; in speech: far past the grace).
-            # Sending the missed slots late, in a burst, tells the peer's jitter buffer the network
-            # is that slow: a browser then plays everything after it up to that much later, for
-            # many seconds (measured: 0.3 s stalls took Chromium's target from 0.12 to 0.88 s for
-            # 15 s). Instead the RTP clock moves over the missed time (as DTX would) on a silence
-            # frame: aiortc's encoder stamps the frame at a jump with the old count, so no speech
-            # frame ever carries one.
-            self._pts = max(self._pts, int((now - self._t0) * RTC_RATE) // FRAME_SAMPLES * FRAME_SAMPLES)
-            self._due = now
-            self.stats.clock_jumps += 1
-            return self._out(None, False)
-        item = self._queue.popleft() if self._queue else None
-        if item is None:
-            deadline = self._due + (self.options.late_frame_grace_s if self._speaking else 0.0)
-            while not self._queue and deadline > (now := time.monotonic()):
-                self._has_frame.clear()
-                try:
-                    await asyncio.wait_for(self._has_frame.wait(), deadline - now)
-                except asyncio.TimeoutError:
-                    break
-            if self._queue:
-                item = self._queue.popleft()
-                if self._speaking and time.monotonic() > self._due:
-                    self.stats.late_frames += 1
-        now = time.monotonic()
-        started = False
-        if item is not None and not self._speaking:
-            # Speech starting after silence goes out now, and the slot clock restarts on it, so
-            # the playout's frames (paced on the same monotonic clock) land in phase.
-            self._due = now
-            self.stats.speech_runs += 1
-            if self._run_end is not None and now - self._run_end < 0.2:
-                self.stats.speech_holes += 1
-            started = True
-        elif self._due > now:
-            await asyncio.sleep(self._due - now)
-        return self._out(item, started)
-
-    def _out(self, item: tuple[np.ndarray, float] | None, started: bool) -> av.AudioFrame:
-        """The frame for this slot (silence when `item` is None), stamped and counted."""
-        if self.readyState != "live":
-            raise MediaStreamError
-        stats = self.stats
-        if item is not None:
-            pcm, queued_at = item
-            if stats.first_speech_out_at is None:
-                stats.first_speech_out_at = time.monotonic()
-            self._speaking = True
-            stats.frames_out_speech += 1
-        else:
-            last = self._last_out
-            if self._speaking and stats.runs and last is not None and last.speech:
-                stats.runs[-1].end_ts, stats.runs[-1].last_handed_at = last.ts, last.handed_at
-            if self._speaking:
-                self._run_end = self._due
-            self._speaking = False
-            stats.frames_out_silence += 1
-            pcm, queued_at = self._silence, None
-        slot = self._due
-        self._due += FRAME_MS / 1000
-        self._has_room.set()
-        handed = time.monotonic()
-        # The RTP timestamp it will carry: aiortc's encoder stamps each frame one frame after the
-        # previous one's pts (equal to its own pts except on a clock jump).
-        wire = self._pts if self._prev_pts is None else self._prev_pts + FRAME_SAMPLES
-        self._prev_pts = self._pts
-        rec = OutboundFrame(wire, item is not None, queued_at, slot, handed)
-        stats.outbound.put(wire, rec)
-        stats.stage("out_slot_late", handed - slot)
-        if queued_at is not None:
-            stats.stage("out_queue", handed - queued_at)
-        if started:
-            stats.runs.append(SpeechRun(wire, queued_at, handed))
-        self._last_out = rec
-        out = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        out.sample_rate = RTC_RATE
-        out.pts = self._pts
-        out.time_base = self._time_base
-        self._pts += FRAME_SAMPLES
-        return out
 
 
 class WebRTCTransport:
