@@ -39,15 +39,19 @@ def settle() -> None:
     gc.collect()
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
-    name = ctypes.util.find_library("c")
+def _libc_fn(name: str) -> ctypes._CFuncPtr | None:
+    """A function of the C library, or None where it has none (musl, macOS, glibc < 2.33 for mallinfo2)."""
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        fn = libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
+
+
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    fn = _libc_fn("malloc_trim")
+    if fn is not None:
+        fn.argtypes = [ctypes.c_size_t]
+        fn.restype = ctypes.c_int
     return fn
 
 
@@ -60,11 +64,9 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mallinfo2() -> ctypes._CFuncPtr | None:
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
+    fn = _libc_fn("mallinfo2")
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
 
 

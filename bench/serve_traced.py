@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import gc
 import json
 import os
@@ -35,11 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from rejoinder.agent.heap import stats as heap_stats
+from rejoinder.agent.heap import trim as heap_trim
 
 MIB = 1024 * 1024
-
-
-_libc = ctypes.CDLL("libc.so.6")
 
 
 def rss_mib() -> float:
@@ -57,7 +54,7 @@ def heap() -> dict[str, float]:
 
 def malloc_trim() -> dict[str, float]:
     before = rss_mib()
-    _libc.malloc_trim(0)
+    heap_trim()
     return {"rss_before_trim_mib": before, "rss_after_trim_mib": rss_mib()}
 
 
