@@ -106,7 +106,10 @@ class BargeInHandler:
         assert answer is not None
         s.speaker.playout.pause()  # no further frame goes out
         stopped = time.monotonic()
-        answer.cancel()  # frees the CPU for transcribing the interruption
+        if not answer.done.is_set():
+            # Frees the CPU for transcribing the interruption. An answer already made has nothing
+            # left to stop; marked cancelled, it could not close its exchange after a resume.
+            answer.cancel()
         self.candidate = BargeInCandidate(uid, onset, stopped, answer, s.speaker.playout.played_text())
         s.turn_taker.open()
         s.set_state(SessionState.USER_SPEAKING, "barge-in")

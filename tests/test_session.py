@@ -134,6 +134,26 @@ async def test_backchannel_resumes_the_answer(models):
     assert session.conversation.turns[-1] == {"role": "assistant", "content": turn.agent_text}
 
 
+async def test_backchannel_after_the_answer_was_made_resumes_and_closes_the_turn(models):
+    # The whole answer is generated and synthesised before the backchannel: nothing is left to
+    # produce, and the exchange must still close once the queued audio has played (CI once hung here).
+    async with live_session(models, max_new_tokens=40) as (session, transport, mic):
+        await mic.speak(espeak_say(LONG_QUESTION))
+        await until_played(session, 1.0)
+        answer = session.speaker.answer
+        assert await wait_for(lambda: answer.complete, 30), "the answer was never fully made"
+        assert speaking(session), "the answer ended before the backchannel could pause it"
+        await mic.speak(espeak_say("uh-huh"))
+        assert await wait_for(lambda: len(session.turns) == 1, 60), (session.state, session.barge_ins)
+    outcomes = [b.outcome for b in session.barge_ins]
+    assert outcomes and outcomes[0] in ("backchannel", "noise"), outcomes
+    assert session.barge_ins[0].resumed
+    turn = session.turns[0]
+    assert not turn.interrupted
+    assert session.conversation.turns[-1] == {"role": "assistant", "content": turn.agent_text}
+    assert turn.agent_text.strip() == answer.speech_text.strip()
+
+
 async def test_mid_sentence_pause_is_waited_for(models):
     async with live_session(models) as (session, transport, mic):
         await mic.speak(espeak_say("I would like to book a table for"))
