@@ -52,10 +52,11 @@ class TurnTakingConfig:
     """When a user turn ends and what speech during the agent's speech means (agent.turns, agent.barge_in)."""
 
     # VAD: speech must last min_speech_s to count (and to barge in); silence of hangover_s ends it.
-    # 0.2 s keeps the agent's own voice and noises from barging in on the echo guard alone; with
-    # the echo canceller engaged (--aec auto finds the echo, or --aec on) 0.15 s is as safe
-    # (bench/echo_barge_in.py).
-    min_speech_s: float = 0.2
+    # With the echo canceller (--aec auto, the default, or on) 0.15 s barges in on every interruption
+    # of bench/echo_barge_in.py's set and on none of its echoes and noises; with --aec off the echo
+    # guard alone judges the agent's own voice, and needs min_speech_guard_only_s.
+    min_speech_s: float = 0.15
+    min_speech_guard_only_s: float = 0.2
     hangover_s: float = 0.3
     vad_threshold: float = 0.5
     # Semantic end of turn.
@@ -83,12 +84,16 @@ class TurnTakingConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.incomplete_prob < self.complete_prob <= 1.0:
             raise ConfigError("need 0 < incomplete_prob < complete_prob <= 1")
-        if not 0.1 <= self.min_speech_s <= 1.0:
-            raise ConfigError("min_speech_s must be within 0.1-1.0 s")
+        if not (0.1 <= self.min_speech_s <= 1.0 and 0.1 <= self.min_speech_guard_only_s <= 1.0):
+            raise ConfigError("min_speech_s and min_speech_guard_only_s must be within 0.1-1.0 s")
         if not 0.03 <= self.pause_pass_s < self.hangover_s:
             raise ConfigError("pause_pass_s must be within 0.03 s and the hang-over")
         if not self.pause_pass_s <= self.fast_hangover_s <= self.hangover_s:
             raise ConfigError("need pause_pass_s <= fast_hangover_s <= hangover_s")
+
+    def vad_min_speech_s(self, canceller: bool) -> float:
+        """How long speech must last to count, with or without the echo canceller on the input."""
+        return self.min_speech_s if canceller else self.min_speech_guard_only_s
 
     def handover_silence_s(self, end_of_turn_prob: float | None) -> float:
         """Silence after the end of speech before a speculatively prepared answer is released."""

@@ -111,7 +111,7 @@ class Session:
         )
         self.eot = EndOfTurnScorer.shared(self.engine)
         turn_cfg = turn_taking or cfg.turns
-        self.listener = listener_for(models, turn_cfg)
+        self.listener = listener_for(models, turn_cfg, canceller=cfg.aec.mode != "off")
         # The input without the agent's voice: always (on), or from when its echo is found (auto).
         self.aec = EchoCanceller(cfg.aec) if cfg.aec.mode != "off" else None
         self.echo_guard = EchoGuard(echo or cfg.echo, cleaned=self.aec is not None and self.aec.engaged)

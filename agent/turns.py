@@ -95,14 +95,16 @@ class UserTurn:
         return " ".join(p for p in self.parts if p).strip()
 
 
-def listener_for(models: Models, cfg: TurnTakingConfig) -> Listener:
+def listener_for(models: Models, cfg: TurnTakingConfig, *, canceller: bool) -> Listener:
     """The session's ears, timed for its turn-taking.
 
     A pass requested early in a pause covers the end of speech, so the final usually needs no decode
     of its own once the hang-over confirms the end; with the speculative hand-over that pass is also
     what the answer is prepared from, so it comes as early as the final's reuse margin allows.
+    `canceller`: the input goes through the echo canceller (--aec auto or on).
     """
-    vad = VADConfig(threshold=cfg.vad_threshold, min_speech_s=cfg.min_speech_s, hangover_s=cfg.hangover_s)
+    vad = VADConfig(threshold=cfg.vad_threshold, min_speech_s=cfg.vad_min_speech_s(canceller),
+                    hangover_s=cfg.hangover_s)
     margin = 0.05 if cfg.speculative else 0.08
     pause_pass_s = cfg.pause_pass_s if cfg.speculative else margin + 0.05
     return Listener(models.asr, vad=models.vad.new_stream(), vad_config=vad,

@@ -379,18 +379,19 @@ def resampling_delay() -> dict[str, dict[str, float]]:
     return {"soxr_hq_speaker": run(StreamResampler(22_050, RATE), False), "swr_transport": run(Resampler(22_050), True)}
 
 
-def run_config(label: str, *, server_jitter: int, caller_jitter: int, mute: bool, args: argparse.Namespace,
-               results: Path) -> dict[str, Any]:
+def run_config(label: str, *, server_jitter: int, caller_jitter: int, mute: bool,
+               questions: Sequence[str], interruptions: Sequence[str], max_new_tokens: int,
+               timeout_s: float) -> dict[str, Any]:
+    """One configuration: `rejoinder serve` in a subprocess, one caller (also used by bench/agent_latency.py)."""
     print(f"{label}: server --receive-jitter-packets {server_jitter}, caller jitter buffer {caller_jitter}, "
           f"mute on barge-in {'on' if mute else 'off'}; loading models in `rejoinder serve`…", flush=True)
-    extra = ["--max-new-tokens", str(args.max_new_tokens)]
+    extra = ["--max-new-tokens", str(max_new_tokens)]
     (ROOT / "artifacts").mkdir(exist_ok=True)
     with serve_process(receive_jitter_packets=server_jitter, extra=extra,
                        log_path=ROOT / "artifacts" / f"webrtc_latency_{label}_serve.log") as url:
-        doc = asyncio.run(measure_webrtc(url, questions=QUESTIONS[: args.questions],
-                                         interruptions=INTERRUPTIONS[: args.interruptions],
+        doc = asyncio.run(measure_webrtc(url, questions=questions, interruptions=interruptions,
                                          caller_jitter_packets=caller_jitter, honour_mute=mute,
-                                         timeout_s=args.timeout))
+                                         timeout_s=timeout_s))
     doc["config"] = {"server_receive_jitter_packets": server_jitter, "caller_jitter_packets": caller_jitter,
                      "caller_honours_mute": mute}
     return doc
@@ -486,11 +487,12 @@ def main() -> int:
             r["summary"] = summarise(r["turns"], r["barge_ins"])
         doc: dict[str, Any] = {k: v for k, v in old.items() if not k.startswith("ratio_")}
     else:
-        runs = {"after": run_config("after", server_jitter=0, caller_jitter=0, mute=True, args=args,
-                                    results=path.parent)}
+        what = {"questions": QUESTIONS[: args.questions],
+                "interruptions": INTERRUPTIONS[: args.interruptions], "max_new_tokens": args.max_new_tokens,
+                "timeout_s": args.timeout}
+        runs = {"after": run_config("after", server_jitter=0, caller_jitter=0, mute=True, **what)}
         if args.compare:
-            runs["before"] = run_config("before", server_jitter=4, caller_jitter=4, mute=False, args=args,
-                                        results=path.parent)
+            runs["before"] = run_config("before", server_jitter=4, caller_jitter=4, mute=False, **what)
         doc = {"runs": runs, "targets": TARGETS, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     doc["resampling_delay"] = resampling_delay()
     a = runs["after"]["summary"]

@@ -6,7 +6,7 @@ import pytest
 from speech import espeak_say, have_espeak, piper_say
 
 from rejoinder.agent.barge_in import is_backchannel, is_echo_text
-from rejoinder.agent.config import DEFAULT_PERSONA, TurnTakingConfig
+from rejoinder.agent.config import DEFAULT_PERSONA, AgentConfig, TurnTakingConfig
 from rejoinder.agent.conversation import Conversation
 from rejoinder.agent.tools import Tool, ToolCall, ToolCallFilter, ToolRegistry, parse_tool_call
 from rejoinder.engine import Engine
@@ -60,6 +60,17 @@ def test_extra_wait_is_monotonic_and_configurable():
         TurnTakingConfig(complete_prob=0.001, incomplete_prob=0.01)
     with pytest.raises(ValueError):
         TurnTakingConfig(min_speech_s=0.05)
+    with pytest.raises(ValueError):
+        TurnTakingConfig(min_speech_guard_only_s=1.5)
+
+
+def test_minimum_speech_is_lower_behind_the_echo_canceller():
+    # bench/echo_barge_in.py: behind the canceller 0.15 s misses no interruption and lets no echo
+    # or noise barge in; the correlation guard alone needs longer (--aec off).
+    cfg = AgentConfig.from_env({})
+    assert cfg.turns.vad_min_speech_s(canceller=True) < cfg.turns.vad_min_speech_s(canceller=False)
+    on = AgentConfig.from_env({"REJOINDER_MIN_SPEECH_S": "0.12", "REJOINDER_MIN_SPEECH_GUARD_ONLY_S": "0.3"})
+    assert (on.turns.vad_min_speech_s(canceller=True), on.turns.vad_min_speech_s(canceller=False)) == (0.12, 0.3)
 
 
 # --- barge-in classification ------------------------------------------------------------------------

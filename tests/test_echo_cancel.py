@@ -238,6 +238,18 @@ async def test_noises_do_not_barge_in(noise):
 # --- the real Session, real clock ----------------------------------------------------------------------
 
 
+def test_the_session_needs_less_speech_to_barge_in_behind_the_canceller(models):
+    from rejoinder.agent.session import Session
+    from rejoinder.streaming.transport import InProcessTransport
+
+    for mode in ("auto", "on", "off"):
+        cfg = AgentConfig.from_env({"REJOINDER_AEC": mode})
+        session = Session(models, cfg, InProcessTransport(output_sample_rate=models.tts.sample_rate), greeting="")
+        want = cfg.turns.min_speech_guard_only_s if mode == "off" else cfg.turns.min_speech_s
+        assert session.listener.detector.config.min_speech_s == want, mode
+    assert AgentConfig.from_env({}).turns.min_speech_s <= 0.15  # what bench/echo_barge_in.py measured
+
+
 @contextlib.asynccontextmanager
 async def session_in_a_room(models, room: Room, greeting: str):
     cfg = AgentConfig.from_env(max_new_tokens=30)  # the canceller auto (default), at the lower min speech
