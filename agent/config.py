@@ -80,6 +80,10 @@ class TurnTakingConfig:
     # the last words (bench/agent_latency.py measures it against the same session without).
     prefill_while_speaking: bool = True
     fast_hangover_s: float = 0.15  # silence that hands over a turn that reads complete
+    # New audio between interim ASR passes while the user speaks (passes never overlap): shorter
+    # gives fresher interims and more prefill while speaking, longer leaves the CPU free more often
+    # when speech pauses, so the pause transcript waits less for a pass in flight.
+    interim_interval_s: float = 0.4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.incomplete_prob < self.complete_prob <= 1.0:
@@ -88,6 +92,8 @@ class TurnTakingConfig:
             raise ConfigError("min_speech_s and min_speech_guard_only_s must be within 0.1-1.0 s")
         if not 0.03 <= self.pause_pass_s < self.hangover_s:
             raise ConfigError("pause_pass_s must be within 0.03 s and the hang-over")
+        if not 0.1 <= self.interim_interval_s <= 5.0:
+            raise ConfigError("interim_interval_s must be within 0.1-5 s")
         if not self.pause_pass_s <= self.fast_hangover_s <= self.hangover_s:
             raise ConfigError("need pause_pass_s <= fast_hangover_s <= hangover_s")
 

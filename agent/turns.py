@@ -107,8 +107,9 @@ def listener_for(models: Models, cfg: TurnTakingConfig, *, canceller: bool) -> L
                     hangover_s=cfg.hangover_s)
     margin = 0.05 if cfg.speculative else 0.08
     pause_pass_s = cfg.pause_pass_s if cfg.speculative else margin + 0.05
-    return Listener(models.asr, vad=models.vad.new_stream(), vad_config=vad,
-                    asr_config=StreamingASRConfig(final_reuse_margin_s=margin), pause_pass_s=pause_pass_s)
+    asr = StreamingASRConfig(final_reuse_margin_s=margin, interim_interval_s=cfg.interim_interval_s)
+    return Listener(models.asr, vad=models.vad.new_stream(), vad_config=vad, asr_config=asr,
+                    pause_pass_s=pause_pass_s)
 
 
 class TurnTaker:

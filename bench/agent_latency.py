@@ -151,8 +151,8 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ("speculative", "speculative_cold", "sequential", "batch_cascade", "webrtc_as_heard")
-    names = [n for n in order if n in doc]
+    names = [n for n, v in doc.items() if isinstance(v, dict) and "voice_to_voice_s" in v]
+    sessions = [n for n in names if "stage_p50_s" in doc[n]]
     data = [doc[n]["voice_to_voice_s"] for n in names]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     ax[0].boxplot(data)
@@ -163,11 +163,11 @@ def plot(doc: dict, path: Path) -> None:
     ax[0].set_title(f"p50: cold/speculative {doc['ratio_p50_cold_over_speculative']:.2f}x, "
                     f"sequential/speculative {doc['ratio_p50_sequential_over_speculative']:.2f}x, "
                     f"batch/speculative {doc['ratio_p50_batch_over_speculative']:.2f}x", fontsize=8)
-    width = 0.27
+    width = 0.8 / len(sessions)
     x = np.arange(len(STAGES))
-    for i, n in enumerate(("speculative", "speculative_cold", "sequential")):
+    for i, n in enumerate(sessions):
         vals = [doc[n]["stage_p50_s"][s] or 0 for s in STAGES]
-        ax[1].bar(x + (i - 1) * width, vals, width, label=n)
+        ax[1].bar(x + (i - (len(sessions) - 1) / 2) * width, vals, width, label=n)
     ax[1].set_xticks(x, [s.removesuffix("_s").replace("_", "\n") for s in STAGES], fontsize=7)
     ax[1].set_ylabel("median s after end of speech")
     ax[1].legend()
@@ -209,6 +209,8 @@ def main() -> int:
     ap.add_argument("--json", default="bench/results/agent_latency.json")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--questions", type=int, default=len(QUESTIONS), help="ask the first N questions")
+    ap.add_argument("--interim-interval", type=float, default=None,
+                    help="also run the default with interim ASR passes every S seconds of new audio")
     ap.add_argument("--webrtc", action="store_true", help="also measure over real WebRTC, as a caller hears it")
     args = ap.parse_args()
     questions = QUESTIONS[: max(1, args.questions)]
@@ -217,6 +219,9 @@ def main() -> int:
     modes = [Mode("speculative", base),
              Mode("speculative_cold", base.replace(turns=cold)),
              Mode("sequential", base.replace(turns=dataclasses.replace(base.turns, speculative=False)))]
+    if args.interim_interval is not None:
+        every = dataclasses.replace(base.turns, interim_interval_s=args.interim_interval)
+        modes.append(Mode(f"interim_every_{args.interim_interval:g}s", base.replace(turns=every)))
     print("loading models…", flush=True)
     models = Models(base)
     try:
@@ -239,7 +244,8 @@ def main() -> int:
         path.write_text(json.dumps(doc, indent=2))
     plot(doc, path.with_suffix(".png"))
     b = doc["batch_cascade"]
-    for name in ("speculative", "speculative_cold", "sequential"):
+    names = [mode.name for mode in modes]
+    for name in names:
         m = doc[name]
         print(f"{name:16s} voice-to-voice p50 {m['p50']:.3f} s p95 {m['p95']:.3f} s | barge-in reaction "
               f"p50 {m['barge_in_p50'] or float('nan'):.3f} s p95 {m['barge_in_p95'] or float('nan'):.3f} s")
@@ -253,7 +259,7 @@ def main() -> int:
           f"discarded: {s.get('wasted_tokens', 0)} tokens, {s.get('wasted_audio_s', 0):.2f} s of audio thrown away; "
           f"final differed {s.get('final_differed', 0)}")
     print("stage medians (s after end of speech):  " + "  ".join(s.removesuffix("_s") for s in STAGES))
-    for name in ("speculative", "speculative_cold", "sequential"):
+    for name in names:
         st = doc[name]["stage_p50_s"]
         print(f"  {name:16s} " + "  ".join(f"{(st[s] or float('nan')):.3f}" for s in STAGES))
     if "webrtc_as_heard" in doc:
