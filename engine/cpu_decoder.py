@@ -8,11 +8,12 @@ block is unpacked once for up to 4 (AVX2) or 8 (AVX-512) of them, and each seque
 bit for bit those of a `step` on its own.
 
 Prompts of up to `PREFILL_MAX` new tokens (what a turn adds after the reused prefix: an end-of-turn
-check, the reply header) are prefilled natively too, each weight block dequantised
-once per 8 tokens, where the eager path pays ~50 ms of reading fp32 weights whatever the length.
-Measured with `bench/decode.py --prefill-sweep` (2 threads, after a cached 32-token prefix): 2 new
-tokens 22 vs 57 ms eager, 8 tokens 26 vs 49 ms, 16 tokens 51 vs 58 ms, 32 tokens 106 vs 78 ms. Past
-16 tokens MKL's register-blocked GEMM wins (this kernel reloads activations for every FMA), so
+check, the reply header, the words heard since the last prefill) are prefilled natively too, with
+the step's own kernels: each weight row is unpacked once per 8 tokens (AVX-512; 4 on AVX2) and each
+token's logits are those a step would give it. Measured here (2 threads, AVX-512, after a cached
+35-token prefix, `bench/decode.py --prefill-sweep` for the peers): 2 new tokens 18 ms vs 100-150 eager,
+8 tokens 41-47 vs ~105, 16 tokens 77 vs ~115, 32 tokens 137 vs ~155, 48 tokens 220 vs ~185: past
+about 32 tokens MKL's register-blocked GEMM wins (this kernel reloads activations for every FMA), so
 longer prompts go to the eager model.
 Matrices that came from a GGUF as Q4_0 / Q4_1 / Q8_0 are multiplied in those blocks (4-8x less
 memory traffic than fp32, dequantised in registers); every other matrix is read as fp32.
@@ -44,7 +45,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 PREFILL_CHUNK = 64  # tokens per native prefill call (bounds its work buffer)
-PREFILL_MAX = 16  # past this many new tokens the eager GEMM is faster (module docstring)
+PREFILL_MAX = 32  # past this many new tokens the eager GEMM is faster (module docstring)
 
 
 class NativeDecoder:

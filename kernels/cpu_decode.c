@@ -561,108 +561,18 @@ void rj_matvec(const rj_weight *w, int32_t n, const float *x, float *y) {
 /* ------------------------------------------------------------------------------------------------
  * Prefill: n tokens at positions pos..pos+n-1 in one call.
  *
- * At batch 1 a matrix is read once per token and decode is bound by dequantisation; with n tokens
- * each 32-weight block is dequantised once per PF_TILE tokens and multiplied into all of them, so
- * a short prompt (the new words of a turn: 5-60 tokens) costs a few decode steps rather than the
- * eager fp32 path's fixed ~65 ms of reading 540 MB of weights. Weights are dequantised exactly as
- * the fp32 reference holds them (d * q + m in fp32), so results match it up to summation order. */
-
-#define PF_TILE 8
-
-static inline void dequant_block(int32_t type, const uint8_t *row, int g, float *out) {
-    if (type == RJ_Q8_0) {
-        const uint8_t *b = row + (size_t)g * 34;
-        const float d = load_fp16(b);
-        const int8_t *q = (const int8_t *)(b + 2);
-        for (int j = 0; j < QK; j++) out[j] = d * (float)q[j];
-        return;
-    }
-    const int has_min = type == RJ_Q4_1;
-    const uint8_t *b = row + (size_t)g * (has_min ? 20 : 18), *qs = b + (has_min ? 4 : 2);
-    const float d = load_fp16(b);
-    if (has_min) {
-        const float mn = load_fp16(b + 2);
-        for (int j = 0; j < 16; j++) {
-            out[j] = d * (float)(qs[j] & 15) + mn;
-            out[j + 16] = d * (float)(qs[j] >> 4) + mn;
-        }
-    } else {
-        for (int j = 0; j < 16; j++) {
-            out[j] = d * (float)((int)(qs[j] & 15) - 8);
-            out[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
-        }
-    }
-}
-
-/* Y[t][r] (+)= W[r] . X[t] for t < n (row strides ldx, ldy); rows shared out among the threads. */
-static void matmul(const rj_weight *w, const float *x, int ldx, int n, float *y, int ldy, int accumulate) {
-    const int nb = w->cols / QK;
-    const size_t row_bytes = rj_row_bytes(w->type, w->cols);
-#pragma omp for schedule(static)
-    for (int r = 0; r < w->rows; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * row_bytes;
-        if (w->type == RJ_F32) {
-            for (int t = 0; t < n; t++) {
-                float v = dot_f32((const float *)row, x + (size_t)t * ldx, w->cols);
-                y[(size_t)t * ldy + r] = accumulate ? y[(size_t)t * ldy + r] + v : v;
-            }
-            continue;
-        }
-        for (int t0 = 0; t0 < n; t0 += PF_TILE) {
-            const int nt = n - t0 < PF_TILE ? n - t0 : PF_TILE;
-            const float *xt = x + (size_t)t0 * ldx;
-            float sums[PF_TILE];
-#if defined(__AVX512F__)
-            __m512 acc[PF_TILE];
-            for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-            for (int g = 0; g < nb; g++) {
-                float wb[QK] __attribute__((aligned(64)));
-                dequant_block(w->type, row, g, wb);
-                const __m512 w0 = _mm512_load_ps(wb), w1 = _mm512_load_ps(wb + 16);
-                for (int t = 0; t < nt; t++) {
-                    const float *xb = xt + (size_t)t * ldx + g * QK;
-                    acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]));
-                }
-            }
-            for (int t = 0; t < nt; t++) sums[t] = _mm512_reduce_add_ps(acc[t]);
-#elif defined(__AVX2__)
-            __m256 acc[PF_TILE];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            for (int g = 0; g < nb; g++) {
-                float wb[QK] __attribute__((aligned(32)));
-                dequant_block(w->type, row, g, wb);
-                for (int t = 0; t < nt; t++) {
-                    const float *xb = xt + (size_t)t * ldx + g * QK;
-                    for (int h = 0; h < 4; h++)
-                        acc[t] = _mm256_fmadd_ps(_mm256_load_ps(wb + 8 * h), _mm256_loadu_ps(xb + 8 * h), acc[t]);
-                }
-            }
-            for (int t = 0; t < nt; t++) sums[t] = hsum256(acc[t]);
-#else
-            for (int t = 0; t < nt; t++) sums[t] = 0.0f;
-            for (int g = 0; g < nb; g++) {
-                float wb[QK];
-                dequant_block(w->type, row, g, wb);
-                for (int t = 0; t < nt; t++) {
-                    const float *xb = xt + (size_t)t * ldx + g * QK;
-                    float s = 0.0f;
-                    for (int j = 0; j < QK; j++) s += wb[j] * xb[j];
-                    sums[t] += s;
-                }
-            }
-#endif
-            for (int t = 0; t < nt; t++) {
-                float *out = y + (size_t)(t0 + t) * ldy + r;
-                *out = accumulate ? *out + sums[t] : sums[t];
-            }
-        }
-    }
-}
+ * At batch 1 a matrix is read once per token and decode is bound by unpacking the weights; here
+ * every weight row is unpacked in registers once per RJ_TILE tokens and multiplied into all of them
+ * (the step's own `matvec_n`), so a short prompt (the new words of a turn: 2-16 tokens) costs about
+ * one or two batched decode steps rather than the eager fp32 path's fixed cost of reading every
+ * weight as fp32. Each token's sums are formed exactly as a decode step forms them, so the logits
+ * are those of feeding the tokens one step at a time. (An earlier version dequantised each block
+ * to fp32 in a scalar loop before the FMAs: 5-7x slower than a step for one or two tokens.) */
 
 size_t rj_prefill_floats(const rj_model *m, int32_t n) {
     size_t qd = (size_t)m->n_heads * m->head_dim, kvd = (size_t)m->n_kv_heads * m->head_dim;
-    /* x, h, q, k, v, att, gate, up per token; then xsum for the head and the attention scores */
-    return (size_t)n * (2 * (size_t)m->dim + 2 * qd + 2 * kvd + 2 * (size_t)m->ffn_dim) + (size_t)m->dim / QK + 1 +
+    /* x, h, q, k, v, att, gate, up and block sums per token; then the attention scores */
+    return (size_t)n * (2 * (size_t)m->dim + 2 * qd + 2 * kvd + 2 * (size_t)m->ffn_dim + xsum_stride(m)) +
            (size_t)m->n_heads * m->max_seq;
 }
 
@@ -676,9 +586,10 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
         if (tokens[t] < 0 || tokens[t] >= m->vocab) return -1;
     const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, ffn = m->ffn_dim;
     const int qd = nh * hd, kvd = nkv * hd, group = nh / nkv, half = hd / 2;
+    const size_t xs = xsum_stride(m);
     float *x = work, *h = x + (size_t)n * dim, *q = h + (size_t)n * dim, *k = q + (size_t)n * qd;
     float *v = k + (size_t)n * kvd, *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd;
-    float *up = gate + (size_t)n * ffn, *xsum = up + (size_t)n * ffn, *scores = xsum + dim / QK + 1;
+    float *up = gate + (size_t)n * ffn, *xsum = up + (size_t)n * ffn, *scores = xsum + (size_t)n * xs;
     for (int t = 0; t < n; t++) memcpy(x + (size_t)t * dim, m->embed + (size_t)tokens[t] * dim, sizeof(float) * dim);
 
 #pragma omp parallel num_threads(m->threads > 0 ? m->threads : 1)
@@ -686,10 +597,13 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
         for (int l = 0; l < m->n_layers; l++) {
             const rj_layer *L = &m->layers[l];
 #pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * dim, L->attn_norm, h + (size_t)t * dim, dim, m->norm_eps);
-            matmul(&L->wq, h, dim, n, q, qd, 0);
-            matmul(&L->wk, h, dim, n, k, kvd, 0);
-            matmul(&L->wv, h, dim, n, v, kvd, 0);
+            for (int t = 0; t < n; t++) {
+                rms_norm(x + (size_t)t * dim, L->attn_norm, h + (size_t)t * dim, dim, m->norm_eps);
+                block_sums(h + (size_t)t * dim, dim, xsum + t * xs);
+            }
+            matvec_n(&L->wq, h, dim, xsum, xs, n, q, qd, 0);
+            matvec_n(&L->wk, h, dim, xsum, xs, n, k, kvd, 0);
+            matvec_n(&L->wv, h, dim, xsum, xs, n, v, kvd, 0);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
                 float *qt = q + (size_t)t * qd, *kt = k + (size_t)t * kvd, *vt = v + (size_t)t * kvd;
@@ -713,17 +627,23 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
                                  pos + t + 1, hd, group, scores + (size_t)j * group * m->max_seq,
                                  att + (size_t)t * qd + j * group * hd);
             }
-            matmul(&L->wo, att, qd, n, x, dim, 1); /* residual add fused */
 #pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * dim, L->ffn_norm, h + (size_t)t * dim, dim, m->norm_eps);
-            matmul(&L->w_gate, h, dim, n, gate, ffn, 0);
-            matmul(&L->w_up, h, dim, n, up, ffn, 0);
+            for (int t = 0; t < n; t++) block_sums(att + (size_t)t * qd, qd, xsum + t * xs);
+            matvec_n(&L->wo, att, qd, xsum, xs, n, x, dim, 1); /* residual add fused */
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) {
+                rms_norm(x + (size_t)t * dim, L->ffn_norm, h + (size_t)t * dim, dim, m->norm_eps);
+                block_sums(h + (size_t)t * dim, dim, xsum + t * xs);
+            }
+            matvec_n(&L->w_gate, h, dim, xsum, xs, n, gate, ffn, 0);
+            matvec_n(&L->w_up, h, dim, xsum, xs, n, up, ffn, 0);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
                 float *gt = gate + (size_t)t * ffn, *ut = up + (size_t)t * ffn;
                 for (int i = 0; i < ffn; i++) gt[i] = gt[i] / (1.0f + expf(-gt[i])) * ut[i];
+                block_sums(gt, ffn, xsum + t * xs);
             }
-            matmul(&L->w_down, gate, ffn, n, x, dim, 1);
+            matvec_n(&L->w_down, gate, ffn, xsum, xs, n, x, dim, 1);
         }
 #pragma omp single
         {

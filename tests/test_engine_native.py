@@ -177,7 +177,7 @@ def test_eager_decoder_equals_the_models_forward():
 def test_native_decoder_is_a_decoder():
     decoder = NativeDecoder(tiny_model(4, 2, 64), threads=1)
     assert isinstance(decoder, Decoder)
-    assert (decoder.name, decoder.prefill_max) == ("native", 16)
+    assert (decoder.name, decoder.prefill_max) == ("native", 32)
 
 
 def _tiny_engine(backend: str, dtype: torch.dtype = torch.float32) -> Engine:
@@ -286,6 +286,27 @@ def test_prefill_then_steps_continue_like_eager():
         torch.testing.assert_close(decoder.prefill(ids[0, :20].tolist(), 0), full[19], atol=2e-4, rtol=2e-4)
         for pos in range(20, 30):
             torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos), full[pos], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kind", [ggml.Q4_0, ggml.Q4_1, ggml.Q8_0])
+def test_prefill_gives_each_token_the_logits_and_cache_of_a_step(kind):
+    # The prefill runs the step's own kernels over a tile of tokens: token by token it must be the
+    # step, bit for bit (13 tokens: a full tile of 8 and a partial one of 5 on AVX-512).
+    model = tiny_model(6, 2, 96, bias=True, max_seq=48)
+    blocks = quantise_in_place(model, kind)
+    decoder = NativeDecoder(model, blocks, threads=2)
+    ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    with torch.inference_mode():
+        clear_caches(model)
+        decoder.prefill(ids[:7], 0)
+        got = decoder.prefill(ids[7:], 7).clone()
+        got_cache = caches(model)
+        clear_caches(model)
+        decoder.prefill(ids[:7], 0)
+        for pos in range(7, 20):
+            want = decoder.step(ids[pos], pos).clone()
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_cache, caches(model)))
 
 
 def test_prefill_one_thread_and_two_threads_agree_exactly():
