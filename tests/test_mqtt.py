@@ -815,7 +815,9 @@ async def test_whole_conversation_over_mqtt_survives_a_broker_crash(own_broker, 
     direct = [_key(e) for e in transport.sent_events if e.get("final") is not False]
     assert over_mqtt == direct
     finals = [e["text"] for _, e in sorted(by_seq.items()) if e["type"] == "transcript" and e["final"]]
-    assert len(finals) == 2 and "france" in finals[0].lower() and "train station" in finals[1].lower()
+    # Which turn is which, not how well Whisper hears espeak-ng ("capital of France" came back once as
+    # "capital of friends" on CI): the question's robust words.
+    assert len(finals) == 2 and "capital" in finals[0].lower() and "train station" in finals[1].lower()
     assert bridge.stats.reconnects == 1
 
     # The `say` was spoken: the agent's audio after the command says those words.
