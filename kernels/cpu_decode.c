@@ -449,6 +449,31 @@ static void attend_group(const float *q, const float *k, const float *v, int len
     }
 }
 
+/* The rest of a layer for n rows, after attention wrote `att`: the output projection (residual add
+ * fused), the FFN norm and the SwiGLU FFN (residual add fused). Called inside the parallel region:
+ * its loops are shared out among the threads. Used by the step and the prefill alike. */
+static void layer_out_and_ffn(const rj_model *m, const rj_layer *L, int n, float *att, float *x, float *h,
+                              float *gate, float *up, float *xsum, size_t xs) {
+    const int dim = m->dim, qd = m->n_heads * m->head_dim, ffn = m->ffn_dim;
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; i++) block_sums(att + (size_t)i * qd, qd, xsum + i * xs);
+    matvec_n(&L->wo, att, qd, xsum, xs, n, x, dim, 1); /* residual add fused */
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; i++) {
+        rms_norm(x + (size_t)i * dim, L->ffn_norm, h + (size_t)i * dim, dim, m->norm_eps);
+        block_sums(h + (size_t)i * dim, dim, xsum + i * xs);
+    }
+    matvec_n(&L->w_gate, h, dim, xsum, xs, n, gate, ffn, 0);
+    matvec_n(&L->w_up, h, dim, xsum, xs, n, up, ffn, 0);
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; i++) {
+        float *gi = gate + (size_t)i * ffn, *ui = up + (size_t)i * ffn;
+        for (int e = 0; e < ffn; e++) gi[e] = gi[e] / (1.0f + expf(-gi[e])) * ui[e];
+        block_sums(gi, ffn, xsum + i * xs);
+    }
+    matvec_n(&L->w_down, gate, ffn, xsum, xs, n, x, dim, 1);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * The step: one token for each of n sequences, sequence i at position positions[i] of cache slot
  * slots[i] (the slot holds positions 0..positions[i]-1 of that sequence). */
@@ -521,23 +546,7 @@ int rj_decode_batch(const rj_model *m, int32_t n, const int32_t *tokens, const i
                              hd, group, scores + i * sc + (size_t)j * group * m->max_seq,
                              att + (size_t)i * qd + j * group * hd);
             }
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) block_sums(att + (size_t)i * qd, qd, xsum + i * xs);
-            matvec_n(&L->wo, att, qd, xsum, xs, n, x, dim, 1); /* residual add fused */
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                rms_norm(x + (size_t)i * dim, L->ffn_norm, h + (size_t)i * dim, dim, m->norm_eps);
-                block_sums(h + (size_t)i * dim, dim, xsum + i * xs);
-            }
-            matvec_n(&L->w_gate, h, dim, xsum, xs, n, gate, ffn, 0);
-            matvec_n(&L->w_up, h, dim, xsum, xs, n, up, ffn, 0);
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                float *gi = gate + (size_t)i * ffn, *ui = up + (size_t)i * ffn;
-                for (int e = 0; e < ffn; e++) gi[e] = gi[e] / (1.0f + expf(-gi[e])) * ui[e];
-                block_sums(gi, ffn, xsum + i * xs);
-            }
-            matvec_n(&L->w_down, gate, ffn, xsum, xs, n, x, dim, 1);
+            layer_out_and_ffn(m, L, n, att, x, h, gate, up, xsum, xs);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++) {
@@ -627,23 +636,7 @@ int rj_prefill(const rj_model *m, const int32_t *tokens, int32_t n, int32_t pos,
                                  pos + t + 1, hd, group, scores + (size_t)j * group * m->max_seq,
                                  att + (size_t)t * qd + j * group * hd);
             }
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) block_sums(att + (size_t)t * qd, qd, xsum + t * xs);
-            matvec_n(&L->wo, att, qd, xsum, xs, n, x, dim, 1); /* residual add fused */
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) {
-                rms_norm(x + (size_t)t * dim, L->ffn_norm, h + (size_t)t * dim, dim, m->norm_eps);
-                block_sums(h + (size_t)t * dim, dim, xsum + t * xs);
-            }
-            matvec_n(&L->w_gate, h, dim, xsum, xs, n, gate, ffn, 0);
-            matvec_n(&L->w_up, h, dim, xsum, xs, n, up, ffn, 0);
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) {
-                float *gt = gate + (size_t)t * ffn, *ut = up + (size_t)t * ffn;
-                for (int i = 0; i < ffn; i++) gt[i] = gt[i] / (1.0f + expf(-gt[i])) * ut[i];
-                block_sums(gt, ffn, xsum + t * xs);
-            }
-            matvec_n(&L->w_down, gate, ffn, xsum, xs, n, x, dim, 1);
+            layer_out_and_ffn(m, L, n, att, x, h, gate, up, xsum, xs);
         }
 #pragma omp single
         {
