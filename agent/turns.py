@@ -428,7 +428,7 @@ class TurnTaker:
         return (epoch == self.epoch and self.current is turn and s.state == SessionState.USER_SPEAKING
                 and s.barge_in.candidate is None and s.listener.detector.silence_s > 0
                 and ev.utterance_id in self.open_utterances
-                and ev.audio_s >= s.listener.speech_end_in_utterance_s)
+                and s.listener.heard_to_pause(ev))
 
     def tick(self) -> None:
         """After each input frame: hand the held answer over once the pause is long enough, or drop it."""

@@ -81,12 +81,18 @@ class StreamingASRConfig:
     max_window_s: float = 20.0  # past this, slide to any committed word end (no sentence in sight)
     prompt_chars: int = 200  # committed text passed as prompt (Whisper keeps ~224 tokens anyway)
     final_reuse_margin_s: float = 0.15  # see StreamingASR.finish(speech_end_s=...)
+    # A pass in flight when speech pauses stands as the pause's pass when it stops at most this
+    # short of the end of speech (see StreamingASR.request_pass).
+    pause_cover_tolerance_s: float = 0.04
+    pause_cover_min_speech_s: float = 1.0  # ... and the speech lasted this long (one word loses more)
     final_context_s: float = 1.0  # committed audio re-decoded before the tail at finish (see there)
     queue_size: int = 64  # events buffered for a slow consumer (oldest interims dropped first)
 
     def __post_init__(self) -> None:
         if self.interim_interval_s <= 0 or self.min_first_pass_s < 0:
             raise ValueError("interim_interval_s must be > 0 and min_first_pass_s >= 0")
+        if not 0.0 <= self.pause_cover_tolerance_s <= 0.2 or self.pause_cover_min_speech_s < 0:
+            raise ValueError("pause_cover_tolerance_s must be within 0-0.2 s, pause_cover_min_speech_s >= 0")
         if not 0 < self.trim_window_s <= self.max_window_s <= 28.0:
             # A window must fit one 30 s Whisper segment, with room for the prompt's context.
             raise ValueError("need 0 < trim_window_s <= max_window_s <= 28")
@@ -124,7 +130,10 @@ class _Utterance:
     prev_tail: list[Word] = field(default_factory=list)  # uncommitted words of the previous pass
     last_text: str = ""
     last_covered: int = 0  # utterance sample index up to which the last applied pass decoded
+    last_at_pause: bool = False  # the last applied pass was the pause's (ASREvent.at_pause)
     pass_task: asyncio.Task | None = None  # this utterance's latest interim pass
+    pass_covers: int = 0  # utterance sample index up to which `pass_task` decodes
+    pass_at_pause: bool = False  # `pass_task` is the pause's pass (it may have been adopted as such)
     pass_requested: bool = False  # request_pass(): next pass ignores the interval
     cancelled: bool = False
 
@@ -187,16 +196,31 @@ class StreamingASR:
         u.fed += samples.size
         self._maybe_start_pass()
 
-    def request_pass(self) -> None:
+    def request_pass(self, speech_end_s: float | None = None) -> None:
         """Decode now rather than at the next interval (or right after the pass in flight).
 
         Meant for the moment speech pauses: a pass that covers the end of speech, started during
         the VAD hang-over, is usually done by the time speech end is confirmed, and `finish`
         then reuses it instead of decoding again.
+
+        With `speech_end_s` (utterance seconds, where the paused speech ended), a pass already in
+        flight that decodes to within `pause_cover_tolerance_s` of it is taken as the pause's pass
+        instead of queueing another behind it: an interim that started as the last word ended
+        would otherwise delay the pause transcript by a whole pass (~0.25 s on two cores). Only
+        after `pause_cover_min_speech_s` of speech: on a single short word, the last 40 ms can
+        change what Whisper hears ("Cool." → "Cur."). `python bench/asr_cut.py` measures it.
         """
-        if self._utt is not None:
-            self._utt.pass_requested = True
-            self._maybe_start_pass()
+        u = self._utt
+        if u is None:
+            return
+        in_flight = u.pass_task is not None and not u.pass_task.done()
+        cfg = self.config
+        if in_flight and speech_end_s is not None and speech_end_s >= cfg.pause_cover_min_speech_s and \
+                u.pass_covers >= (speech_end_s - cfg.pause_cover_tolerance_s) * ASR_RATE:
+            u.pass_at_pause = True
+            return
+        u.pass_requested = True
+        self._maybe_start_pass()
 
     async def settle(self) -> None:
         """Wait for the pass in flight, if any (used to pace a faster-than-real-time feed)."""
@@ -223,6 +247,8 @@ class StreamingASR:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(u.pass_task)
         margin = self.config.final_reuse_margin_s * ASR_RATE
+        if u.last_at_pause:  # the pause's pass may stop just short of the end (request_pass)
+            margin = min(margin, -self.config.pause_cover_tolerance_s * ASR_RATE)
         if speech_end_s is not None and u.last_text and u.last_covered >= speech_end_s * ASR_RATE + margin:
             ev = ASREvent("final", u.last_text, u.committed_text, u.uid, u.fed / ASR_RATE, time.monotonic(), 0.0,
                           _unsure_tail(u.prev_tail))
@@ -315,10 +341,10 @@ class StreamingASR:
         at_pause, u.pass_requested = u.pass_requested, False
         u.last_pass_at = u.fed
         audio = self._window_audio(u)
-        self._pass = u.pass_task = asyncio.get_running_loop().create_task(
-            self._run_pass(u, audio, u.window_start, at_pause))
+        u.pass_covers, u.pass_at_pause = u.window_start + audio.size, at_pause
+        self._pass = u.pass_task = asyncio.get_running_loop().create_task(self._run_pass(u, audio, u.window_start))
 
-    async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int, at_pause: bool = False) -> None:
+    async def _run_pass(self, u: _Utterance, audio: np.ndarray, window_start: int) -> None:
         try:
             tr = await asyncio.to_thread(
                 self.asr.transcribe,
@@ -331,7 +357,7 @@ class StreamingASR:
             tr = None
         if tr is not None and not u.cancelled:
             # Applied even when finish() has detached `u`: finish awaits this pass to use it.
-            self._apply(u, tr, audio.size, at_pause)
+            self._apply(u, tr, audio.size, u.pass_at_pause and u.pass_task is asyncio.current_task())
         # Audio may have arrived while decoding: start the next pass right away if one is due.
         if self._pass is asyncio.current_task():
             self._pass = None
@@ -353,6 +379,7 @@ class StreamingASR:
         text = " ".join(p for p in (u.committed_text, _join(u.prev_tail)) if p)
         u.last_text = text
         u.last_covered = u.window_start + n_samples
+        u.last_at_pause = at_pause
         audio_s = u.last_covered / ASR_RATE
         self._put(ASREvent("interim", text, u.committed_text, u.uid, audio_s, time.monotonic(), tr.decode_s,
                            _unsure_tail(u.prev_tail), at_pause))

@@ -66,6 +66,11 @@ class Listener:
         """Where the open utterance's speech last stopped, in utterance seconds (compare `ASREvent.audio_s`)."""
         return self.detector.last_speech_end_s - self._utt_start / ASR_RATE
 
+    def heard_to_pause(self, ev: ASREvent) -> bool:
+        """`ev` decoded the open utterance up to where its speech last stopped (a pass in flight as
+        speech paused may stop up to `pause_cover_tolerance_s` short: `StreamingASR.request_pass`)."""
+        return ev.audio_s >= self.speech_end_in_utterance_s - self.asr.config.pause_cover_tolerance_s
+
     async def push(self, frame: AudioFrame) -> list[VADEvent]:
         """Feed one transport frame; returns the VAD events it caused (also queued)."""
         if self._forwarder is None:
@@ -103,7 +108,7 @@ class Listener:
                 self._pause_pass_done = False
             elif not self._pause_pass_done and silence >= self.pause_pass_s:
                 self._pause_pass_done = True
-                self.asr.request_pass()
+                self.asr.request_pass(speech_end_s=self.speech_end_in_utterance_s)
         return events
 
     def _finish_utterance(self, ev: VADEvent) -> None:

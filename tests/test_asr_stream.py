@@ -129,6 +129,34 @@ async def test_final_reuses_last_pass_after_hangover(asr):
     assert word_error_rate(ref, final.text) <= WER_BOUND
 
 
+@pytest.mark.parametrize("short_s,adopted", [(0.03, True), (0.2, False)])
+async def test_a_pass_in_flight_as_speech_pauses_is_the_pause_pass_when_it_covers_the_end(asr, short_s, adopted):
+    """An interim that started as the last word ended is taken as the pause's pass (no second pass
+    queued behind it; the final reuses it); one that stops well short of the end is not."""
+    ref = "What time is it in Tokyo?"
+    speech = np.asarray(piper_say(ref))
+    end_s = speech.size / RATE
+    cut = int((end_s - short_s) * RATE)
+    s = StreamingASR(asr, StreamingASRConfig(interim_interval_s=cut / RATE))
+    await s.feed(speech[:cut])  # the interval is reached: a regular interim pass starts on this audio
+    await s.feed(np.concatenate([speech[cut:], silence(0.1)]))  # the pause begins while it decodes
+    s.request_pass(speech_end_s=end_s)
+    await s.settle()
+    interims = []
+    while (ev := s.get_nowait()) is not None:
+        interims.append(ev)
+    final = await s.finish(speech_end_s=end_s)
+    assert s.get_nowait() is final
+    if adopted:
+        assert [ev.at_pause for ev in interims] == [True], interims
+        assert interims[0].audio_s == pytest.approx(end_s - short_s, abs=0.01)
+        assert final.decode_s == 0.0 and final.text == interims[0].text
+    else:
+        assert [ev.at_pause for ev in interims] == [False, True], interims
+        assert interims[1].audio_s >= end_s
+    assert word_error_rate(ref, final.text) <= WER_BOUND, final.text
+
+
 async def test_event_loop_never_blocks(asr):
     """Decoding runs in a worker thread: a 10 ms ticker keeps ticking while passes run."""
     s = StreamingASR(asr, StreamingASRConfig(interim_interval_s=0.4))
