@@ -60,8 +60,11 @@ class Answer:
         segmenter: SegmenterConfig | None = None,
         preemptive: bool = False,
         slot: SlotKey = None,
+        synthesis_hold_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        # Decoding pauses up to this long while a piece is synthesised (0: never; StreamedTTS).
+        self.synthesis_hold_s = synthesis_hold_s
         self.slot = slot  # the engine's KV-cache slot of the session it answers in
         self.prompt_reused = 0  # prompt tokens found in the slot's cache
         self.prompt_run = 0  # prompt tokens the model had to run (prefill)
@@ -215,11 +218,15 @@ class Answer:
             elif self.cancelled:
                 stream.cancel()
 
+    def _hold_tokens(self, on: bool) -> None:
+        if self._stream is not None and self.synthesis_hold_s > 0:
+            self._stream.hold(self.synthesis_hold_s if on else 0.0)
+
     def _filtered(self, delta: str) -> str:
         return self.filter.push(delta) if self.filter is not None else delta
 
     async def _produce(self) -> None:
-        tts = self._tts = StreamedTTS(self.tts_engine, segmenter=self.segmenter)
+        tts = self._tts = StreamedTTS(self.tts_engine, segmenter=self.segmenter, synthesis_hold=self._hold_tokens)
         try:
             async for chunk in tts.run(self._speech_deltas()):
                 if self.cancelled:

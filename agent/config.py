@@ -232,7 +232,10 @@ class AgentConfig:
     threads: int = _f(0, "CPU threads for the LLM (0: all cores)")
     llm_backend: str = _f("auto", "who runs decode steps (auto: native C step on CPU, Triton CUDA graph on GPU)",
                           choices=("auto", "native", "triton", "eager"))
-    tts_threads: int = _f(0, "onnxruntime threads for Piper (0: half the cores, at most 4)")
+    tts_threads: int = _f(0, "onnxruntime threads for Piper (0: every core with --synthesis-hold-s > 0, else half; "
+                          "at most 4)")
+    synthesis_hold_s: float = _f(0.5, "pause an answer's LLM decoding up to this long while Piper synthesises a "
+                                 "piece of it: the two take turns on the CPU instead of sharing it (0: never)")
     kv_slots: int = _f(4, "sessions whose KV cache the engine keeps at once (LRU; each slot also decodes in one batch)")
     heap_trim_s: float = _f(30.0, "give the allocator's free memory back to the system after each call and "
                             "every this many seconds (0: never; agent.heap)", "serve")
@@ -260,6 +263,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.heap_trim_s < math.inf:
             raise ConfigError("--heap-trim-s (REJOINDER_HEAP_TRIM_S) must be >= 0 seconds (0: never trim)")
+        if not 0.0 <= self.synthesis_hold_s <= 5.0:
+            raise ConfigError("--synthesis-hold-s must be within 0-5 s (0: never hold)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AgentConfig:

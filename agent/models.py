@@ -11,7 +11,7 @@ import time
 from rejoinder.engine import Engine, EngineOptions
 from rejoinder.streaming.asr import DEFAULT_CONTEXT_PAD_S, WhisperASR
 from rejoinder.streaming.assets import resolve
-from rejoinder.streaming.tts import PiperTTS
+from rejoinder.streaming.tts import PiperTTS, default_tts_threads
 from rejoinder.streaming.vad import SileroVAD
 
 from .config import AgentConfig
@@ -29,7 +29,9 @@ class Models:
         )
         self.asr = WhisperASR(resolve("asr", cfg.asr_model or None), language=cfg.language or None,
                               context_pad_s=None if cfg.asr_full_window else DEFAULT_CONTEXT_PAD_S)
-        self.tts = PiperTTS(resolve("tts", cfg.tts_model or None), threads=cfg.tts_threads or None)
+        # Piper takes every core when the answer's decoding pauses for it (synthesis_hold_s), half otherwise.
+        self.tts = PiperTTS(resolve("tts", cfg.tts_model or None),
+                            threads=cfg.tts_threads or default_tts_threads(share_cpu=cfg.synthesis_hold_s == 0))
         self.vad_path = resolve("vad", cfg.vad_model or None)
         self.vad = SileroVAD(self.vad_path)  # the loaded network; each session streams on it (new_stream)
         self.load_s = time.perf_counter() - t0

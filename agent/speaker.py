@@ -88,7 +88,7 @@ class Speaker:
 
     def _answer(self, spec: AnswerSpec, *, preemptive: bool = False) -> Answer:
         return Answer(self.s.engine, self.s.models.tts, spec, on_chunk=self._on_chunk, preemptive=preemptive,
-                      slot=self.s.session_id)
+                      slot=self.s.session_id, synthesis_hold_s=self.s.cfg.synthesis_hold_s)
 
     def _spoken(self, text: str, turn: int) -> Answer:
         return self._answer(AnswerSpec([], _NO_SAMPLING, turn, generate=False, pending_text=text, filter_tools=False))

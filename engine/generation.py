@@ -90,6 +90,8 @@ class Generation:
         self.done = threading.Event()  # set when it has finished (just before its sink hears so)
         self._cancel = cancel
         self._abort = threading.Event()
+        # Monotonic time until which the scheduler runs no decode step for it (`Scheduler.hold`).
+        self.held_until = 0.0
         self._emitted = ""
         self._t_first = 0.0
 

@@ -16,10 +16,15 @@ stopped, reached their length or were cancelled: continuous batching, sequences 
 between steps, and cancelling one never disturbs the others. A new sequence's prefill runs whole
 between two steps, so it delays the running ones by that long (short for follow-ups, which reuse
 their slot's prefix).
+
+A running sequence can be *held* (`hold`): it keeps its slot and its place, but no step runs for it
+until it is released or the hold runs out. A voice answer holds its generation while its first
+audio is synthesised, so the synthesiser has the CPU when a listener is waiting for it.
 """
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
@@ -86,6 +91,15 @@ class Scheduler:
         self.submit(job)
         return job.future
 
+    def hold(self, seq: Generation, seconds: float) -> None:
+        """Run no decode step for `seq` for up to `seconds` (or until `release`); 0 releases."""
+        with self._cond:
+            seq.held_until = time.monotonic() + seconds if seconds > 0 else 0.0
+            self._cond.notify_all()
+
+    def release(self, seq: Generation) -> None:
+        self.hold(seq, 0.0)
+
     def on_engine_thread(self) -> bool:
         return threading.get_ident() == self._thread_id
 
@@ -113,8 +127,11 @@ class Scheduler:
     def _turn(self) -> bool:
         """Admit what can start, then one decode step for all running sequences. False: closed."""
         with self._cond:
-            if not self._closed and not self._queue and not self.running:
-                self._cond.wait(timeout=1.0)  # wakes now and then so a forgotten engine can be collected
+            if not self._closed and not self._queue:
+                if not self.running:
+                    self._cond.wait(timeout=1.0)  # wakes now and then so a forgotten engine can be collected
+                elif (wait := self._held_for()) > 0:
+                    self._cond.wait(timeout=wait)  # every sequence is held: until the first hold ends
             if self._closed:
                 return False
             budget = len(self._queue)  # what arrives meanwhile waits for the next turn: steps keep coming
@@ -127,6 +144,11 @@ class Scheduler:
         if self.running:
             self._step()
         return True
+
+    def _held_for(self) -> float:
+        """Seconds until the first running sequence may step (0: one may step now). Under the lock."""
+        now = time.monotonic()
+        return min(max(0.0, seq.held_until - now) for seq in self.running) if self.running else 0.0
 
     def _next(self) -> Job | Generation | None:
         """Pop the first request whose key is free (FIFO per key), or None."""
@@ -177,7 +199,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.cancelled()]:
             seq.stop("cancelled")
             self._retire(seq)
-        batch = list(self.running)
+        now = time.monotonic()
+        batch = [s for s in self.running if s.held_until <= now]
         if not batch:
             return
         self.batch_sizes[len(batch)] += 1

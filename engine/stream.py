@@ -68,6 +68,15 @@ class TokenStream:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def hold(self, seconds: float) -> None:
+        """Pause decoding for up to `seconds` (tokens already made still arrive); 0 resumes. Before
+        the generation has started, or after it ended, nothing to do."""
+        if self._generation is not None:
+            self.engine._scheduler.hold(self._generation, seconds)
+
+    def release(self) -> None:
+        self.hold(0.0)
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()

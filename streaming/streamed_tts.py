@@ -315,8 +315,13 @@ class StreamedTTS:
         joins: JoinConfig | None = JoinConfig(),  # noqa: B008 (frozen, shared safely)
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        synthesis_hold: Callable[[bool], None] | None = None,
     ) -> None:
+        """`synthesis_hold(True)` is called as the synthesiser starts on a piece of speech and
+        `synthesis_hold(False)` when it is done with it (or failed, or was cancelled): the producer of
+        the tokens may pause meanwhile, so that the two take turns on the CPU instead of sharing it."""
         self.tts = tts
+        self._synthesis_hold = synthesis_hold
         self.metrics = TTSMetrics()
         self.joins = joins
         self._segmenter = TextSegmenter(segmenter)
@@ -431,25 +436,32 @@ class StreamedTTS:
             first_of_answer=self.metrics.chunks == 0, after_mid_phrase=self._after_mid_phrase,
         )
         self._after_mid_phrase = synth.mid_phrase
-        step = await self._wait(loop.run_in_executor(executor, synth.next))
-        while isinstance(step, _Step) and not self.cancelled:
-            # Queue the clause's next Piper sentence before handing this one out, so synthesis
-            # overlaps with whatever the consumer does with the chunk.
-            nxt = loop.run_in_executor(executor, synth.next)
-            chunk = SpeechChunk(
-                audio=step.pcm,
-                sample_rate=step.chunk.sample_rate,
-                text=seg.text[step.start : step.end],
-                text_start=seg.start + step.start,
-                text_end=seg.start + step.end,
-                segment_index=seg.index,
-                gain=getattr(step.chunk, "gain", 1.0),
-            )
-            self.metrics.synth_seconds += step.seconds
-            self.metrics.trimmed_seconds += step.trimmed / step.chunk.sample_rate
-            self._account(chunk)
-            yield chunk
-            step = await self._wait(nxt)
+        hold = self._synthesis_hold
+        if hold is not None:
+            hold(True)
+        try:
+            step = await self._wait(loop.run_in_executor(executor, synth.next))
+            while isinstance(step, _Step) and not self.cancelled:
+                # Queue the clause's next Piper sentence before handing this one out, so synthesis
+                # overlaps with whatever the consumer does with the chunk.
+                nxt = loop.run_in_executor(executor, synth.next)
+                chunk = SpeechChunk(
+                    audio=step.pcm,
+                    sample_rate=step.chunk.sample_rate,
+                    text=seg.text[step.start : step.end],
+                    text_start=seg.start + step.start,
+                    text_end=seg.start + step.end,
+                    segment_index=seg.index,
+                    gain=getattr(step.chunk, "gain", 1.0),
+                )
+                self.metrics.synth_seconds += step.seconds
+                self.metrics.trimmed_seconds += step.trimmed / step.chunk.sample_rate
+                self._account(chunk)
+                yield chunk
+                step = await self._wait(nxt)
+        finally:
+            if hold is not None:
+                hold(False)
 
     def _account(self, chunk: SpeechChunk) -> None:
         m = self.metrics

@@ -92,14 +92,17 @@ class TTSError(ModelAssetError, ValueError):
     """The TTS voice could not be loaded or used; the message is one line and says why."""
 
 
-def default_tts_threads() -> int:
-    """Intra-op threads for Piper: half the cores (at least 1, at most 4); the agent's `tts_threads`
-    setting (REJOINDER_TTS_THREADS) overrides it.
+def default_tts_threads(share_cpu: bool = True) -> int:
+    """Intra-op threads for Piper (at most 4); the agent's `tts_threads` setting
+    (REJOINDER_TTS_THREADS) overrides it.
 
-    Half, because TTS runs concurrently with ASR and LLM decoding; Piper is ~10x faster than real
-    time on one core of a small CPU, which is plenty once text is synthesised clause by clause.
+    `share_cpu`: synthesis runs while the LLM decodes on every core, so Piper takes half of them
+    (at least 1): more threads than cores slow both. Without it (the agent pauses an answer's
+    decoding while a piece of it is synthesised: `synthesis_hold_s`) Piper takes every core, and the
+    first audio of an answer comes sooner (`python bench/synthesis_hold.py`).
     """
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    cores = os.cpu_count() or 2
+    return max(1, min(4, cores // 2 if share_cpu else cores))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The agent's decision rules and bookkeeping, on the real tokenizer and model where they use one."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from speech import espeak_say, have_espeak, piper_say
@@ -211,3 +213,17 @@ def test_config_precedence_flag_over_environment_over_default(monkeypatch):
     assert (_config(args).asr_full_window, _config(args).llm_backend) == (True, "native")
     plain = build_parser().parse_args(["reply", "--in", "q.wav", "--out", "a.wav"])
     assert _config(plain).asr_full_window is False
+
+
+def test_synthesis_hold_is_configured_and_gives_piper_the_cores_it_frees():
+    from rejoinder.agent.config import AgentConfig
+    from rejoinder.errors import ConfigError
+    from rejoinder.streaming.tts import default_tts_threads
+
+    assert AgentConfig.from_env({}).synthesis_hold_s > 0
+    assert AgentConfig.from_env({"REJOINDER_SYNTHESIS_HOLD_S": "0"}).synthesis_hold_s == 0
+    with pytest.raises(ConfigError, match="synthesis-hold"):
+        AgentConfig.from_env({"REJOINDER_SYNTHESIS_HOLD_S": "-1"})
+    cores = os.cpu_count() or 2
+    assert default_tts_threads(share_cpu=False) == max(1, min(4, cores))
+    assert default_tts_threads(share_cpu=True) == max(1, min(4, cores // 2))

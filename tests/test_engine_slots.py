@@ -361,3 +361,36 @@ def test_slots_are_configured_and_sized(engine, tiny_gguf):
     cfg = engine.model.cfg  # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32
     assert engine.kv_slot_bytes == 2 * 30 * 3 * 64 * engine.max_seq_len * 4
     assert engine.model.layers[0].attn.cache.k.shape == (4, cfg.n_kv_heads, engine.max_seq_len, cfg.head_dim)
+
+
+async def test_a_held_generation_waits_while_the_others_run_then_resumes_where_it_was(gguf_engine):
+    """`TokenStream.hold` (a voice answer while its audio is synthesised): no step runs for the held
+    generation, the others decode on; released (or once the hold runs out) it goes on, token for
+    token what it makes alone."""
+    reqs = requests(gguf_engine.model.cfg.vocab_size)[:3]
+    want = alone(gguf_engine, reqs)
+    async with Gate(gguf_engine):
+        held = gguf_engine.stream(reqs[0].ids, reqs[0].params, slot="hold-0")
+        other = gguf_engine.stream(reqs[1].ids, reqs[1].params, slot="hold-1")
+        held.hold(60.0)
+    got: list[int] = []
+
+    async def read() -> None:
+        async for ev in held:
+            got.append(ev.token_id)
+
+    reader = asyncio.ensure_future(read())
+    assert await collect(other) == want[1]
+    await asyncio.sleep(0.1)
+    assert len(got) <= 1, got  # its first token comes with its prefill; no step since
+    held.release()
+    await asyncio.wait_for(reader, 30)
+    assert got == want[0]
+    # A hold that is never released runs out by itself.
+    t0 = asyncio.get_running_loop().time()
+    async with Gate(gguf_engine):
+        lapse = gguf_engine.stream(reqs[2].ids, reqs[2].params, slot="hold-2")
+        lapse.hold(0.3)
+    assert await asyncio.wait_for(collect(lapse), 30) == want[2]
+    assert asyncio.get_running_loop().time() - t0 >= 0.25
+    release_all(gguf_engine, "hold", 3)

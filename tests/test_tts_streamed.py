@@ -103,6 +103,35 @@ async def test_cancel_stops_output_within_a_frame(tts: PiperTTS) -> None:
     assert time.monotonic() - t0 < 0.05
 
 
+async def test_the_token_producer_is_held_while_each_piece_is_synthesised(tts: PiperTTS) -> None:
+    """synthesis_hold brackets every piece's synthesis (the agent pauses the LLM meanwhile): every
+    chunk comes out inside a hold, holds never nest, and a cancel mid-piece still releases."""
+    calls: list[tuple[bool, float]] = []
+    stream = StreamedTTS(tts, synthesis_hold=lambda on: calls.append((on, time.monotonic())))
+    chunks: list[tuple[SpeechChunk, float]] = []
+    async for c in stream.run(tokens(LONG_TEXT, delay=0.002, seed=5)):
+        chunks.append((c, time.monotonic()))
+    assert [on for on, _ in calls] == [True, False] * stream.metrics.segments, calls
+    spans = [(calls[i][1], calls[i + 1][1]) for i in range(0, len(calls), 2)]
+    for c, at in chunks:
+        assert any(a <= at <= b for a, b in spans), (c.text, at, spans)
+    assert len({c.segment_index for c, _ in chunks}) == stream.metrics.segments > 3
+
+    calls.clear()
+    stream = StreamedTTS(tts, synthesis_hold=lambda on: calls.append((on, time.monotonic())))
+
+    async def consume() -> None:
+        async for _ in stream.run(tokens(LONG_TEXT, seed=6)):
+            pass
+
+    task = asyncio.create_task(consume())
+    while not calls:
+        await asyncio.sleep(0.001)
+    stream.cancel()
+    await asyncio.wait_for(task, 2.0)
+    assert [on for on, _ in calls] == [True, False]
+
+
 async def test_cancel_before_any_token(tts: PiperTTS) -> None:
     async def silent() -> AsyncIterator[str]:
         await asyncio.sleep(10)
