@@ -297,15 +297,16 @@ class TurnTaker:
 
     async def _end_of_turn_prob(self, text: str, unsure_tail: str) -> float:
         """P(the user has finished) after `text`. When its last word(s) are a guess of Whisper's,
-        the words before them are scored too and the lower probability counts: answering a
-        half-finished sentence is worse than waiting a little longer on a finished one."""
+        both readings count, each as likely as the model finds it: the user stopped before the
+        guess, or said it and stopped there (engine/end_of_turn.py `unsure_tail_prob`). Reading
+        every unsure tail as absent (the lower score) left most complete turns waiting the longest
+        (bench/eot_accuracy.py `min` vs `chain`)."""
         messages = self.s.conversation.messages()
         slot = self.s.session_id  # the session's KV-cache slot: the answer's prompt extends this one
-        p = await self.s.eot.ascore(messages, text, slot)
         sure = without_tail(text, unsure_tail)
         if sure != text and words(sure):
-            p = min(p, await self.s.eot.ascore(messages, sure, slot))
-        return p
+            return await self.s.eot.ascore_unsure_tail(messages, text, sure, slot)
+        return await self.s.eot.ascore(messages, text, slot)
 
     def _timer_fired(self, turn: UserTurn, epoch: int) -> None:
         self._timer = None

@@ -15,13 +15,14 @@ At TurnTakingConfig's thresholds, complete_prob (at or above: answer at once) an
 (at or below: wait the longest), it prints the confusion matrix (complete = positive), accuracy,
 accuracy per kind, and the ROC AUC of the score.
 
-Unsure tails (agent/turns.py scores min(P(text), P(text without Whisper's unsure last words))):
+Unsure tails (the last word(s) Whisper was unsure of; agent/turns.py scores them by `chain`):
 every complete turn of two words or more gets its last word marked unsure; every incomplete turn
 with a `guess` gets that guess appended as an unsure tail (Whisper finishing a fragment after a
 pause: "book a table for [it.]"). Each rule then decides: `text` (ignore the tail), `min` (the
-session's rule), `mean`, and `chain` (engine/end_of_turn.py `unsure_tail_prob`: p_sure + p_tail *
-p_text; `chain_sqrt` with sqrt(p_tail)). Reported: how many complete turns wait (P below
-complete_prob) and how long on average, and how many guessed fragments are answered at once.
+session's rule until 2026-12-04), `mean`, and `chain` (the session's rule: engine/end_of_turn.py
+`unsure_tail_prob`: p_sure + p_tail * p_text; `chain_sqrt` with sqrt(p_tail)). Reported: how many
+complete turns wait (P below complete_prob) and how long on average, and how many guessed
+fragments are answered at once.
 
     python bench/eot_accuracy.py [--threads 1] [--json PATH]
 
