@@ -203,6 +203,10 @@ class TurnTaker:
         self._last_interim.pop(uid, None)
         self.open_utterances.discard(uid)
         text = ev.text.strip()
+        if self._pause is not None and self._pause.utterance_id == uid:
+            # The utterance's final came before its pause was long enough to hand over: the final
+            # decides now (the held answer is kept when its words are the same: `end`).
+            self._pause = None
         if uid in self._handed_over:
             self._reconcile(uid, text)
             return
@@ -336,6 +340,8 @@ class TurnTaker:
         if spec is not None and normalize_text(spec.user_text) == normalize_text(turn.text) and not spec.cancelled \
                 and spec.error is None:
             answer = spec
+            if spec.speculative:
+                self.speculation.used += 1
         else:
             if spec is not None:
                 self._wasted(spec)
@@ -417,6 +423,10 @@ class TurnTaker:
             spec.speculative = True
             spec.start()
             self.speculation.started += 1
+        elif not self._spec.speculative:
+            # An answer begun early on a steady interim of the same words is the pause's answer now.
+            self._spec.speculative = True
+            self.speculation.started += 1
         p = self._spec_probs.get(key)
         self._pause = _Pause(ev.utterance_id, text, part, p, self.config.handover_silence_s(p), ev)
         log.debug("[%s] speculative answer for %r (P(end)=%s, hand over after %.2f s of silence)", self.s.session_id,
@@ -448,7 +458,6 @@ class TurnTaker:
             return
         turn = self.current
         self._pause = None
-        self.speculation.used += 1
         self.open_utterances.discard(pause.utterance_id)
         self._handed_over[pause.utterance_id] = pause.part
         turn.parts.append(pause.part)

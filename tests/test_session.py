@@ -342,6 +342,23 @@ async def test_a_complete_question_is_handed_over_before_the_hang_over_ends(mode
     assert sp.started == sp.used + sp.discarded
 
 
+async def test_a_held_answer_whose_final_comes_first_is_used_once(models):
+    # The words read unfinished (thresholds above any score), so the held answer waits 1 + 2 s of
+    # silence, and the utterance's final transcript (after the 1 s hang-over) comes first: the turn
+    # must take its words once, and the held answer (same words) is the one that plays.
+    turn_taking = slow_hangover(1.0, complete_prob=0.999, incomplete_prob=0.998, max_extra_wait_s=2.0)
+    async with live_session(models, turn_taking=turn_taking) as (session, transport, mic):
+        await mic.speak(espeak_say("What is the capital of France?"))
+        assert await wait_for(lambda: len(session.turns) == 1 and session.state == SessionState.LISTENING, 40)
+    sp = session.turn_taker.speculation
+    assert sp.started >= 1, "no answer was prepared at the pause"
+    turn = session.turns[0]
+    assert normalized_words(turn.user_text).count("capital") == 1, turn.user_text
+    users = [m["content"] for m in session.conversation.turns if m["role"] == "user"]
+    assert users == [turn.user_text], users
+    assert turn.preemptive and sp.used == 1 and sp.started == sp.used + sp.discarded, sp
+
+
 async def test_an_answer_held_for_a_pause_is_discarded_when_the_user_goes_on(models):
     async with live_session(models, turn_taking=slow_hangover(8.0)) as (session, transport, mic):
         await mic.speak(espeak_say("Could you tell me the capital of"))
