@@ -23,6 +23,7 @@ With `--webrtc` the session is also measured over real WebRTC as a caller hears 
 `rejoinder serve` in a subprocess, an aiortc caller in its own process, loopback only).
 
     python bench/agent_latency.py [--json bench/results/agent_latency.json] [--rounds 1] [--webrtc]
+                                  [--interim-interval S] [--pause-pass S]   (each adds a mode)
 Writes a PNG next to the JSON.
 """
 from __future__ import annotations
@@ -211,6 +212,8 @@ def main() -> int:
     ap.add_argument("--questions", type=int, default=len(QUESTIONS), help="ask the first N questions")
     ap.add_argument("--interim-interval", type=float, default=None,
                     help="also run the default with interim ASR passes every S seconds of new audio")
+    ap.add_argument("--pause-pass", type=float, default=None,
+                    help="also run the default with the pause transcript decoded after S seconds of silence")
     ap.add_argument("--webrtc", action="store_true", help="also measure over real WebRTC, as a caller hears it")
     args = ap.parse_args()
     questions = QUESTIONS[: max(1, args.questions)]
@@ -222,6 +225,9 @@ def main() -> int:
     if args.interim_interval is not None:
         every = dataclasses.replace(base.turns, interim_interval_s=args.interim_interval)
         modes.append(Mode(f"interim_every_{args.interim_interval:g}s", base.replace(turns=every)))
+    if args.pause_pass is not None:
+        early = dataclasses.replace(base.turns, pause_pass_s=args.pause_pass)
+        modes.append(Mode(f"pause_pass_{args.pause_pass:g}s", base.replace(turns=early)))
     print("loading models…", flush=True)
     models = Models(base)
     try:
