@@ -114,7 +114,9 @@ async def one(models: Models, mode: Mode, question: str) -> None:
     if interruption:
         reactions = [b.reaction_s for b in session.barge_ins if b.outcome == "interruption" and b.reaction_s]
         mode.react += reactions[:1]
-        line += f" barge-in reaction {reactions[0]:.3f} s" if reactions else " (no interruption seen)"
+        line += (f" barge-in reaction {reactions[0]:.3f} s" if reactions else
+                 f" (no interruption seen: barge-ins {[b.outcome for b in session.barge_ins]}, "
+                 f"answers {[t.agent_text[:50] for t in session.turns]})")
     elif session.turns and session.turns[0].voice_to_voice_s is not None:
         t = session.turns[0]
         mode.v2v.append(t.voice_to_voice_s)

@@ -37,7 +37,7 @@ from rejoinder.streaming.text_metrics import normalize_text, word_error_rate  # 
 from rejoinder.streaming.vad import SpeechDetector, VADConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "eot_utterances.tsv"
-CUTS_S = (0.0, 0.02, 0.04, 0.06, 0.1, 0.15)
+CUTS_S = (-0.05, 0.0, 0.02, 0.04, 0.06, 0.1, 0.15)  # negative: after the end (a pause pass at 0.05 s of silence)
 
 
 def complete_utterances() -> list[str]:
