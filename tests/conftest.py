@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 # The MQTT suites' fixtures (a real Mosquitto, a recorder, bridges closed after the test).
 from mqtt_broker import agent_id, broker, make_bridge, own_broker, recorder  # noqa: F401
+
+# The repository's folders are installed as `rejoinder.*` (pyproject.toml). With the checkout itself
+# on sys.path (`python -m pytest` puts the working directory first), its top-level `kernels/` would
+# shadow Hugging Face's `kernels` package, which transformers (the engine's reference in the tests)
+# imports whenever it is installed: "cannot import name 'CUDAProperties' from 'kernels'".
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 # Quiet, deterministic CPU runs: the CI box has 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
