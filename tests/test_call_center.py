@@ -75,7 +75,9 @@ async def test_speech_resets_the_idle_count(models):
     async with call(models, idle_prompt_s=1.5, idle_max_prompts=1) as (session, transport, mic):
         assert await wait_for(lambda: transport.events_of("user_idle"), 20)
         await mic.speak(espeak_say("Yes, I am here."))
-        assert await wait_for(lambda: len(session.turns) >= 1 and session.state == SessionState.LISTENING, 40)
+        assert await wait_for(lambda: len(session.turns) >= 1 and session.state == SessionState.LISTENING, 40), \
+            (session.state, session.turns, session.barge_ins, transport.events_of("transcript"),
+             transport.events_of("state")[-6:])
         assert session.idle_watcher.prompts == 0
         assert await wait_for(lambda: len(transport.events_of("user_idle")) >= 2, 20)
     # The prompt after the answer counts from 1 again: not a goodbye.
