@@ -258,6 +258,12 @@ async def session_in_a_room(models, room: Room, greeting: str):
         yield session, mic
 
 
+def final_words(session) -> set[str]:
+    """The words of every final transcript the session has sent so far."""
+    return set(normalized_words(" ".join(e.get("text", "") for e in session.transport.sent_events
+                                         if e.get("type") == "transcript" and e.get("final"))))
+
+
 @pytest.mark.slow
 async def test_session_in_a_room_ignores_its_echo_and_noise_but_not_the_user(models):
     greeting = " ".join(SENTENCES[0:5])
@@ -287,9 +293,7 @@ async def test_session_in_a_room_ignores_its_echo_and_noise_but_not_the_user(mod
         assert await wait_for(lambda: session.state != SessionState.USER_SPEAKING, 20)
         # When the VAD split the interruption at its comma ("Stop," | "what is two plus two?"), the
         # barge-in was decided on the first part: the rest's final may still be on its way.
-        await wait_for(lambda: {"two", "plus"} & set(normalized_words(" ".join(
-            e.get("text", "") for e in session.transport.sent_events
-            if e.get("type") == "transcript" and e.get("final")))), 20)
+        await wait_for(lambda: {"two", "plus"} & final_words(session), 20)
     # Nothing but the caller cut the agent off: every other barge-in was its echo or a false
     # interruption it resumed from (a noise that a tail of Whisper output called "Oh." included).
     assert all(b.outcome == "echo" or b.resumed for b in session.barge_ins if b.outcome != "interruption"), \
@@ -304,9 +308,7 @@ async def test_session_in_a_room_ignores_its_echo_and_noise_but_not_the_user(mod
     assert 0 < b.stopped_at - t_user < 1.0, (timeline, heard(session))
     # What the caller said is what the session heard: in the barge-in's words, or (when it was
     # confirmed by its length before Whisper had words) in the user turn's final transcript.
-    finals = " ".join(e.get("text", "") for e in session.transport.sent_events
-                      if e.get("type") == "transcript" and e.get("final"))
-    said = set(normalized_words(b.text)) | set(normalized_words(finals))
+    said = set(normalized_words(b.text)) | final_words(session)
     assert {"two", "plus"} & said, (b.text, heard(session))
     assert session.aec.stats.blocks > 100 and session.aec.stats.reference_frames > 50
 
